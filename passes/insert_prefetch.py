@@ -1,0 +1,120 @@
+"""Insert ``wait_prefetch`` and ``start_prefetch`` around each offloaded layer's readers.
+
+Invariant established, for every offloaded layer L read in the graph:
+
+* ``wait_prefetch(L)`` stands before the first node that reads L's weights and
+  is declared to write them, so no reader can be scheduled before it;
+* ``start_prefetch(next)``, where ``next`` is the layer that uses L's slot after
+  L, stands after the last reader of L and is declared to write every parameter
+  that views that slot, and takes the still-needed values computed from L as
+  inputs. No reader of L, fused or not, can run after the slot is overwritten.
+
+Two layers that share a slot must be read in disjoint stretches of the graph
+(both would otherwise need the one buffer at once); a graph that interleaves
+them is reported as an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import fx
+
+from .param_readers import GraphReads, ParamInput, analyze_param_reads, live_after
+
+
+class SlotConflictError(RuntimeError):
+    """Two offloaded layers that take turns in one slot are read interleaved."""
+
+
+@dataclass(frozen=True)
+class InsertedOp:
+    """One inserted op and why it stands where it does (for dumps and tests)."""
+
+    node: fx.Node
+    kind: str  # "wait" or "start"
+    layer: int  # the layer waited for or prefetched
+    anchor: fx.Node  # the reader the op was placed against
+    after_layer: int | None  # for a start: the layer whose last read frees the slot
+    live: tuple[fx.Node, ...]  # for a start: values it forces to be computed first
+
+    @property
+    def reason(self) -> str:
+        if self.kind == "wait":
+            return f"first read of layer {self.layer} is {self.anchor.name}"
+        return (
+            f"last read of layer {self.after_layer} (same slot) is {self.anchor.name}; "
+            f"materialises {[node.name for node in self.live]}"
+        )
+
+
+@dataclass
+class PrefetchPassResult:
+    analysis: GraphReads
+    inserted: list[InsertedOp]
+
+
+def insert_prefetch_ops(
+    graph: fx.Graph,
+    param_inputs: dict[fx.Node, ParamInput],
+    static_inputs: set[fx.Node],
+    *,
+    next_in_slot: Callable[[int], int],
+    slot_of: Callable[[int], int],
+    make_wait: Callable[[fx.Graph, list[fx.Node], int], fx.Node],
+    make_start: Callable[[fx.Graph, list[fx.Node], list[fx.Node], int], fx.Node],
+) -> PrefetchPassResult:
+    """Rewrite ``graph`` in place; ``make_wait``/``make_start`` emit the op nodes at the current insert point."""
+    analysis = analyze_param_reads(graph, param_inputs, static_inputs)
+    _check_slot_conflicts(analysis, slot_of)
+    read_layers = [layer for layer in analysis.layers.values() if layer.first is not None]
+    live = live_after(graph, analysis, _group_by_node((layer.last, layer.layer) for layer in read_layers))
+
+    inserted: list[InsertedOp] = []
+    for layer in read_layers:
+        with graph.inserting_before(layer.first):
+            node = make_wait(graph, layer.params, layer.layer)
+        inserted.append(InsertedOp(node, "wait", layer.layer, layer.first, None, ()))
+
+    # Starts go in reverse graph order so that two starts after the same reader keep layer order.
+    for layer in sorted(read_layers, key=lambda reads: analysis.order[reads.last], reverse=True):
+        incoming = next_in_slot(layer.layer)
+        slot_params = list(layer.params)
+        if incoming != layer.layer and incoming in analysis.layers:
+            slot_params += analysis.layers[incoming].params
+        values = live[(layer.last, layer.layer)]
+        with graph.inserting_after(layer.last):
+            node = make_start(graph, slot_params, values, incoming)
+        inserted.append(InsertedOp(node, "start", incoming, layer.last, layer.layer, tuple(values)))
+    graph.lint()
+    return PrefetchPassResult(analysis, inserted)
+
+
+def _group_by_node(pairs) -> dict[fx.Node, list[int]]:
+    grouped: dict[fx.Node, list[int]] = {}
+    for node, layer in pairs:
+        grouped.setdefault(node, []).append(layer)
+    return grouped
+
+
+def _check_slot_conflicts(analysis: GraphReads, slot_of: Callable[[int], int]) -> None:
+    """Layers sharing a slot must be read in disjoint stretches of the graph.
+
+    Otherwise the second one's copy would overwrite the first while it is still
+    being read (a node that reads both is the extreme case).
+    """
+    by_slot: dict[int, list] = {}
+    for layer in analysis.layers.values():
+        if layer.first is not None:
+            by_slot.setdefault(slot_of(layer.layer), []).append(layer)
+    order = analysis.order
+    for slot, layers in by_slot.items():
+        layers.sort(key=lambda reads: order[reads.first])
+        for earlier, later in zip(layers, layers[1:]):
+            if order[later.first] <= order[earlier.last]:
+                raise SlotConflictError(
+                    f"offloaded layers {earlier.layer} and {later.layer} share slot {slot}, but layer "
+                    f"{later.layer} is read at {later.first.name} before layer {earlier.layer}'s last read at "
+                    f"{earlier.last.name}; raise prefetch_step so they get separate slots, or keep one on the device"
+                )

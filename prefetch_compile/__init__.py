@@ -1,0 +1,17 @@
+"""prefetch-compile: run a model larger than its GPU through torch.compile.
+
+Some layers' weights live in pinned host memory; a copy stream brings each one
+into a small pool of device slots just before it is needed, while the layers
+before it compute. Use it as a torch.compile backend::
+
+    compiled = torch.compile(model, backend="prefetch_offload",
+                             options={"group_size": 4, "num_in_group": 1, "prefetch_step": 1})
+
+or place a model that does not fit first with :func:`offload`.
+"""
+
+from .config import OptionError, PlanOptions
+from .offload import offload, runtime_of
+from .runtime import OffloadStats, PrefetchRuntime
+
+__all__ = ["OffloadStats", "OptionError", "PlanOptions", "PrefetchRuntime", "offload", "runtime_of"]

@@ -1,0 +1,62 @@
+"""Every private PyTorch API the project touches, in one place.
+
+These differ between torch releases (2.11 on the GPU machine, 2.13 in CI); a
+change there should need an edit here only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import fx, nn
+
+
+def frame_modules() -> Iterator[nn.Module]:
+    """The nn.Modules among the locals of the frame Dynamo is compiling (``self`` of a forward)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    translator = InstructionTranslator.current_tx()
+    if translator is None:
+        return iter(())
+    return (value for value in translator.f_locals.values() if isinstance(value, nn.Module))
+
+
+def inductor_freezing_enabled() -> bool:
+    import torch._inductor.config as inductor_config
+
+    return bool(inductor_config.freezing)
+
+
+def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None]) -> Callable:
+    """Inductor, with ``graph_pass`` run on the post-grad ATen graph (after the user's own post pass, if any)."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    user_pass = inductor_config.post_grad_custom_post_pass
+
+    class PostGradPass(CustomGraphPass):
+        def __call__(self, graph: fx.Graph) -> None:
+            if user_pass is not None:
+                user_pass(graph)
+            graph_pass(graph)
+
+        def uuid(self) -> None:
+            # The pass depends on live runtime state (which tensors are offloaded), so
+            # results must not be shared through Inductor's FX graph cache.
+            return None
+
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": PostGradPass()})
+
+
+def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None]) -> Callable:
+    """AOT autograd's ATen graph, run by the FX interpreter after ``graph_pass``: Inductor's IR, without Inductor."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    def forward_compiler(aten_gm: fx.GraphModule, aten_inputs: list[Any]) -> Callable:
+        graph_pass(aten_gm.graph)
+        aten_gm.recompile()
+        return aten_gm
+
+    return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)

@@ -1,0 +1,168 @@
+"""The ``prefetch_offload`` torch.compile backend (registered through the ``torch_dynamo_backends`` entry point).
+
+For each graph Dynamo hands over, the backend finds the runtime that owns the
+graph's offloaded parameters (offloading the model first if nobody has), runs
+the inner compiler with the prefetch pass at the level that compiler
+schedules (ATen for Inductor and aot_eager, Dynamo's graph for eager), and
+returns a callable that also joins the copy stream into an enclosing CUDA graph
+capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+
+from . import _torch_internals
+from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
+from .offload import offload_with_options, runtime_of
+from .ops import START, WAIT
+from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops
+from .runtime import PrefetchRuntime, live_runtimes
+
+log = logging.getLogger("prefetch_compile")
+
+# Seconds spent in the prefetch pass, one entry per compiled graph (read by benchmarks/compile_time.py).
+PASS_TIMINGS: list[float] = []
+
+
+def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
+    options_ = parse_backend_options(options)
+    runtime, offloaded_now = _runtime_for(example_inputs, options_.plan)
+    if runtime is None:
+        return _inner_compile(gm, example_inputs, options_, lambda graph: None)
+    _check_inference(runtime, example_inputs, options_)
+    graph_index = len(PASS_TIMINGS)
+
+    def prefetch_pass(graph: fx.Graph) -> None:
+        began = time.perf_counter()
+        result = apply_prefetch_pass(graph, runtime, example_inputs)
+        PASS_TIMINGS.append(time.perf_counter() - began)
+        log.info(
+            "prefetch_compile: graph %d: %d offloaded layers read, %d ops inserted in %.1f ms",
+            graph_index,
+            sum(1 for op in result.inserted if op.kind == "wait"),
+            len(result.inserted),
+            PASS_TIMINGS[-1] * 1e3,
+        )
+        if options_.compile.dump_dir is not None:
+            from .dumps import write_graph_dump
+
+            write_graph_dump(options_.compile.dump_dir, graph_index, graph, result, runtime)
+
+    compile_inputs = example_inputs
+    if offloaded_now:
+        # Dynamo made fake tensors of these parameters before they moved into the slots;
+        # fresh tensor objects make the inner compiler see their new storage.
+        compile_inputs = [value.detach() if runtime.locate(value) else value for value in example_inputs]
+    compiled = _inner_compile(gm, compile_inputs, options_, prefetch_pass)
+
+    def run(*args: Any) -> Any:
+        outputs = compiled(*args)
+        runtime.join_capture()
+        return outputs
+
+    return run
+
+
+def apply_prefetch_pass(graph: fx.Graph, runtime: PrefetchRuntime, example_inputs: list[Any]) -> PrefetchPassResult:
+    """Insert the runtime's ops into ``graph``, whose placeholders line up with ``example_inputs``."""
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        raise RuntimeError(
+            f"prefetch pass: the graph has {len(placeholders)} inputs but Dynamo passed {len(example_inputs)}; "
+            "cannot tell which inputs are offloaded parameters"
+        )
+    param_inputs: dict[fx.Node, ParamInput] = {}
+    static_inputs: set[fx.Node] = set()
+    for node, value in zip(placeholders, example_inputs):
+        if isinstance(value, nn.Parameter):
+            static_inputs.add(node)
+        location = runtime.locate(value)
+        if location is not None:
+            param_inputs[node] = ParamInput(*location)
+
+    def make_wait(graph: fx.Graph, params: list[fx.Node], layer: int) -> fx.Node:
+        return _op_node(graph, WAIT, (params, runtime.id, layer))
+
+    def make_start(graph: fx.Graph, params: list[fx.Node], live: list[fx.Node], layer: int) -> fx.Node:
+        return _op_node(graph, START, (params, live, runtime.id, layer))
+
+    return insert_prefetch_ops(
+        graph,
+        param_inputs,
+        static_inputs,
+        next_in_slot=runtime.plan.next_in_slot,
+        slot_of=lambda layer: runtime.layers[layer].slot,
+        make_wait=make_wait,
+        make_start=make_start,
+    )
+
+
+def _op_node(graph: fx.Graph, target: Any, args: tuple) -> fx.Node:
+    node = graph.call_function(target, args)
+    node.meta["val"] = None
+    return node
+
+
+def _runtime_for(example_inputs: list[Any], plan: PlanOptions | None) -> tuple[PrefetchRuntime | None, bool]:
+    """The runtime owning these inputs' offloaded parameters, and whether the frame's model was offloaded just now."""
+    runtimes = {id(rt): rt for rt in live_runtimes() for value in example_inputs if rt.locate(value) is not None}
+    if len(runtimes) > 1:
+        raise OptionError("one compiled graph reads the offloaded parameters of two different models")
+    if runtimes:
+        runtime = next(iter(runtimes.values()))
+        if plan is not None and plan != runtime.plan.options:
+            raise OptionError(
+                f"the model was offloaded with {runtime.plan.options}, but torch.compile options ask for {plan}; "
+                "pass the plan knobs to offload() only"
+            )
+        return runtime, False
+    params = {id(value) for value in example_inputs if isinstance(value, nn.Parameter)}
+    if not params:
+        return None, False
+    for module in _torch_internals.frame_modules():
+        if any(id(param) in params for param in module.parameters()):
+            if runtime_of(module) is not None:
+                return None, False  # offloaded, but this graph reads none of its offloaded parameters
+            device = next(module.parameters()).device
+            return offload_with_options(module, device, plan or PlanOptions()), True
+    if plan is not None:
+        raise OptionError(
+            "prefetch_offload could not find the nn.Module being compiled; "
+            "call prefetch_compile.offload(model, ...) before torch.compile"
+        )
+    return None, False
+
+
+def _check_inference(runtime: PrefetchRuntime, example_inputs: list[Any], options: BackendOptions) -> None:
+    if torch.is_grad_enabled() and any(
+        isinstance(value, torch.Tensor) and value.requires_grad and runtime.locate(value) is not None
+        for value in example_inputs
+    ):
+        raise RuntimeError(
+            "prefetch_offload is for inference: this graph would record gradients through offloaded parameters. "
+            "Run it under torch.no_grad() or torch.inference_mode(), or call requires_grad_(False) on the model"
+        )
+    if options.compile.compiler == "inductor" and _torch_internals.inductor_freezing_enabled():
+        raise OptionError(
+            "torch._inductor.config.freezing is on: Inductor would fold the offloaded weights into constants "
+            "and never read the slots; turn freezing off for prefetch_offload"
+        )
+
+
+def _inner_compile(
+    gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions, graph_pass: Callable[[fx.Graph], None]
+) -> Callable:
+    compiler = options.compile.compiler
+    if compiler == "inductor":
+        return _torch_internals.compile_with_inductor(gm, example_inputs, graph_pass)
+    if compiler == "aot_eager":
+        return _torch_internals.compile_with_aot_eager(gm, example_inputs, graph_pass)
+    graph_pass(gm.graph)
+    gm.recompile()
+    return gm.forward

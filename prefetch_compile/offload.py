@@ -1,0 +1,130 @@
+"""``offload()``: place a model so that it never needs all of its weights on the device at once.
+
+Offloaded parameters are copied into the pinned host arena and their device
+storage replaced by views of the slot pool; everything else moves to the
+device one tensor at a time. The model object stays the same, so
+``torch.compile`` afterwards traces it as usual and the backend finds the plan
+through the parameters themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from .config import OptionError, PlanOptions
+from .memory import HostArena, SlotPool, param_view
+from .plan import OffloadPlan, build_plan
+from .runtime import PrefetchRuntime, describe, live_runtimes
+
+log = logging.getLogger("prefetch_compile")
+
+
+def offload(
+    model: nn.Module,
+    device: str | torch.device = "cuda",
+    *,
+    group_size: int = 4,
+    num_in_group: int = 1,
+    prefetch_step: int = 1,
+    offload_params: list[str] | tuple[str, ...] = (),
+    layers: str | None = None,
+) -> PrefetchRuntime:
+    """Offload the last ``num_in_group`` of every ``group_size`` layers of ``model`` to pinned host memory.
+
+    ``model`` may live on the CPU (for a model larger than the device) or
+    already on ``device``. Returns the model's runtime; ``runtime.stats()``
+    reports the bytes moved. Compile the model afterwards with
+    ``torch.compile(model, backend="prefetch_offload")``.
+    """
+    options = PlanOptions(
+        group_size=group_size,
+        num_in_group=num_in_group,
+        prefetch_step=prefetch_step,
+        offload_params=tuple(offload_params),
+        layers=layers,
+    )
+    return offload_with_options(model, torch.device(device), options)
+
+
+def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
+    """The runtime that owns this model's offloaded parameters, if it was offloaded."""
+    for param in model.parameters():
+        for runtime in live_runtimes():
+            if runtime.locate(param) is not None:
+                return runtime
+    return None
+
+
+def offload_with_options(model: nn.Module, device: torch.device, options: PlanOptions) -> PrefetchRuntime:
+    device = _check_device(device)
+    if runtime_of(model) is not None:
+        raise OptionError(f"{type(model).__name__} is already offloaded; offload() a model once")
+    plan = build_plan(model, options)
+    host = HostArena(plan, pin=device.type == "cuda")
+    offloaded = _move_offloaded_to_host(model, plan, host)
+    model.to(device)  # kept weights and buffers; the offloaded ones are empty placeholders by now
+    slots = SlotPool(plan, device)
+    for layer in plan.offloaded:
+        block = slots.block(layer)
+        for placement in layer.params:
+            offloaded[placement.name].data = param_view(block, placement)
+    kept = {
+        name: tensor
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+        if name not in offloaded
+    }
+    runtime = PrefetchRuntime(plan, device, host, slots, offloaded, kept)
+    for offload_index in range(plan.num_slots):
+        runtime.start(offload_index)
+    _install_eager_hooks(model, plan, runtime)
+    log.info(describe(runtime.stats(), plan))
+    return runtime
+
+
+def _check_device(device: torch.device) -> torch.device:
+    if device.type not in ("cuda", "cpu"):
+        raise OptionError(f"device must be a CUDA device or the CPU, got {device}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise OptionError("device='cuda' was asked for, but CUDA is not available here")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def _move_offloaded_to_host(model: nn.Module, plan: OffloadPlan, host: HostArena) -> dict[str, nn.Parameter]:
+    """Copy each offloaded parameter into its host block and drop its old storage right away."""
+    params = dict(model.named_parameters())
+    moved: dict[str, nn.Parameter] = {}
+    for layer in plan.offloaded:
+        block = host.block(layer)
+        for placement in layer.params:
+            param = params[placement.name]
+            param_view(block, placement).copy_(param.detach())
+            param.data = torch.empty(0, dtype=param.dtype)
+            moved[placement.name] = param
+    return moved
+
+
+def _install_eager_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
+    """Keep the uncompiled model correct: each offloaded block loads itself before it runs.
+
+    Under torch.compile the hooks do nothing (``is_compiling`` is constant-folded
+    while tracing); the graph pass places the prefetches instead.
+    """
+    blocks = model.get_submodule(plan.layer_list_path) if plan.layer_list_path else model
+    for layer in plan.offloaded:
+
+        def before(module: nn.Module, args: object, index: int = layer.offload_index) -> None:
+            if not torch.compiler.is_compiling():
+                runtime.wait(index)
+
+        def after(module: nn.Module, args: object, output: object, index: int = layer.offload_index) -> None:
+            if not torch.compiler.is_compiling():
+                runtime.start(plan.next_in_slot(index))
+
+        blocks[layer.index].register_forward_pre_hook(before)
+        blocks[layer.index].register_forward_hook(after)

@@ -1,0 +1,171 @@
+"""The offload plan: which parameters leave the device, which slot each layer uses, and where.
+
+The plan is pure bookkeeping over shapes and names, computed once per model.
+Each offloaded layer's parameters are packed into one block (each parameter
+aligned to ``ALIGNMENT`` bytes), so a layer travels host-to-device as a single
+copy, and every layer that shares a slot lays its block over the same device
+bytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import OptionError, PlanOptions
+from .discovery import find_layer_list, is_offloaded_layer, matches_offload_params
+
+# Inductor assumes 16-byte aligned inputs; 256 also keeps every block cache-line and DMA friendly.
+ALIGNMENT = 256
+
+
+@dataclass(frozen=True)
+class ParamPlacement:
+    """One offloaded parameter: its name, its geometry, and its byte offset inside its layer's block."""
+
+    name: str  # dotted name from the model root, e.g. "layers.3.mlp.up_proj.weight"
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One block of the layer list, offloaded or kept."""
+
+    index: int  # position in the model's layer list
+    name: str  # dotted path of the block, e.g. "layers.3"
+    offloaded: bool
+    params: tuple[ParamPlacement, ...]  # the offloaded parameters (empty for kept layers)
+    kept_param_bytes: int  # bytes of this block's parameters that stay on the device
+    offload_index: int | None = None  # position among offloaded layers: the id used by the custom ops
+    slot: int | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this layer's packed block (the size of its single host-to-device copy)."""
+        if not self.params:
+            return 0
+        last = self.params[-1]
+        return _align(last.offset + last.nbytes)
+
+
+@dataclass(frozen=True)
+class OffloadPlan:
+    """The whole model's plan."""
+
+    options: PlanOptions
+    layer_list_path: str
+    layers: tuple[LayerPlan, ...]
+
+    @property
+    def offloaded(self) -> tuple[LayerPlan, ...]:
+        return tuple(layer for layer in self.layers if layer.offloaded)
+
+    @property
+    def num_slots(self) -> int:
+        return min(self.options.prefetch_step, len(self.offloaded))
+
+    def slot_bytes(self) -> list[int]:
+        """Each slot is as large as the largest block that lands in it."""
+        sizes = [0] * self.num_slots
+        for layer in self.offloaded:
+            sizes[layer.slot] = max(sizes[layer.slot], layer.nbytes)
+        return sizes
+
+    def offloaded_bytes(self) -> int:
+        return sum(param.nbytes for layer in self.offloaded for param in layer.params)
+
+    def next_in_slot(self, offload_index: int) -> int:
+        """The offloaded layer to bring in once ``offload_index`` has been read for the last time.
+
+        Wrapping around makes the last layers prefetch the first ones for the next forward.
+        """
+        return (offload_index + self.num_slots) % len(self.offloaded)
+
+
+def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
+    """Decide, from the model's structure and the knobs alone, what is offloaded and where it goes."""
+    path, blocks = find_layer_list(model, options.layers)
+    shared = _shared_parameter_ids(model)
+    layers: list[LayerPlan] = []
+    offload_count = 0
+    for index, block in enumerate(blocks):
+        prefix = f"{path}.{index}" if path else str(index)
+        chosen: list[tuple[str, nn.Parameter]] = []
+        kept_bytes = 0
+        for local_name, param in block.named_parameters():
+            wanted = is_offloaded_layer(index, options.group_size, options.num_in_group) and matches_offload_params(
+                f"{prefix}.{local_name}", options.offload_params
+            )
+            if wanted and id(param) not in shared:
+                chosen.append((f"{prefix}.{local_name}", param))
+            else:
+                kept_bytes += param.numel() * param.element_size()
+        if not chosen:
+            layers.append(LayerPlan(index, prefix, False, (), kept_bytes))
+            continue
+        layers.append(
+            LayerPlan(
+                index=index,
+                name=prefix,
+                offloaded=True,
+                params=_pack(chosen),
+                kept_param_bytes=kept_bytes,
+                offload_index=offload_count,
+                slot=offload_count % options.prefetch_step,
+            )
+        )
+        offload_count += 1
+    return OffloadPlan(options=options, layer_list_path=path, layers=tuple(layers))
+
+
+def _pack(named_params: list[tuple[str, nn.Parameter]]) -> tuple[ParamPlacement, ...]:
+    placements = []
+    offset = 0
+    for name, param in named_params:
+        if not _is_dense(param):
+            raise OptionError(
+                f"parameter {name} is not dense (shape {tuple(param.shape)}, stride {param.stride()}); "
+                "make it contiguous before offloading"
+            )
+        placements.append(ParamPlacement(name, tuple(param.shape), tuple(param.stride()), param.dtype, offset))
+        offset = _align(offset + param.numel() * param.element_size())
+    return tuple(placements)
+
+
+def _is_dense(tensor: torch.Tensor) -> bool:
+    """Whether the tensor covers exactly ``numel`` elements of storage in some dimension order."""
+    expected = 1
+    for size, stride in sorted(zip(tensor.shape, tensor.stride()), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters reachable under more than one name (tied weights) stay on the device.
+
+    Offloading one would leave its other users reading a slot that holds another layer.
+    """
+    seen: dict[int, int] = {}
+    for _, param in model.named_parameters(remove_duplicate=False):
+        seen[id(param)] = seen.get(id(param), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
+
+
+def _align(nbytes: int) -> int:
+    return (nbytes + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
