@@ -6,6 +6,7 @@ change there should need an edit here only.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -13,13 +14,22 @@ from torch import fx, nn
 
 
 def frame_modules() -> Iterator[nn.Module]:
-    """The nn.Modules among the locals of the frame Dynamo is compiling (``self`` of a forward)."""
+    """nn.Modules in scope of the code Dynamo is compiling, innermost first.
+
+    First the locals of the frame being compiled (``self`` of a forward), then
+    those of its callers: when Dynamo skips a model's forward (say, for a graph
+    break inside its layer loop) and compiles each block alone, the model itself
+    is only found in the caller's frame.
+    """
     from torch._dynamo.symbolic_convert import InstructionTranslator
 
     translator = InstructionTranslator.current_tx()
-    if translator is None:
-        return iter(())
-    return (value for value in translator.f_locals.values() if isinstance(value, nn.Module))
+    if translator is not None:
+        yield from (value for value in translator.f_locals.values() if isinstance(value, nn.Module))
+    frame = sys._getframe(1)
+    while frame is not None:
+        yield from (value for value in frame.f_locals.values() if isinstance(value, nn.Module))
+        frame = frame.f_back
 
 
 def inductor_freezing_enabled() -> bool:

@@ -19,6 +19,7 @@ from torch import fx, nn
 
 from . import _torch_internals
 from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
+from .discovery import find_layer_list
 from .offload import offload_with_options, runtime_of
 from .ops import START, WAIT
 from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops
@@ -87,10 +88,10 @@ def apply_prefetch_pass(graph: fx.Graph, runtime: PrefetchRuntime, example_input
             param_inputs[node] = ParamInput(*location)
 
     def make_wait(graph: fx.Graph, params: list[fx.Node], layer: int) -> fx.Node:
-        return _op_node(graph, WAIT, (params, runtime.id, layer))
+        return _op_node(graph, WAIT, (params, runtime.id))
 
     def make_start(graph: fx.Graph, params: list[fx.Node], live: list[fx.Node], layer: int) -> fx.Node:
-        return _op_node(graph, START, (params, live, runtime.id, layer))
+        return _op_node(graph, START, (params, live, runtime.id))
 
     return insert_prefetch_ops(
         graph,
@@ -126,9 +127,9 @@ def _runtime_for(example_inputs: list[Any], plan: PlanOptions | None) -> tuple[P
     if not params:
         return None, False
     for module in _torch_internals.frame_modules():
-        if any(id(param) in params for param in module.parameters()):
-            if runtime_of(module) is not None:
-                return None, False  # offloaded, but this graph reads none of its offloaded parameters
+        if runtime_of(module) is not None:
+            return None, False  # offloaded already, but this graph reads none of the offloaded parameters
+        if _layer_list_holds(module, params, plan):
             device = next(module.parameters()).device
             return offload_with_options(module, device, plan or PlanOptions()), True
     if plan is not None:
@@ -137,6 +138,15 @@ def _runtime_for(example_inputs: list[Any], plan: PlanOptions | None) -> tuple[P
             "call prefetch_compile.offload(model, ...) before torch.compile"
         )
     return None, False
+
+
+def _layer_list_holds(module: nn.Module, param_ids: set[int], plan: PlanOptions | None) -> bool:
+    """Whether ``module`` is a model whose layer list owns some of the graph's parameters."""
+    try:
+        _, blocks = find_layer_list(module, plan.layers if plan else None)
+    except OptionError:
+        return False
+    return any(id(param) in param_ids for block in blocks for param in block.parameters())
 
 
 def _check_inference(runtime: PrefetchRuntime, example_inputs: list[Any], options: BackendOptions) -> None:

@@ -21,6 +21,8 @@ from .runtime import PrefetchRuntime, describe, live_runtimes
 
 log = logging.getLogger("prefetch_compile")
 
+OFFLOADED_FLAG = "_prefetch_compile_offloaded"
+
 
 def offload(
     model: nn.Module,
@@ -110,21 +112,27 @@ def _move_offloaded_to_host(model: nn.Module, plan: OffloadPlan, host: HostArena
 
 
 def _install_eager_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
-    """Keep the uncompiled model correct: each offloaded block loads itself before it runs.
+    """Make each block load itself when it is called from eager Python.
 
-    Under torch.compile the hooks do nothing (``is_compiling`` is constant-folded
-    while tracing); the graph pass places the prefetches instead.
+    That keeps the uncompiled model correct, and covers the blocks that Dynamo
+    compiles one by one when it cannot trace the loop that calls them. While
+    tracing, the hooks only read the block's ``OFFLOADED_FLAG``: Dynamo guards on
+    it, so one compiled graph never serves both an offloaded and a kept block.
     """
     blocks = model.get_submodule(plan.layer_list_path) if plan.layer_list_path else model
-    for layer in plan.offloaded:
+    next_of = {layer.index: plan.next_in_slot(layer.offload_index) for layer in plan.offloaded}
+    index_of = {layer.index: layer.offload_index for layer in plan.offloaded}
+    for layer in plan.layers:
+        block = blocks[layer.index]
+        setattr(block, OFFLOADED_FLAG, layer.offloaded)
 
-        def before(module: nn.Module, args: object, index: int = layer.offload_index) -> None:
-            if not torch.compiler.is_compiling():
-                runtime.wait(index)
+        def before(module: nn.Module, args: object, position: int = layer.index) -> None:
+            if getattr(module, OFFLOADED_FLAG) and not torch.compiler.is_compiling():
+                runtime.wait(index_of[position])
 
-        def after(module: nn.Module, args: object, output: object, index: int = layer.offload_index) -> None:
-            if not torch.compiler.is_compiling():
-                runtime.start(plan.next_in_slot(index))
+        def after(module: nn.Module, args: object, output: object, position: int = layer.index) -> None:
+            if getattr(module, OFFLOADED_FLAG) and not torch.compiler.is_compiling():
+                runtime.start(next_of[position])
 
-        blocks[layer.index].register_forward_pre_hook(before)
-        blocks[layer.index].register_forward_hook(after)
+        block.register_forward_pre_hook(before)
+        block.register_forward_hook(after)

@@ -106,6 +106,11 @@ class PrefetchRuntime:
         """(offload index, parameter name) of an offloaded parameter, by identity; None otherwise."""
         return self._param_locations.get(id(tensor))
 
+    def layer_of(self, param: torch.Tensor) -> int | None:
+        """The offload index of the layer owning ``param`` (by tensor identity); None for a kept tensor."""
+        location = self._param_locations.get(id(param))
+        return None if location is None else location[0]
+
     def stats(self) -> OffloadStats:
         return OffloadStats(
             total_layers=len(self.plan.layers),

@@ -1,0 +1,149 @@
+"""Offloaded and compiled models compute exactly what an untouched copy computes.
+
+On CPU the copies are synchronous, so a reader scheduled after the copy that
+overwrites its slot reads another layer's weights and the numbers differ.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import prefetch_compile
+from toy_models import HeterogeneousStack, SplitStack, Stack
+
+MIXED = ["linear", "int8", "cast", "transposed", "packed", "linear", "int8", "cast"]
+
+
+def run_both(model, options, batches, *, offload_first=None, compiler="inductor"):
+    """Compile ``model`` with the backend, run it and a pristine copy on every batch, return output pairs."""
+    reference = copy.deepcopy(model)
+    if offload_first is not None:
+        prefetch_compile.offload(model, "cpu", **offload_first)
+    compiled = torch.compile(model, backend="prefetch_offload", options={**options, "compiler": compiler})
+    pairs = []
+    with torch.no_grad():
+        for batch in batches:
+            pairs.append((compiled(batch), reference(batch)))
+    return pairs
+
+
+def assert_all_equal(pairs):
+    for index, (got, want) in enumerate(pairs):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"call {index}: {m}")
+
+
+def batches(count=3, rows=3, width=16):
+    return [torch.randn(rows, width) for _ in range(count)]
+
+
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager", "eager"])
+def test_every_layer_through_one_slot(compiler):
+    """The harshest schedule: all layers offloaded, one slot, weight-only work in every block."""
+    options = {"group_size": 1, "num_in_group": 1, "prefetch_step": 1}
+    assert_all_equal(run_both(Stack(MIXED), options, batches(), compiler=compiler))
+
+
+@pytest.mark.parametrize(
+    "group_size,num_in_group,prefetch_step",
+    [(2, 1, 1), (4, 1, 2), (4, 2, 2), (3, 2, 3), (2, 2, 4)],
+)
+def test_group_patterns_and_deeper_prefetch(group_size, num_in_group, prefetch_step):
+    options = {"group_size": group_size, "num_in_group": num_in_group, "prefetch_step": prefetch_step}
+    assert_all_equal(run_both(Stack(MIXED), options, batches()))
+
+
+def test_weight_only_work_under_inductor():
+    """int8 dequantisation, a dtype cast and a transposed copy, alternating through one slot."""
+    kinds = ["int8", "cast", "transposed"] * 2
+    assert_all_equal(run_both(Stack(kinds), {"group_size": 1, "prefetch_step": 1}, batches()))
+
+
+def test_every_parameter_dtype():
+    """int8, uint8-packed, fp8, bf16 and float64 parameters share slots with float32 ones."""
+    kinds = ["packed", "int8", "cast", "linear"] * 2
+    assert_all_equal(run_both(Stack(kinds), {"group_size": 1}, batches()))
+
+
+def test_graph_breaks_between_layers():
+    model = Stack(MIXED, break_after=(1, 4))
+    assert_all_equal(run_both(model, {"group_size": 2, "prefetch_step": 2}, batches()))
+
+
+def test_graph_break_inside_a_layer():
+    """A layer read on both sides of a graph break is reloaded where needed, never read stale."""
+    assert_all_equal(run_both(SplitStack(4), {"group_size": 1}, batches()))
+
+
+def test_heterogeneous_layer_sizes():
+    model = HeterogeneousStack([16, 64, 8, 48, 16, 32, 16])
+    assert_all_equal(run_both(model, {"group_size": 2, "num_in_group": 1}, batches(width=16)))
+    assert_all_equal(run_both(HeterogeneousStack([16, 64, 8, 48, 16]), {"group_size": 1}, batches(width=16)))
+
+
+def test_offload_params_whitelist():
+    model = Stack(["linear"] * 4)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, offload_params=["fc.weight"])
+    offloaded = sorted(runtime.offloaded_params)
+    assert offloaded == [f"layers.{i}.fc.weight" for i in range(4)]
+    compiled = torch.compile(model, backend="prefetch_offload")
+    with torch.no_grad():
+        for batch in batches():
+            torch.testing.assert_close(compiled(batch), reference(batch))
+
+
+def test_changing_batch_sizes_recompile_correctly():
+    pairs = run_both(
+        Stack(MIXED),
+        {"group_size": 2},
+        [torch.randn(rows, 16) for rows in (1, 5, 2, 7, 3)],
+    )
+    assert_all_equal(pairs)
+
+
+def test_two_models_in_one_process_have_their_own_runtimes():
+    first, second = Stack(MIXED), Stack(["linear"] * 6, width=16)
+    first_ref, second_ref = copy.deepcopy(first), copy.deepcopy(second)
+    first_rt = prefetch_compile.offload(first, "cpu", group_size=1)
+    second_rt = prefetch_compile.offload(second, "cpu", group_size=2, prefetch_step=2)
+    assert first_rt is not second_rt and first_rt.id != second_rt.id
+    compiled_first = torch.compile(first, backend="prefetch_offload")
+    compiled_second = torch.compile(second, backend="prefetch_offload")
+    with torch.no_grad():
+        for batch in batches():
+            torch.testing.assert_close(compiled_first(batch), first_ref(batch))
+            torch.testing.assert_close(compiled_second(batch), second_ref(batch))
+            torch.testing.assert_close(compiled_first(batch), first_ref(batch))
+
+
+def test_offload_first_then_compile_and_eager_calls_interleave():
+    """offload() then compile; uncompiled calls in between keep the slot invariant."""
+    model = Stack(MIXED)
+    reference = copy.deepcopy(model)
+    prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=2)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    with torch.inference_mode():
+        for batch in batches(4):
+            torch.testing.assert_close(compiled(batch), reference(batch))
+            torch.testing.assert_close(model(batch), reference(batch))
+
+
+def test_one_compiled_function_serves_kept_and_offloaded_blocks():
+    """Dynamo compiles a block-calling function once per kind of block, never one graph for both."""
+    model = Stack(["linear"] * 6)
+    reference = copy.deepcopy(model)
+    prefetch_compile.offload(model, "cpu", group_size=2)
+
+    @torch.compile(backend="prefetch_offload")
+    def run_block(block, x):
+        return block(x)
+
+    with torch.no_grad():
+        for _ in range(2):
+            x = want = torch.randn(3, 16)
+            for block, reference_block in zip(model.layers, reference.layers):
+                x, want = run_block(block, x), reference_block(want)
+            torch.testing.assert_close(x, want)
