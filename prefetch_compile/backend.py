@@ -33,10 +33,15 @@ PASS_TIMINGS: list[float] = []
 
 def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
     options_ = parse_backend_options(options)
+    if options_.compile.compiler == "inductor" and _torch_internals.inductor_freezing_enabled():
+        raise OptionError(
+            "torch._inductor.config.freezing is on: Inductor would fold the offloaded weights into constants "
+            "and never read the slots; turn freezing off for prefetch_offload"
+        )
     runtime, offloaded_now = _runtime_for(example_inputs, options_.plan)
     if runtime is None:
         return _inner_compile(gm, example_inputs, options_, lambda graph: None)
-    _check_inference(runtime, example_inputs, options_)
+    _check_inference(runtime, example_inputs)
     graph_index = len(PASS_TIMINGS)
 
     def prefetch_pass(graph: fx.Graph) -> None:
@@ -149,7 +154,7 @@ def _layer_list_holds(module: nn.Module, param_ids: set[int], plan: PlanOptions 
     return any(id(param) in param_ids for block in blocks for param in block.parameters())
 
 
-def _check_inference(runtime: PrefetchRuntime, example_inputs: list[Any], options: BackendOptions) -> None:
+def _check_inference(runtime: PrefetchRuntime, example_inputs: list[Any]) -> None:
     if torch.is_grad_enabled() and any(
         isinstance(value, torch.Tensor) and value.requires_grad and runtime.locate(value) is not None
         for value in example_inputs
@@ -157,11 +162,6 @@ def _check_inference(runtime: PrefetchRuntime, example_inputs: list[Any], option
         raise RuntimeError(
             "prefetch_offload is for inference: this graph would record gradients through offloaded parameters. "
             "Run it under torch.no_grad() or torch.inference_mode(), or call requires_grad_(False) on the model"
-        )
-    if options.compile.compiler == "inductor" and _torch_internals.inductor_freezing_enabled():
-        raise OptionError(
-            "torch._inductor.config.freezing is on: Inductor would fold the offloaded weights into constants "
-            "and never read the slots; turn freezing off for prefetch_offload"
         )
 
 

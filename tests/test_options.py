@@ -1,0 +1,112 @@
+"""Bad options fail early with a message naming the option and what it accepts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import prefetch_compile
+from prefetch_compile.config import OptionError, parse_backend_options
+from toy_models import Stack
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"group_size": 0}, "group_size must be an integer >= 1, got 0"),
+        ({"group_size": 2.5}, "group_size must be an integer >= 1, got 2.5"),
+        ({"num_in_group": 5, "group_size": 4}, "num_in_group=5 must be <= group_size=4"),
+        ({"prefetch_step": 0}, "prefetch_step must be an integer >= 1"),
+        ({"prefetch_step": True}, "prefetch_step must be an integer >= 1, got True"),
+        ({"offload_params": "mlp"}, "offload_params must be a list"),
+        ({"offload_params": ["mlp", ""]}, "offload_params must be a list"),
+        ({"compiler": "tvm"}, "compiler must be one of ('inductor', 'aot_eager', 'eager'), got 'tvm'"),
+        ({"cuda_graphs": "yes"}, "cuda_graphs must be True or False"),
+        ({"dump_dir": 3}, "dump_dir must be a directory path"),
+        ({"layers": ""}, "layers must be the dotted path"),
+        ({"group_sise": 4}, "unknown prefetch_offload option(s) ['group_sise']; allowed: "),
+    ],
+)
+def test_bad_option_is_named(options, message):
+    with pytest.raises(OptionError) as error:
+        parse_backend_options(options)
+    assert message in str(error.value)
+
+
+def test_good_options_parse():
+    parsed = parse_backend_options({"group_size": 4, "num_in_group": 2, "offload_params": {"mlp", "attn"}})
+    assert parsed.plan.group_size == 4 and parsed.plan.num_in_group == 2
+    assert parsed.plan.offload_params == ("attn", "mlp")
+    assert parsed.compile.compiler == "inductor" and parsed.compile.cuda_graphs is False
+    assert parse_backend_options({"compiler": "eager"}).plan is None
+
+
+def test_dump_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFETCH_COMPILE_DUMP_DIR", str(tmp_path))
+    assert parse_backend_options({}).compile.dump_dir == tmp_path
+
+
+def test_bad_option_through_torch_compile():
+    compiled = torch.compile(Stack(["linear"] * 2), backend="prefetch_offload", options={"prefetch_stepp": 1})
+    with torch.no_grad(), pytest.raises(Exception, match=r"unknown prefetch_offload option\(s\) \['prefetch_stepp'\]"):
+        compiled(torch.randn(2, 16))
+
+
+def test_unsupported_device_is_refused_and_model_untouched():
+    model = Stack(["linear"] * 2)
+    before = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(OptionError, match="device must be a CUDA device or the CPU, got meta"):
+        prefetch_compile.offload(model, "meta")
+    assert [p.data_ptr() for p in model.parameters()] == before
+    assert prefetch_compile.runtime_of(model) is None
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
+def test_cuda_without_cuda_is_refused():
+    with pytest.raises(OptionError, match="CUDA is not available"):
+        prefetch_compile.offload(Stack(["linear"]), "cuda")
+
+
+def test_layers_override_must_name_a_block_list():
+    with pytest.raises(OptionError, match="layers='head' is a Linear"):
+        prefetch_compile.offload(Stack(["linear"] * 2), "cpu", layers="head")
+    with pytest.raises(OptionError, match="layers='nope' names no submodule"):
+        prefetch_compile.offload(Stack(["linear"] * 2), "cpu", layers="nope")
+
+
+def test_model_without_block_list_asks_for_layers():
+    with pytest.raises(OptionError, match="pass options=\\{'layers'"):
+        prefetch_compile.offload(nn.Linear(4, 4), "cpu")
+
+
+def test_plan_knobs_conflicting_with_offload_are_refused():
+    model = Stack(["linear"] * 4)
+    prefetch_compile.offload(model, "cpu", group_size=2)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 4})
+    with torch.no_grad(), pytest.raises(Exception, match="was offloaded with"):
+        compiled(torch.randn(2, 16))
+
+
+def test_offloading_twice_is_refused():
+    model = Stack(["linear"] * 2)
+    prefetch_compile.offload(model, "cpu", group_size=1)
+    with pytest.raises(OptionError, match="already offloaded"):
+        prefetch_compile.offload(model, "cpu", group_size=1)
+
+
+def test_gradients_through_offloaded_weights_are_refused():
+    model = Stack(["linear"] * 2)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 1})
+    with pytest.raises(Exception, match="prefetch_offload is for inference"):
+        compiled(torch.randn(2, 16))
+    model.requires_grad_(False)
+    torch.testing.assert_close(compiled(torch.randn(2, 16)).shape, torch.Size([2, 4]))
+
+
+def test_inductor_freezing_is_refused():
+    model = Stack(["linear"] * 2)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 1})
+    with torch._inductor.config.patch(freezing=True), torch.no_grad():
+        with pytest.raises(Exception, match="freezing is on"):
+            compiled(torch.randn(2, 16))

@@ -1,0 +1,194 @@
+"""What the prefetch pass guarantees about graph structure, checked node by node.
+
+Two levels: the ATen graph right after the pass (exact sequences of waits,
+reads and prefetches), and Inductor's final generated code (after fusion and
+scheduling), replayed through a small slot-state machine.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch import nn
+from torch.testing import FileCheck
+from torch._inductor.utils import run_and_get_code
+
+import prefetch_compile
+import prefetch_compile.backend as backend
+from prefetch_compile.passes import SlotConflictError
+from toy_models import Stack
+
+
+@pytest.fixture
+def pass_results(monkeypatch):
+    """Record (graph, result) of every prefetch pass run."""
+    results = []
+    original = backend.apply_prefetch_pass
+
+    def recording(graph, runtime, example_inputs):
+        result = original(graph, runtime, example_inputs)
+        results.append((graph, result))
+        return result
+
+    monkeypatch.setattr(backend, "apply_prefetch_pass", recording)
+    return results
+
+
+def compile_and_run(model, compiler="aot_eager", rows=3, **plan):
+    prefetch_compile.offload(model, "cpu", **plan)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": compiler})
+    with torch.no_grad():
+        return compiled(torch.randn(rows, 16))
+
+
+def event_sequence(graph, result):
+    """The graph as a sequence of 'wait L', 'read L', 'start L' events (runs of reads collapsed)."""
+    inserted = {op.node: op for op in result.inserted}
+    readers = {}
+    for layer in result.analysis.layers.values():
+        for node in layer.readers:
+            readers.setdefault(node, set()).add(layer.layer)
+    events = []
+    for node in graph.nodes:
+        if node in inserted:
+            events.append(f"{inserted[node].kind} {inserted[node].layer}")
+        for layer in sorted(readers.get(node, ())):
+            if not events or events[-1] != f"read {layer}":
+                events.append(f"read {layer}")
+    return events
+
+
+def test_one_slot_every_layer_exact_sequence(pass_results):
+    compile_and_run(Stack(["linear"] * 4), group_size=1, prefetch_step=1)
+    (graph, result), = pass_results
+    assert event_sequence(graph, result) == [
+        "wait 0", "read 0", "start 1",
+        "wait 1", "read 1", "start 2",
+        "wait 2", "read 2", "start 3",
+        "wait 3", "read 3", "start 0",  # the last layer prefetches the first for the next call
+    ]
+
+
+def test_two_slots_prefetch_two_ahead(pass_results):
+    compile_and_run(Stack(["linear"] * 4), group_size=1, prefetch_step=2)
+    (graph, result), = pass_results
+    assert event_sequence(graph, result) == [
+        "wait 0", "read 0", "start 2",
+        "wait 1", "read 1", "start 3",
+        "wait 2", "read 2", "start 0",
+        "wait 3", "read 3", "start 1",
+    ]
+
+
+def test_group_pattern_offloads_last_of_each_group(pass_results):
+    """group_size=3, num_in_group=1 over 6 layers: model layers 2 and 5 are offload indices 0 and 1."""
+    model = Stack(["linear"] * 6)
+    compile_and_run(model, group_size=3, num_in_group=1, prefetch_step=1)
+    (graph, result), = pass_results
+    assert event_sequence(graph, result) == ["wait 0", "read 0", "start 1", "wait 1", "read 1", "start 0"]
+    offloaded_names = {node.name for layer in result.analysis.layers.values() for node in layer.params}
+    assert len(offloaded_names) == 2 * 3  # fc.weight, fc.bias, gain of two layers
+
+
+def test_weight_only_work_is_read_after_wait_and_before_start(pass_results):
+    """The int8 dequantisation and the transposed copy are classified as weight-only reads."""
+    compile_and_run(Stack(["int8", "transposed"]), group_size=1)
+    (graph, result), = pass_results
+    hows = {how for layer in result.analysis.layers.values() for how in layer.readers.values()}
+    assert {"direct", "weight-only work", "consumer of weight-only work"} <= hows
+    code = graph.python_code("self").src
+    FileCheck().check("wait_prefetch").check("_to_copy").check("mul").check("mm").check("start_prefetch") \
+        .check("wait_prefetch").check("aten.t.").check("clone").check("mm").check("start_prefetch").run(code)
+
+
+def test_start_takes_live_values_of_the_outgoing_layer(pass_results):
+    """The residual stream computed by a layer is an input of the prefetch that overwrites its slot."""
+    compile_and_run(Stack(["linear"] * 2), group_size=1)
+    (graph, result), = pass_results
+    for op in result.inserted:
+        if op.kind == "start":
+            assert op.live, f"start of layer {op.layer} materialises nothing"
+            for value in op.live:
+                assert result.analysis.depends_on[value] & (1 << op.after_layer)
+
+
+SLOT_USE = re.compile(r"\b(arg\d+_1)\b")
+
+
+def check_generated_code(code: str) -> int:
+    """Replay Inductor's generated ``call`` through a slot-state machine; return the number of ops seen.
+
+    A parameter becomes readable at a wait that names it and stops being readable
+    at a start that names it; any other line that touches it in between is a read.
+    """
+    readable: dict[str, bool] = {}
+    alias_of: dict[str, str] = {}
+    ops = 0
+    body = code[code.index("def call(") :].splitlines()
+    for line in body[1:]:
+        if line and not line[0].isspace():
+            break  # the end of call()
+        line = line.strip()
+        if line.startswith(("#", "del ", "assert_size_stride", "assert_alignment")) or not line:
+            continue
+        names = {alias_of.get(name, name) for name in SLOT_USE.findall(line)}
+        alias = re.match(r"(buf\d+) = reinterpret_tensor\((arg\d+_1)", line)
+        if alias:
+            alias_of[alias.group(1)] = alias.group(2)
+        names |= {alias_of[name] for name in re.findall(r"\b(buf\d+)\b", line) if name in alias_of}
+        if "wait_prefetch" in line:
+            ops += 1
+            readable.update(dict.fromkeys(names, True))
+        elif "start_prefetch" in line:
+            ops += 1
+            slot_part = line[line.index("[") : line.index("]")]
+            readable.update(dict.fromkeys({alias_of.get(n, n) for n in SLOT_USE.findall(slot_part)}, False))
+        else:
+            stale = [name for name in names if readable.get(name) is False]
+            assert not stale, f"{line!r} reads {stale} outside their wait..start window"
+    return ops
+
+
+@pytest.mark.parametrize("kinds,plan", [
+    (["linear", "int8", "cast", "transposed"], {"group_size": 1}),
+    (["packed", "linear"] * 2, {"group_size": 1, "prefetch_step": 2}),
+    (["linear"] * 6, {"group_size": 3, "num_in_group": 2}),
+])
+def test_inductor_schedule_keeps_reads_inside_windows(kinds, plan):
+    model = Stack(kinds)
+    prefetch_compile.offload(model, "cpu", **plan)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    with torch.no_grad():
+        _, codes = run_and_get_code(compiled, torch.randn(3, 16))
+    offloaded = sum(1 for index in range(len(kinds)) if index % plan["group_size"] >= plan["group_size"] - plan.get("num_in_group", 1))
+    assert sum(check_generated_code(code) for code in codes) == 2 * offloaded
+
+
+def test_state_machine_catches_a_read_after_start():
+    """The checker itself fails on a schedule that reads a slot after overwriting it."""
+    bad = "def call(args):\n    torch.ops.prefetch_compile.wait_prefetch.default([arg0_1], 0)\n" \
+          "    torch.ops.prefetch_compile.start_prefetch.default([arg0_1], [buf1], 0)\n    kernel(arg0_1, buf2)\n"
+    with pytest.raises(AssertionError, match="outside their wait..start window"):
+        check_generated_code(bad)
+
+
+class Interleaved(nn.Module):
+    """Reads layer 1's weight before layer 0 is done: impossible with one slot."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
+
+    def forward(self, x):
+        early = self.layers[1].weight.sum()
+        return self.layers[1](self.layers[0](x)) + early
+
+
+def test_interleaved_reads_of_one_slot_are_refused():
+    model = Interleaved()
+    prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad(), pytest.raises(Exception, match="share slot 0"):
+        compiled(torch.randn(2, 16))
