@@ -81,6 +81,11 @@ class PrefetchRuntime:
         offloaded_params: Mapping[str, torch.nn.Parameter],
         kept_tensors: Mapping[str, torch.Tensor],
     ) -> None:
+        if device.type == "cuda" and host.nbytes and not host.buffer.is_pinned():
+            raise ValueError(
+                "the host arena must be page-locked for a CUDA device: a non_blocking copy from pageable "
+                "memory synchronises the stream, which breaks the copy/compute ordering and the overlap"
+            )
         self.id = next(_NEXT_ID)
         self.plan = plan
         self.device = device

@@ -1,0 +1,203 @@
+"""The backend on a CUDA device: outputs, memory, overlap of copies with compute, CUDA graphs, weight updates."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefetch_compile
+from prefetch_compile.memory import HostArena
+from prefetch_compile.runtime import PrefetchRuntime
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+llama_like = pytest.importorskip("llama_like")
+
+DEVICE = "cuda"
+
+
+def small_llama_shape(layers: int = 8):
+    """Big enough that a layer copy takes measurable time (about 25 MB per layer in bf16)."""
+    return llama_like.LlamaShape(vocab=1024, hidden=1024, intermediate=4096, heads=16, kv_heads=4, layers=layers)
+
+
+@pytest.fixture(autouse=True)
+def _clean_cuda():
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+    yield
+    torch._dynamo.reset()
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def tokens(batch: int, seq: int) -> torch.Tensor:
+    return torch.randint(0, 1024, (batch, seq), device=DEVICE)
+
+
+@pytest.mark.parametrize("prefetch_step", [1, 2])
+def test_llama_like_bf16_matches_compiled_resident(prefetch_step):
+    model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    resident = torch.compile(copy.deepcopy(model))
+    prefetch_compile.offload(model, DEVICE, group_size=2, num_in_group=1, prefetch_step=prefetch_step)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    with torch.inference_mode():
+        for batch, seq in [(1, 16), (4, 16), (1, 64), (4, 16)]:
+            x = tokens(batch, seq)
+            # Same Inductor kernels on the same weights: identical, bit for bit.
+            assert torch.equal(compiled(x), resident(x)), f"batch {batch} seq {seq}"
+
+
+def test_hf_tiny_llama_on_cuda():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    resident = torch.compile(copy.deepcopy(model))
+    prefetch_compile.offload(model, DEVICE, group_size=2)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    with torch.inference_mode():
+        x = tokens(2, 12) % 256
+        torch.testing.assert_close(
+            compiled(input_ids=x, use_cache=False).logits, resident(input_ids=x, use_cache=False).logits,
+            rtol=0, atol=0,
+        )
+
+
+def test_peak_memory_is_kept_plus_pool_plus_activations():
+    shape = small_llama_shape()
+    x = tokens(4, 128)
+    model = llama_like.build(shape, device=DEVICE, dtype=torch.bfloat16, seed=0)
+    resident = torch.compile(model)
+    with torch.inference_mode():
+        resident(x)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        resident(x)
+        activations = torch.cuda.max_memory_allocated() - base
+    del resident, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+    # Build on the CPU, offload to the device: the whole model never sits on the device.
+    cpu_model = llama_like.build(shape, device="cpu", dtype=torch.bfloat16, seed=0)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    runtime = prefetch_compile.offload(cpu_model, DEVICE, group_size=2)
+    stats = runtime.stats()
+    placed = torch.cuda.memory_allocated() - before
+    assert torch.cuda.max_memory_allocated() - before <= (stats.kept_device_bytes + stats.slot_pool_bytes) * 1.02
+    assert abs(placed - (stats.kept_device_bytes + stats.slot_pool_bytes)) <= 0.02 * placed
+
+    compiled = torch.compile(cpu_model, backend="prefetch_offload")
+    with torch.inference_mode():
+        compiled(x)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        compiled(x)
+        peak = torch.cuda.max_memory_allocated() - before
+    expected = stats.kept_device_bytes + stats.slot_pool_bytes + activations
+    print(f"peak {peak} expected {expected} (kept {stats.kept_device_bytes}, pool {stats.slot_pool_bytes}, "
+          f"activations {activations})")
+    assert abs(peak - expected) <= 0.02 * expected
+
+
+def test_reported_savings_match_measurement():
+    model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    runtime = prefetch_compile.offload(model, DEVICE, group_size=4, num_in_group=2, prefetch_step=2)
+    torch.cuda.synchronize()
+    measured = before - torch.cuda.memory_allocated()
+    reported = runtime.stats().device_bytes_saved
+    assert abs(measured - reported) <= 0.01 * reported, (measured, reported)
+    assert runtime.host.buffer.is_pinned()
+
+
+def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path):
+    """From a profiler trace: memcpys run beside kernels, and each starts after every kernel launched before it."""
+    model = llama_like.build(small_llama_shape(layers=8), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    prefetch_compile.offload(model, DEVICE, group_size=2, num_in_group=1, prefetch_step=1)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    x = tokens(1, 2048)
+    with torch.inference_mode():
+        for _ in range(2):
+            compiled(x)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as profile:
+            compiled(x)
+            torch.cuda.synchronize()
+    profile.export_chrome_trace(str(tmp_path / "trace.json"))
+    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel"]
+    copies = [e for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    launches = {e["args"]["correlation"]: e for e in events if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    assert len(copies) == 4, [c["name"] for c in copies]  # one copy per offloaded layer per forward
+    overlapping = 0
+    for copy_event in copies:
+        copy_start, copy_end = copy_event["ts"], copy_event["ts"] + copy_event["dur"]
+        issued = launches[copy_event["args"]["correlation"]]["ts"]
+        earlier = [k for k in kernels if launches[k["args"]["correlation"]]["ts"] < issued]
+        assert all(k["ts"] + k["dur"] <= copy_start + 1 for k in earlier), "a copy started before a kernel queued ahead of it finished"
+        overlapping += any(k["ts"] < copy_end and copy_start < k["ts"] + k["dur"] for k in kernels)
+    assert overlapping >= 3, f"only {overlapping} of {len(copies)} copies overlapped a kernel"
+
+
+@pytest.mark.parametrize("prefetch_step", [1, 2])
+def test_cuda_graph_replays_stay_correct(prefetch_step):
+    model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    resident = torch.compile(copy.deepcopy(model))
+    prefetch_compile.offload(model, DEVICE, group_size=2, prefetch_step=prefetch_step)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"cuda_graphs": True})
+    with torch.inference_mode():
+        for step in range(12):
+            batch = (1, 8, 1, 8)[step % 4]  # two captured batch sizes, replayed in turn
+            x = tokens(batch, 1)
+            assert torch.equal(compiled(x), resident(x)), f"step {step}"
+
+
+def test_weight_updates_reach_eager_and_graph_replays():
+    model = llama_like.build(small_llama_shape(layers=4), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, DEVICE, group_size=2)
+    graphed = torch.compile(model, backend="prefetch_offload", options={"cuda_graphs": True})
+    x = tokens(2, 1)
+    with torch.inference_mode():
+        graphed(x), graphed(x)  # warm up and capture
+        for param in reference.parameters():
+            param.mul_(-0.5)
+        runtime.load_weights({name: p.detach() for name, p in reference.named_parameters()})
+        want = reference(x)
+        torch.testing.assert_close(graphed(x), want, rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(model(x), want, rtol=2e-2, atol=2e-2)
+        offloaded_name = next(iter(runtime.offloaded_params))
+        with pytest.raises(ValueError, match="expects shape"):
+            runtime.load_weights({offloaded_name: torch.zeros(3, device=DEVICE, dtype=torch.bfloat16)})
+        torch.testing.assert_close(graphed(x), want, rtol=2e-2, atol=2e-2)
+
+
+def test_unpinned_host_storage_is_refused():
+    model = llama_like.build(small_llama_shape(layers=2), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    runtime = prefetch_compile.offload(model, DEVICE, group_size=2)
+    pageable = HostArena(runtime.plan, pin=False)
+    with pytest.raises(ValueError, match="page-locked"):
+        PrefetchRuntime(runtime.plan, runtime.device, pageable, runtime.slots, runtime.offloaded_params, runtime.kept_tensors)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    with torch.inference_mode():
+        compiled(tokens(1, 4))  # the model is still usable
