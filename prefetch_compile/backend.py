@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from . import _torch_internals
+from .breakable_graph import BreakableGraphed
 from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
 from .discovery import find_layer_list
 from .offload import offload_with_options, runtime_of
@@ -45,6 +46,8 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     graph_index = len(PASS_TIMINGS)
 
     def prefetch_pass(graph: fx.Graph) -> None:
+        dump_dir = options_.compile.dump_dir
+        before = graph.python_code("self").src if dump_dir is not None else ""
         began = time.perf_counter()
         result = apply_prefetch_pass(graph, runtime, example_inputs)
         PASS_TIMINGS.append(time.perf_counter() - began)
@@ -55,10 +58,10 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
             len(result.inserted),
             PASS_TIMINGS[-1] * 1e3,
         )
-        if options_.compile.dump_dir is not None:
+        if dump_dir is not None:
             from .dumps import write_graph_dump
 
-            write_graph_dump(options_.compile.dump_dir, graph_index, graph, result, runtime)
+            write_graph_dump(dump_dir, graph_index, before, graph, result, runtime)
 
     compile_inputs = example_inputs
     if offloaded_now:
@@ -72,7 +75,28 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         runtime.join_capture()
         return outputs
 
+    if options_.compile.cuda_graphs and runtime.device.type == "cuda":
+        return _graphed(run, runtime, example_inputs)
     return run
+
+
+def _graphed(run: Callable, runtime: PrefetchRuntime, example_inputs: list[Any]) -> Callable:
+    """Capture ``run`` as a (breakable) CUDA graph per input signature, and replay it.
+
+    Weights are read in place; other inputs are copied into static buffers. Before
+    each capture or replay the compute stream waits for copies issued outside the
+    graph (by an eager call, say), because the graph itself only waits for the
+    copies it captured; at each segment's end the copies it started are joined.
+    """
+    model_tensors = {id(t) for t in [*runtime.offloaded_params.values(), *runtime.kept_tensors.values()]}
+    static = [index for index, value in enumerate(example_inputs) if id(value) in model_tensors]
+    graphed = BreakableGraphed(run, static_inputs=static, on_segment_end=runtime.join_capture)
+
+    def replay(*args: Any) -> Any:
+        runtime.synchronize_copies()
+        return graphed(*args)
+
+    return replay
 
 
 def apply_prefetch_pass(graph: fx.Graph, runtime: PrefetchRuntime, example_inputs: list[Any]) -> PrefetchPassResult:

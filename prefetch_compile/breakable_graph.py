@@ -1,0 +1,435 @@
+"""Breakable CUDA graphs: one forward captured as several graph segments split around eager calls.
+
+Some work cannot sit inside a CUDA graph: host synchronisations (``.item()``,
+``torch.nonzero``), host-side bookkeeping, ops that allocate by data. Rather than
+give up on graphs for the whole forward, a breakable capture ends the current
+segment right before such a call, runs the call eagerly, and opens a new segment
+after it. Replay walks the same list in order: graph, eager call, graph, ...
+
+The rule that makes this sound: every tensor that crosses a break lives at a fixed
+address. Graph segments replay with the addresses they were captured with, and an
+eager call is re-run with the very tensors it was given at capture time, so it must
+write its results into buffers it was handed, not return fresh tensors.
+
+Only the thread-local capture state and the CUDA calls need a GPU; importing this
+module on a CPU-only machine is fine.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar, cast
+
+import torch
+
+__all__ = ["BreakableCUDAGraph", "BreakableGraphed", "current_capture", "eager_break"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+# Where an argument sits in a call: an index into the positional arguments or a keyword name.
+ArgKey = int | str
+
+_local = threading.local()
+
+
+def current_capture() -> BreakableCUDAGraph | None:
+    """The breakable capture active on this thread, or None."""
+    return getattr(_local, "capture", None)
+
+
+def _require_cuda(what: str) -> None:
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"{what} needs a CUDA device, but torch.cuda.is_available() is False")
+
+
+def _require_no_capture(what: str) -> None:
+    """Refuse to start while any capture is open here: CUDA cannot nest stream captures."""
+    if current_capture() is not None:
+        raise RuntimeError(
+            f"{what}: a BreakableCUDAGraph capture is already active on this thread; "
+            "breakable captures cannot be nested"
+        )
+    if torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what}: the current CUDA stream is already capturing a CUDA graph; "
+            "a breakable capture cannot run inside another capture"
+        )
+
+
+def _end_capture(graph: torch.cuda.CUDAGraph) -> bool:
+    """End ``graph``'s capture; True if it captured nothing.
+
+    torch only tells us a capture was empty through a warning. Two back-to-back
+    breaks legitimately produce such a segment, so that warning is consumed here
+    and every other warning is passed on.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph.capture_end()
+    empty = False
+    for warning in caught:
+        if "CUDA Graph is empty" in str(warning.message):
+            empty = True
+        else:
+            warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return empty
+
+
+class BreakableCUDAGraph:
+    """Captures the work run inside ``with`` on the current device as CUDA graph segments.
+
+    The body runs on ``stream`` (a fresh side stream if None, since a capture may not
+    run on the default stream), ordered after the work already queued on the caller's
+    stream; on exit the caller's stream is ordered after the capture stream. Every
+    segment allocates from one memory pool (``pool``, a new one if None), which is
+    safe because the segments always replay in the order they were captured.
+
+    Nothing captured into a segment runs during the capture; only the eager calls do,
+    and they see whatever the buffers held. Call :meth:`replay` for real results.
+
+    ``on_segment_end`` runs right before each segment's capture ends, while the
+    stream is still capturing, so it can fold side streams (for instance a copy
+    stream) back into the segment. It runs once per segment, including segments
+    that turn out empty; it does not run when the body raised.
+
+    One instance captures once. Only one breakable capture may be active per thread.
+    """
+
+    def __init__(
+        self,
+        pool: Any = None,
+        stream: torch.cuda.Stream | None = None,
+        on_segment_end: Callable[[], None] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.stream = stream
+        self._on_segment_end = on_segment_end
+        self._steps: list[Callable[[], Any]] = []  # graph replays and eager calls, in capture order
+        self._graph: torch.cuda.CUDAGraph | None = None  # the segment being captured, if one is open
+        self._stream_context: torch.cuda.StreamContext | None = None
+        self._caller_stream: torch.cuda.Stream | None = None
+        self._state = "new"  # new -> capturing -> captured | failed
+        self._num_graphs = 0
+        self._num_eager = 0
+
+    @property
+    def num_graphs(self) -> int:
+        """Non-empty graph segments kept for replay."""
+        return self._num_graphs
+
+    @property
+    def num_eager(self) -> int:
+        """Eager calls recorded for replay (each one is a break between two segments)."""
+        return self._num_eager
+
+    def __repr__(self) -> str:
+        return f"BreakableCUDAGraph({self._state}, graphs={self._num_graphs}, eager={self._num_eager})"
+
+    # ------------------------------------------------------------------ capture
+    def __enter__(self) -> BreakableCUDAGraph:
+        if self._state != "new":
+            raise RuntimeError(f"this BreakableCUDAGraph is {self._state}; it captures once, create a new one")
+        _require_cuda("BreakableCUDAGraph")
+        _require_no_capture("BreakableCUDAGraph")
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        self._caller_stream = torch.cuda.current_stream()
+        self.stream.wait_stream(self._caller_stream)
+        self._stream_context = torch.cuda.stream(self.stream)
+        self._stream_context.__enter__()
+        _local.capture = self
+        self._state = "capturing"
+        try:
+            self._begin_segment()
+        except BaseException:
+            self._leave(ok=False)
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        ok = False
+        try:
+            if exc_type is None:
+                if self._graph is None:
+                    raise RuntimeError(
+                        "BreakableCUDAGraph: an eager call raised during the capture and the body went on; "
+                        "the capture is incomplete"
+                    )
+                self._end_segment()
+                ok = True
+            elif self._graph is not None:
+                self._abandon_segment()
+        finally:
+            self._leave(ok)
+
+    def _leave(self, ok: bool) -> None:
+        """Undo what entering did, whatever happened in between, so the thread stays usable."""
+        assert self._stream_context is not None and self._caller_stream is not None and self.stream is not None
+        self._stream_context.__exit__(None, None, None)
+        self._caller_stream.wait_stream(self.stream)
+        _local.capture = None
+        self._state = "captured" if ok else "failed"
+        if not ok:
+            self._steps.clear()
+
+    def _begin_segment(self) -> None:
+        graph = torch.cuda.CUDAGraph()
+        graph.capture_begin(pool=self.pool)
+        self._graph = graph
+
+    def _end_segment(self) -> None:
+        graph, self._graph = self._graph, None
+        assert graph is not None
+        try:
+            if self._on_segment_end is not None:
+                self._on_segment_end()
+        finally:
+            empty = _end_capture(graph)
+        if not empty:
+            self._steps.append(graph.replay)
+            self._num_graphs += 1
+
+    def _abandon_segment(self) -> None:
+        """Close the open segment after the body raised; that error is the one worth reporting."""
+        graph, self._graph = self._graph, None
+        assert graph is not None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                graph.capture_end()
+        except RuntimeError:
+            pass  # the failure in the body usually invalidated the capture too
+
+    def add_eager(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """End the current segment, run ``fn(*args, **kwargs)`` eagerly, record it for replay, open a new segment.
+
+        Returns what ``fn`` returned at capture time. Replay discards return values,
+        so anything later work reads must be written into buffers passed to ``fn``.
+        Called from inside an eager call, ``fn`` just runs: it is part of that call.
+        """
+        if self._state != "capturing":
+            raise RuntimeError(f"add_eager needs an active capture; this BreakableCUDAGraph is {self._state}")
+        if self._graph is None:
+            return fn(*args, **kwargs)
+        self._end_segment()
+        call = functools.partial(fn, *args, **kwargs)
+        result = call()
+        self._steps.append(call)
+        self._num_eager += 1
+        self._begin_segment()
+        return result
+
+    # ------------------------------------------------------------------ replay
+    def replay(self) -> None:
+        """Replay the segments and eager calls in capture order on the current stream."""
+        if self._state != "captured":
+            raise RuntimeError(f"cannot replay a BreakableCUDAGraph that is {self._state}")
+        for step in self._steps:
+            step()
+
+
+def eager_break(fn: _F) -> _F:
+    """Make ``fn`` a break point of a breakable capture.
+
+    Outside an active :class:`BreakableCUDAGraph` the call runs untouched. Inside one
+    it goes through :meth:`BreakableCUDAGraph.add_eager`: it runs eagerly between two
+    graph segments, and again at every replay with the same arguments.
+
+    ``fn`` must write its results into caller-provided output tensors allocated before
+    the call (static buffers). A tensor it returns is created afresh at every replay
+    and nothing downstream sees it: the graph segments after the break keep reading
+    the tensor returned at capture time, which replay leaves as it was.
+
+    The wrapper is hidden from torch.compile (``torch.compiler.disable``): whether to
+    break can only be decided when the call happens, never at trace time.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        capture = current_capture()
+        if capture is None:
+            return fn(*args, **kwargs)
+        return capture.add_eager(fn, *args, **kwargs)
+
+    return cast(_F, torch.compiler.disable(wrapper))
+
+
+# ---------------------------------------------------------------------- wrapper
+def _arg(args: tuple[Any, ...], kwargs: Mapping[str, Any], key: ArgKey) -> Any:
+    return args[key] if isinstance(key, int) else kwargs[key]
+
+
+def _arg_items(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Iterable[tuple[ArgKey, Any]]:
+    """Positional arguments by index, then keyword arguments by sorted name (call order must not matter)."""
+    yield from enumerate(args)
+    yield from sorted(kwargs.items())
+
+
+def _signature_of(key: ArgKey, value: Any) -> Hashable:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), value.dtype, value.device, value.requires_grad)
+    try:
+        hash(value)
+    except TypeError:
+        raise TypeError(
+            f"BreakableGraphed: argument {key!r} ({type(value).__name__}) is not hashable; "
+            "non-tensor arguments pick the captured graph by value"
+        ) from None
+    return ("value", type(value), value)  # the type keeps 1, 1.0 and True apart
+
+
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """Apply ``fn`` to the tensors in (nested) tuples, namedtuples, lists and dicts; anything else as is."""
+    if isinstance(value, torch.Tensor):
+        return fn(value)
+    if isinstance(value, tuple):
+        items = [_map_tensors(item, fn) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if type(value) is list:
+        return [_map_tensors(item, fn) for item in value]
+    if type(value) is dict:
+        return {name: _map_tensors(item, fn) for name, item in value.items()}
+    return value
+
+
+@dataclass
+class _Entry:
+    """One captured signature: the capture and the fixed-address tensors it was captured with."""
+
+    capture: BreakableCUDAGraph
+    device: torch.device
+    outputs: Any  # what fn returned at capture time; replay rewrites its tensors in place
+    copied: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # static buffers refilled each call
+    pinned: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # caller tensors read in place
+
+
+class BreakableGraphed:
+    """Run ``fn`` as a breakable CUDA graph, one capture per input signature.
+
+    The signature of a call is the shape, dtype, device and requires_grad of each
+    tensor argument plus the value (and type) of every other argument; tensors must
+    be passed as top-level arguments, not inside containers. The first
+    call with a new signature copies the tensor arguments into static buffers, runs
+    ``fn`` ``warmup`` times eagerly on a side stream, captures it once with
+    :class:`BreakableCUDAGraph`, then replays. Later calls copy the new tensor
+    arguments into the static buffers and replay. Calls with ``eager_break``
+    functions inside get their graph split there.
+
+    ``static_inputs`` names arguments (positional index or keyword name) that the
+    graph reads in place instead of through a copy, such as weights or caches that
+    are updated in place. The graph keeps reading the tensor it was captured with;
+    with ``debug=True`` each call checks that the tensor passed still has the
+    captured address and raises otherwise, without debug a moved tensor is silently
+    ignored.
+
+    Outputs are cloned after replay (``clone_outputs=True``) so that the next replay
+    cannot overwrite them; with ``clone_outputs=False`` the static output tensors
+    themselves are returned. Tensors are found in tuples, lists and dicts; other
+    values are returned as captured. Only the forward is supported: it runs under
+    ``torch.no_grad()``, and replays of graphs sharing a pool must not run concurrently.
+
+    Without CUDA, or when a tensor argument is not on a CUDA device, a call simply
+    runs ``fn`` eagerly. Calling it while a capture is open on this thread raises.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        debug: bool = False,
+        pool: Any = None,
+        on_segment_end: Callable[[], None] | None = None,
+        warmup: int = 1,
+        clone_outputs: bool = True,
+        static_inputs: Iterable[ArgKey] = (),
+    ) -> None:
+        if warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {warmup}")
+        self.fn = fn
+        self.debug = debug
+        self.pool = pool
+        self.on_segment_end = on_segment_end
+        self.warmup = warmup
+        self.clone_outputs = clone_outputs
+        self.static_inputs = frozenset(static_inputs)
+        self._entries: dict[Hashable, _Entry] = {}
+
+    @property
+    def captures(self) -> Mapping[Hashable, BreakableCUDAGraph]:
+        """The capture of each signature seen so far (read-only view)."""
+        return MappingProxyType({signature: entry.capture for signature, entry in self._entries.items()})
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        items = list(_arg_items(args, kwargs))
+        tensors = [value for _, value in items if isinstance(value, torch.Tensor)]
+        if not torch.cuda.is_available() or any(t.device.type != "cuda" for t in tensors):
+            return self.fn(*args, **kwargs)
+        _require_no_capture("BreakableGraphed")
+        signature = tuple((key, _signature_of(key, value)) for key, value in items)
+        entry = self._entries.get(signature)
+        if entry is None:
+            device = tensors[0].device if tensors else torch.device("cuda", torch.cuda.current_device())
+            entry = self._capture(args, kwargs, device)
+            self._entries[signature] = entry
+        else:
+            self._refill(entry, args, kwargs)
+        with torch.no_grad(), torch.cuda.device(entry.device):
+            entry.capture.replay()
+            return _map_tensors(entry.outputs, torch.clone) if self.clone_outputs else entry.outputs
+
+    def _capture(self, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device) -> _Entry:
+        entry_args = list(args)
+        entry_kwargs = dict(kwargs)
+        copied: list[tuple[ArgKey, torch.Tensor]] = []
+        pinned: list[tuple[ArgKey, torch.Tensor]] = []
+        for key, value in _arg_items(args, kwargs):
+            if key in self.static_inputs:
+                if not isinstance(value, torch.Tensor):
+                    raise TypeError(f"BreakableGraphed: static input {key!r} is a {type(value).__name__}, not a tensor")
+                pinned.append((key, value))
+            elif isinstance(value, torch.Tensor):
+                buffer = value.detach().clone()
+                copied.append((key, buffer))
+                if isinstance(key, int):
+                    entry_args[key] = buffer
+                else:
+                    entry_kwargs[key] = buffer
+
+        with torch.no_grad(), torch.cuda.device(device):
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            # Warm up on the capture stream so that lazy initialisation (cuBLAS
+            # workspaces, allocator blocks) happens there and outside the capture.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(self.warmup):
+                    self.fn(*entry_args, **entry_kwargs)
+            # Work queued outside the graph (the warm-up, copies on other streams) cannot be
+            # waited on from inside a capture, and the first replay follows right after it.
+            torch.cuda.synchronize(device)
+            capture = BreakableCUDAGraph(pool=self.pool, stream=stream, on_segment_end=self.on_segment_end)
+            with capture:
+                outputs = self.fn(*entry_args, **entry_kwargs)
+        return _Entry(capture, device, outputs, copied, pinned)
+
+    def _refill(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Bring the new call's tensors to the addresses the graph reads."""
+        if self.debug:
+            for key, captured in entry.pinned:
+                now = _arg(args, kwargs, key).data_ptr()
+                if now != captured.data_ptr():
+                    raise RuntimeError(
+                        f"BreakableGraphed: static input argument {key!r} moved: captured at "
+                        f"0x{captured.data_ptr():x}, passed at 0x{now:x}. The graph reads the captured "
+                        "tensor in place; update that tensor instead, or leave the argument out of static_inputs."
+                    )
+        with torch.no_grad():
+            for key, buffer in entry.copied:
+                buffer.copy_(_arg(args, kwargs, key))
