@@ -110,6 +110,9 @@ class BreakableCUDAGraph:
         self._on_segment_end = on_segment_end
         self._steps: list[Callable[[], Any]] = []  # graph replays and eager calls, in capture order
         self._graph: torch.cuda.CUDAGraph | None = None  # the segment being captured, if one is open
+        # Every ended segment, empty ones too: freeing a graph of the shared pool while
+        # later segments capture into it trips the caching allocator's pool accounting.
+        self._segments: list[torch.cuda.CUDAGraph] = []
         self._stream_context: torch.cuda.StreamContext | None = None
         self._caller_stream: torch.cuda.Stream | None = None
         self._state = "new"  # new -> capturing -> captured | failed
@@ -191,6 +194,7 @@ class BreakableCUDAGraph:
                 self._on_segment_end()
         finally:
             empty = _end_capture(graph)
+        self._segments.append(graph)
         if not empty:
             self._steps.append(graph.replay)
             self._num_graphs += 1
