@@ -213,10 +213,16 @@ def describe(stats: OffloadStats, plan: OffloadPlan) -> str:
     return (
         f"prefetch_compile: offloaded {stats.offloaded_layers}/{stats.total_layers} layers of "
         f"'{plan.layer_list_path}' (group_size={plan.options.group_size}, num_in_group={plan.options.num_in_group}), "
-        f"{_gib(stats.offloaded_bytes)} to host, slot pool {plan.num_slots} slot(s) = {_gib(stats.slot_pool_bytes)}, "
-        f"device bytes saved {_gib(stats.device_bytes_saved)}"
+        f"{format_bytes(stats.offloaded_bytes)} to host, slot pool {plan.num_slots} slot(s) = {format_bytes(stats.slot_pool_bytes)}, "
+        f"device bytes saved {format_bytes(stats.device_bytes_saved)}"
     )
 
 
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2**30:.3f} GiB"
+def format_bytes(nbytes: int) -> str:
+    """Bytes in the largest binary unit that keeps the number at or above 1."""
+    value = float(nbytes)
+    for unit in ("B", "KiB", "MiB"):
+        if abs(value) < 1024:
+            return f"{value:.0f} B" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    return f"{value:.2f} GiB"
