@@ -60,26 +60,27 @@ def event_sequence(graph, result):
     return events
 
 
-def test_one_slot_every_layer_exact_sequence(pass_results):
-    compile_and_run(Stack(["linear"] * 4), group_size=1, prefetch_step=1)
+@pytest.mark.parametrize(
+    "prefetch_step,expected",
+    [
+        (1, [
+            "wait 0", "read 0", "start 1",
+            "wait 1", "read 1", "start 2",
+            "wait 2", "read 2", "start 3",
+            "wait 3", "read 3", "start 0",  # the last layer prefetches the first for the next call
+        ]),
+        (2, [
+            "wait 0", "read 0", "start 2",  # two slots: each layer's slot goes to the layer two ahead
+            "wait 1", "read 1", "start 3",
+            "wait 2", "read 2", "start 0",
+            "wait 3", "read 3", "start 1",
+        ]),
+    ],
+)
+def test_every_layer_offloaded_exact_sequence(pass_results, prefetch_step, expected):
+    compile_and_run(Stack(["linear"] * 4), group_size=1, prefetch_step=prefetch_step)
     (graph, result), = pass_results
-    assert event_sequence(graph, result) == [
-        "wait 0", "read 0", "start 1",
-        "wait 1", "read 1", "start 2",
-        "wait 2", "read 2", "start 3",
-        "wait 3", "read 3", "start 0",  # the last layer prefetches the first for the next call
-    ]
-
-
-def test_two_slots_prefetch_two_ahead(pass_results):
-    compile_and_run(Stack(["linear"] * 4), group_size=1, prefetch_step=2)
-    (graph, result), = pass_results
-    assert event_sequence(graph, result) == [
-        "wait 0", "read 0", "start 2",
-        "wait 1", "read 1", "start 3",
-        "wait 2", "read 2", "start 0",
-        "wait 3", "read 3", "start 1",
-    ]
+    assert event_sequence(graph, result) == expected
 
 
 def test_group_pattern_offloads_last_of_each_group(pass_results):
