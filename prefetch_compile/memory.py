@@ -42,11 +42,17 @@ class SlotPool:
     """``plan.num_slots`` device buffers; every layer in slot s lays its block over buffer s."""
 
     def __init__(self, plan: OffloadPlan, device: torch.device) -> None:
+        allocated_before = _allocated(device)
         self.buffers = [torch.empty(size, dtype=torch.uint8, device=device) for size in plan.slot_bytes()]
-        self.nbytes = sum(plan.slot_bytes())
+        # What the device allocator charged (it rounds large blocks up to 2 MiB), not just what was asked for.
+        self.nbytes = _allocated(device) - allocated_before if device.type == "cuda" else sum(plan.slot_bytes())
 
     def block(self, layer: LayerPlan) -> torch.Tensor:
         return self.buffers[layer.slot][: layer.nbytes]
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
 
 
 def param_view(block: torch.Tensor, placement: ParamPlacement) -> torch.Tensor:
