@@ -1,0 +1,149 @@
+"""Timing, bandwidth, memory and environment helpers shared by the benchmarks.
+
+Everything here works on CPU too (wall-clock timers instead of CUDA events),
+so the harness can be smoke-tested on a machine without a GPU.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def add_repo_to_path() -> None:
+    """Make ``prefetch_compile`` (when not installed) and ``examples/llama_like.py`` importable."""
+    for path in (REPO, REPO / "examples"):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+
+
+def log(message: str, started: float | None = None) -> None:
+    stamp = f"[{time.perf_counter() - started:7.1f}s] " if started is not None else ""
+    print(f"{stamp}{message}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
+    """Seconds per call of ``fn``, back to back, ``iters`` times.
+
+    On CUDA each call is bracketed by events on the current stream, so the
+    numbers are the device timeline, including any time the device waits for
+    the host (a hook that blocks on a copy shows up, as it should).
+    """
+    if device.type != "cuda":
+        times = []
+        for _ in range(iters):
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    synchronize(device)
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    synchronize(device)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def wall_time(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call takes, host and device both done."""
+    synchronize(device)
+    began = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - began
+
+
+def measure_h2d_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> dict:
+    """Host-to-device bandwidth of one large copy from pinned memory (bytes/s), median of ``reps``.
+
+    On CPU this measures a plain memory copy instead, so that the harness runs end to end.
+    """
+    pinned = device.type == "cuda"
+    host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=pinned)
+    host.fill_(1)
+    target = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for _ in range(2):
+        target.copy_(host, non_blocking=pinned)
+    times = time_calls(lambda: target.copy_(host, non_blocking=pinned), reps, device)
+    median = statistics.median(times)
+    del host, target
+    release_memory(device)
+    return {
+        "bytes_per_s": nbytes / median,
+        "copy_bytes": nbytes,
+        "reps": reps,
+        "seconds": times,
+        "what": "pinned host -> device, one copy_, CUDA events" if pinned else "CPU memory copy (no GPU)",
+    }
+
+
+def release_memory(device: torch.device) -> None:
+    """Free what the last system left behind: compiled graphs, CUDA graph pools, cached blocks."""
+    try:
+        torch._dynamo.reset()
+    except Exception:  # pragma: no cover - best effort
+        pass
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        host_empty = getattr(torch._C, "_host_emptyCache", None)
+        if host_empty is not None:
+            host_empty()  # return cached pinned host blocks as well
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def allocated_bytes(device: torch.device) -> int | None:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def git_commit(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return commit + ("+dirty" if dirty else "")
+    except Exception:
+        return "unknown"
+
+
+def gib(nbytes: int | float | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**30:.2f}"
