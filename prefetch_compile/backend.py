@@ -33,20 +33,20 @@ PASS_TIMINGS: list[float] = []
 
 
 def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
-    options_ = parse_backend_options(options)
-    if options_.compile.compiler == "inductor" and _torch_internals.inductor_freezing_enabled():
+    parsed = parse_backend_options(options)
+    if parsed.compile.compiler == "inductor" and _torch_internals.inductor_freezing_enabled():
         raise OptionError(
             "torch._inductor.config.freezing is on: Inductor would fold the offloaded weights into constants "
             "and never read the slots; turn freezing off for prefetch_offload"
         )
-    runtime, offloaded_now = _runtime_for(example_inputs, options_.plan)
+    runtime, offloaded_now = _runtime_for(example_inputs, parsed.plan)
     if runtime is None:
-        return _inner_compile(gm, example_inputs, options_, lambda graph: None)
+        return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
     _check_inference(runtime, example_inputs)
     graph_index = len(PASS_TIMINGS)
 
     def prefetch_pass(graph: fx.Graph) -> None:
-        dump_dir = options_.compile.dump_dir
+        dump_dir = parsed.compile.dump_dir
         before = graph.python_code("self").src if dump_dir is not None else ""
         began = time.perf_counter()
         result = apply_prefetch_pass(graph, runtime, example_inputs)
@@ -68,14 +68,14 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         # Dynamo made fake tensors of these parameters before they moved into the slots;
         # fresh tensor objects make the inner compiler see their new storage.
         compile_inputs = [value.detach() if runtime.locate(value) else value for value in example_inputs]
-    compiled = _inner_compile(gm, compile_inputs, options_, prefetch_pass)
+    compiled = _inner_compile(gm, compile_inputs, parsed, prefetch_pass)
 
     def run(*args: Any) -> Any:
         outputs = compiled(*args)
         runtime.join_capture()
         return outputs
 
-    if options_.compile.cuda_graphs and runtime.device.type == "cuda":
+    if parsed.compile.cuda_graphs and runtime.device.type == "cuda":
         return _graphed(run, runtime, example_inputs)
     return run
 
