@@ -17,6 +17,7 @@ from torch import fx
 from .flops import estimate_flops
 from .passes import PrefetchPassResult
 from .plan import OffloadPlan
+from .runtime import format_bytes
 
 NOT_IN_GRAPH = "-"
 
@@ -110,7 +111,7 @@ def plan_summary(plan: OffloadPlan) -> dict[str, int | str]:
 
 def render_summary(summary: Mapping[str, int | str]) -> str:
     return tabulate(
-        [(key, f"{value:,} ({_binary(value)})" if isinstance(value, int) else value) for key, value in summary.items()],
+        [(key, f"{value:,} ({format_bytes(value)})" if isinstance(value, int) else value) for key, value in summary.items()],
         tablefmt="plain",
         disable_numparse=True,
     )
@@ -140,13 +141,6 @@ def _cell(key: str, value: object) -> object:
     if isinstance(value, int) and "bytes" in key:
         return f"{value:,}"
     return value
-
-
-def _binary(nbytes: int) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
 
 
 def _si(value: int) -> str:
