@@ -62,8 +62,8 @@ def insert_prefetch_ops(
     *,
     next_in_slot: Callable[[int], int],
     slot_of: Callable[[int], int],
-    make_wait: Callable[[fx.Graph, list[fx.Node], int], fx.Node],
-    make_start: Callable[[fx.Graph, list[fx.Node], list[fx.Node], int], fx.Node],
+    make_wait: Callable[[fx.Graph, list[fx.Node]], fx.Node],
+    make_start: Callable[[fx.Graph, list[fx.Node], list[fx.Node]], fx.Node],
 ) -> PrefetchPassResult:
     """Rewrite ``graph`` in place; ``make_wait``/``make_start`` emit the op nodes at the current insert point."""
     analysis = analyze_param_reads(graph, param_inputs, static_inputs)
@@ -74,7 +74,7 @@ def insert_prefetch_ops(
     inserted: list[InsertedOp] = []
     for layer in read_layers:
         with graph.inserting_before(layer.first):
-            node = make_wait(graph, layer.params, layer.layer)
+            node = make_wait(graph, layer.params)
         inserted.append(InsertedOp(node, "wait", layer.layer, layer.first, None, ()))
 
     # Starts go in reverse graph order so that two starts after the same reader keep layer order.
@@ -85,7 +85,7 @@ def insert_prefetch_ops(
             slot_params += analysis.layers[incoming].params
         values = live[(layer.last, layer.layer)]
         with graph.inserting_after(layer.last):
-            node = make_start(graph, slot_params, values, incoming)
+            node = make_start(graph, slot_params, values)
         inserted.append(InsertedOp(node, "start", incoming, layer.last, layer.layer, tuple(values)))
     graph.lint()
     return PrefetchPassResult(analysis, inserted)

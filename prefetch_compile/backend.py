@@ -116,10 +116,10 @@ def apply_prefetch_pass(graph: fx.Graph, runtime: PrefetchRuntime, example_input
         if location is not None:
             param_inputs[node] = ParamInput(*location)
 
-    def make_wait(graph: fx.Graph, params: list[fx.Node], layer: int) -> fx.Node:
+    def make_wait(graph: fx.Graph, params: list[fx.Node]) -> fx.Node:
         return _op_node(graph, WAIT, (params, runtime.id))
 
-    def make_start(graph: fx.Graph, params: list[fx.Node], live: list[fx.Node], layer: int) -> fx.Node:
+    def make_start(graph: fx.Graph, params: list[fx.Node], live: list[fx.Node]) -> fx.Node:
         return _op_node(graph, START, (params, live, runtime.id))
 
     return insert_prefetch_ops(
