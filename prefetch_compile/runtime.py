@@ -113,7 +113,7 @@ class PrefetchRuntime:
 
     def layer_of(self, param: torch.Tensor) -> int | None:
         """The offload index of the layer owning ``param`` (by tensor identity); None for a kept tensor."""
-        location = self._param_locations.get(id(param))
+        location = self.locate(param)
         return None if location is None else location[0]
 
     def stats(self) -> OffloadStats:
