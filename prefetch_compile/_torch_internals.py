@@ -32,6 +32,13 @@ def frame_modules() -> Iterator[nn.Module]:
         frame = frame.f_back
 
 
+def static_fake(tensor: torch.Tensor) -> torch.Tensor:
+    """A fake of ``tensor`` with static sizes, strides and storage offset, in the fake mode Dynamo is tracing with."""
+    from torch._guards import TracingContext
+
+    return TracingContext.get().fake_mode.from_tensor(tensor.detach(), static_shapes=True)
+
+
 def inductor_freezing_enabled() -> bool:
     import torch._inductor.config as inductor_config
 

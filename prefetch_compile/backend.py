@@ -65,9 +65,13 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
 
     compile_inputs = example_inputs
     if offloaded_now:
-        # Dynamo made fake tensors of these parameters before they moved into the slots;
-        # fresh tensor objects make the inner compiler see their new storage.
-        compile_inputs = [value.detach() if runtime.locate(value) else value for value in example_inputs]
+        # Dynamo made fake tensors of these parameters before they moved into the slots.
+        # Re-fakified from scratch, a slot view (nonzero storage offset) would get a
+        # symbolic offset with no source, which breaks Dynamo's guard building; static
+        # fakes of the new views keep the inner compiler exact and the guards buildable.
+        compile_inputs = [
+            _torch_internals.static_fake(value) if runtime.locate(value) else value for value in example_inputs
+        ]
     compiled = _inner_compile(gm, compile_inputs, parsed, prefetch_pass)
 
     def run(*args: Any) -> Any:
