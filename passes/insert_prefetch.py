@@ -22,6 +22,7 @@ from typing import Callable
 from torch import fx
 
 from .param_readers import GraphReads, ParamInput, analyze_param_reads, live_after
+from .sink_weight_only import sink_weight_only_work
 
 
 class SlotConflictError(RuntimeError):
@@ -66,6 +67,7 @@ def insert_prefetch_ops(
     make_start: Callable[[fx.Graph, list[fx.Node], list[fx.Node]], fx.Node],
 ) -> PrefetchPassResult:
     """Rewrite ``graph`` in place; ``make_wait``/``make_start`` emit the op nodes at the current insert point."""
+    sink_weight_only_work(graph, static_inputs)
     analysis = analyze_param_reads(graph, param_inputs, static_inputs)
     _check_slot_conflicts(analysis, slot_of)
     read_layers = [layer for layer in analysis.layers.values() if layer.first is not None]

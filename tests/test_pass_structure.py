@@ -7,6 +7,7 @@ scheduling), replayed through a small slot-state machine.
 
 from __future__ import annotations
 
+import copy
 import re
 
 import pytest
@@ -176,14 +177,14 @@ def test_state_machine_catches_a_read_after_start():
 
 
 class Interleaved(nn.Module):
-    """Reads layer 1's weight before layer 0 is done: impossible with one slot."""
+    """Computes with layer 1's weight before layer 0 runs: impossible with one slot for both."""
 
     def __init__(self):
         super().__init__()
         self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(2))
 
     def forward(self, x):
-        early = self.layers[1].weight.sum()
+        early = (x @ self.layers[1].weight.t()).sum()
         return self.layers[1](self.layers[0](x)) + early
 
 
@@ -191,5 +192,32 @@ def test_interleaved_reads_of_one_slot_are_refused():
     model = Interleaved()
     prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1)
     compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
-    with torch.no_grad(), pytest.raises(Exception, match="share slot 0"):
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="share slot 0") as caught:
         compiled(torch.randn(2, 16))
+    assert isinstance(caught.value.inner_exception, SlotConflictError)
+
+
+class EarlyWeightViews(nn.Module):
+    """Takes views and transposes of every layer's weights up front, as diffusers' transformers do."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+    def forward(self, x):
+        transposed = [layer.weight.t() for layer in self.layers]
+        for layer, weight in zip(self.layers, transposed):
+            x = torch.tanh(x @ weight + layer.bias)
+        return x
+
+
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_weight_only_views_up_front_sink_to_their_use(compiler):
+    """Every layer through one slot: refused before weight-only work was sunk, exact now."""
+    model = EarlyWeightViews()
+    reference = copy.deepcopy(model)
+    prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": compiler})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
