@@ -120,6 +120,7 @@ class _CaptureLog:
 
     deferred: frozenset[int]  # starts left out of the graph, issued eagerly after each replay
     consumed: set[int] = field(default_factory=set)  # eager copies the graph waits for
+    copies: int = 0  # copies captured into the graph: each replay makes them again
 
 
 class PrefetchRuntime:
@@ -243,7 +244,10 @@ class PrefetchRuntime:
 
     def _copy_in(self, layer: LayerPlan) -> None:
         self._slot_owner[layer.slot] = layer.offload_index
-        self.counters.copies += 1
+        if self._capture is not None:
+            self._capture.copies += 1
+        else:
+            self.counters.copies += 1
         destination, source = self.slots.block(layer), self.host.block(layer)
         if not self._cuda:
             destination.copy_(source)
@@ -379,6 +383,7 @@ class PrefetchRuntime:
     def after_replay(self, end: SlotState, log_: _CaptureLog) -> None:
         """After a replay: Python learns what the graph did, then issues the deferred prefetches."""
         self._slot_owner = list(end.owners)
+        self.counters.copies += log_.copies
         for index in log_.consumed:
             self._in_flight.pop(index, None)
         for index in sorted(log_.deferred):
