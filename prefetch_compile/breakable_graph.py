@@ -302,6 +302,18 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for an inference tensor, which keeps none.
+
+    An inference tensor's writes cannot be seen, so it is treated as written: copying
+    back a buffer that holds the caller's own values changes nothing but costs a copy.
+    """
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
 class ReplayGuard(Protocol):
     """State kept outside a captured graph that must agree with it at every replay.
 
@@ -361,9 +373,11 @@ class BreakableGraphed:
     With ``debug=True`` such a move raises instead, to catch an unintended one.
 
     A copied argument that ``fn`` writes to (its version counter moves while
-    ``fn`` runs: an in-place update, such as a KV cache written at the current
-    position) is copied back to the caller's tensor after each replay, so the
-    write is not lost in the static buffer.
+    ``fn`` is captured: an in-place update, such as a KV cache written at the
+    current position) is copied back to the caller's tensor after each replay,
+    so the write is not lost in the static buffer. Inference tensors keep no
+    version counter, so under ``torch.inference_mode`` every copied argument is
+    copied back (a no-op in value for those ``fn`` does not write).
 
     Outputs are cloned after replay (``clone_outputs=True``) so that the next replay
     cannot overwrite them; with ``clone_outputs=False`` the static output tensors
@@ -488,7 +502,7 @@ class BreakableGraphed:
             # Work queued outside the graph (warm-ups, copies on other streams) cannot be
             # waited on from inside a capture, and the first replay follows right after it.
             torch.cuda.synchronize(device)
-            versions = [buffer._version for _, buffer in copied]
+            versions = [_version(buffer) for _, buffer in copied]
             capture = BreakableCUDAGraph(pool=self.pool, stream=self._side_stream(), on_segment_end=self.on_segment_end)
             if self.guard is not None:
                 self.guard.begin_capture()
@@ -499,7 +513,11 @@ class BreakableGraphed:
                 ok = True
             finally:
                 token = self.guard.end_capture(ok) if self.guard is not None else None
-        mutated = [(key, buffer) for (key, buffer), version in zip(copied, versions) if buffer._version != version]
+        mutated = [
+            (key, buffer)
+            for (key, buffer), version in zip(copied, versions)
+            if version is None or _version(buffer) != version
+        ]
         return _Entry(capture, device, outputs, copied, mutated, pinned, token)
 
     def _check_static_addresses(self, items: list[tuple[ArgKey, Any]]) -> None:
