@@ -85,7 +85,7 @@ def node_notes(result: PrefetchPassResult, layers: Sequence[LayerPlan]) -> dict[
             notes.setdefault(node.name, []).append(f"reads {_describe(layers[layer])}: {', '.join(params)}")
     for op in result.inserted:
         action = "wait for" if op.kind == "wait" else "prefetch"
-        notes.setdefault(op.node.name, []).append(f"{action} {_describe(layers[op.layer])}; why here: {op.reason}")
+        notes.setdefault(op.node.name, []).append(f"{action} {_describe(layers[op.offload_index])}; why here: {op.reason}")
     return notes
 
 

@@ -48,13 +48,13 @@ def event_sequence(graph, result):
     """The graph as a sequence of 'wait L', 'read L', 'start L' events (runs of reads collapsed)."""
     inserted = {op.node: op for op in result.inserted}
     readers = {}
-    for layer in result.analysis.layers.values():
+    for layer in result.analysis.offloaded.values():
         for node in layer.readers:
-            readers.setdefault(node, set()).add(layer.layer)
+            readers.setdefault(node, set()).add(layer.offload_index)
     events = []
     for node in graph.nodes:
         if node in inserted:
-            events.append(f"{inserted[node].kind} {inserted[node].layer}")
+            events.append(f"{inserted[node].kind} {inserted[node].offload_index}")
         for layer in sorted(readers.get(node, ())):
             if not events or events[-1] != f"read {layer}":
                 events.append(f"read {layer}")
@@ -90,7 +90,7 @@ def test_group_pattern_offloads_last_of_each_group(pass_results):
     compile_and_run(model, group_size=3, num_in_group=1, prefetch_step=1)
     (graph, result), = pass_results
     assert event_sequence(graph, result) == ["wait 0", "read 0", "start 1", "wait 1", "read 1", "start 0"]
-    offloaded_names = {node.name for layer in result.analysis.layers.values() for node in layer.params}
+    offloaded_names = {node.name for layer in result.analysis.offloaded.values() for node in layer.params}
     assert len(offloaded_names) == 2 * 3  # fc.weight, fc.bias, gain of two layers
 
 
@@ -98,7 +98,7 @@ def test_weight_only_work_is_read_after_wait_and_before_start(pass_results):
     """The int8 dequantisation and the transposed copy are classified as weight-only reads."""
     compile_and_run(Stack(["int8", "transposed"]), group_size=1)
     (graph, result), = pass_results
-    hows = {how for layer in result.analysis.layers.values() for how in layer.readers.values()}
+    hows = {how for layer in result.analysis.offloaded.values() for how in layer.readers.values()}
     assert {"direct", "weight-only work", "consumer of weight-only work"} <= hows
     code = graph.python_code("self").src
     FileCheck().check("wait_prefetch").check("_to_copy").check("mul").check("mm").check("start_prefetch") \
@@ -111,9 +111,9 @@ def test_start_takes_live_values_of_the_outgoing_layer(pass_results):
     (graph, result), = pass_results
     for op in result.inserted:
         if op.kind == "start":
-            assert op.live, f"start of layer {op.layer} materialises nothing"
+            assert op.live, f"start of layer {op.offload_index} materialises nothing"
             for value in op.live:
-                assert result.analysis.depends_on[value] & (1 << op.after_layer)
+                assert result.analysis.depends_on[value] & (1 << op.after)
 
 
 SLOT_USE = re.compile(r"\b(arg\d+_1)\b")
