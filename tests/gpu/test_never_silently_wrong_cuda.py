@@ -8,33 +8,15 @@ not as rounding.
 from __future__ import annotations
 
 import copy
-import gc
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import prefetch_compile
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 llama_like = pytest.importorskip("llama_like")
 
 DEVICE = "cuda"
-
-
-@pytest.fixture(autouse=True)
-def _clean_cuda():
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-    yield
-    torch._dynamo.reset()
 
 
 def _shape(layers: int = 6) -> "llama_like.LlamaShape":
