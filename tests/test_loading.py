@@ -316,3 +316,17 @@ def test_sentinel_math():
 
     assert math.isnan(_sentinel(torch.bfloat16)) and _sentinel(torch.int64) == torch.iinfo(torch.int64).min
     assert _holds_sentinel(torch.tensor([1.0, math.nan])) and not _holds_sentinel(torch.arange(3))
+
+
+def test_readme_recipe_bf16_from_config(tmp_path):
+    """The README's recipe: AutoModelForCausalLM.from_config(dtype=bfloat16) on the meta device."""
+    torch.manual_seed(0)
+    # Not .to(bfloat16), which would round the rotary inv_freq buffer too; from_config keeps it in float32.
+    original = transformers.AutoModelForCausalLM.from_config(llama_config(), dtype=torch.bfloat16).eval()
+    save_sharded(original, tmp_path)
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+    prefetch_compile.load_checkpoint(model, tmp_path, "cpu", group_size=4, num_in_group=1, prefetch_step=2)
+    tokens = torch.randint(0, 128, (1, 6))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
