@@ -25,7 +25,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import torch
 from torch import nn
@@ -43,7 +43,7 @@ log = logging.getLogger("prefetch_compile")
 # that reading the next chunk from disk overlaps the copy of the last one.
 STAGING_BYTES = 64 << 20
 
-Checkpoint = str | os.PathLike | Iterable[tuple[str, torch.Tensor]]
+Checkpoint = str | os.PathLike | Mapping[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]]
 Source = StoredTensor | torch.Tensor
 
 
@@ -74,7 +74,7 @@ def load_checkpoint(
 
     ``checkpoint`` is a safetensors file, a Hugging Face checkpoint directory
     (``model.safetensors`` or shards with ``model.safetensors.index.json``),
-    or any iterable of ``(name, tensor)``. The plan knobs are those of
+    a mapping of names to tensors, or any iterable of ``(name, tensor)``. The plan knobs are those of
     :func:`offload`. Every tensor is read once into its final place; the whole
     model is never in host memory (see the module docstring for the bound).
 
@@ -120,7 +120,7 @@ def load_checkpoint(
     if stored is not None:
         _place_files(targets, stored, device, progress)
     else:
-        _place_iterable(targets, checkpoint, progress)
+        _place_iterable(targets, checkpoint.items() if isinstance(checkpoint, Mapping) else checkpoint, progress)
     progress.finish(len(targets), _describe(checkpoint, stored))
     offloaded = _attach(model, targets, device)
     return assemble_runtime(model, plan, device, host, offloaded)
@@ -146,18 +146,23 @@ def _targets(model: nn.Module) -> dict[int, _Target]:
 def _check_all(targets: dict[int, _Target], stored: dict[str, StoredTensor]) -> None:
     """Compare a checkpoint's headers with the model; raise one error naming every problem."""
     known = {name for target in targets.values() for name in target.names}
-    problems = [f"unexpected (not in the model): {few(sorted(stored.keys() - known))}"] if stored.keys() - known else []
+    unexpected = sorted(stored.keys() - known)
     missing = [target.names[0] for target in targets.values() if not any(name in stored for name in target.names)]
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected (not in the model): {few(unexpected)}")
     if missing:
         problems.append(f"missing (in the model, not in the checkpoint): {few(missing)}")
     for target in targets.values():
-        problems += [_mismatch(name, entry.shape, entry.dtype, target.meta) for name in target.names if (entry := stored.get(name))]
-    problems = [problem for problem in problems if problem]
+        for name in target.names:
+            if name in stored and (problem := _mismatch(name, stored[name].shape, stored[name].dtype, target.meta)):
+                problems.append(problem)
     if problems:
         raise CheckpointError("checkpoint does not match the model, nothing was loaded:\n  " + "\n  ".join(problems))
 
 
-def _mismatch(name: str, shape: tuple[int, ...], dtype: torch.dtype, meta: torch.Tensor) -> str:
+def _mismatch(name: str, shape: tuple[int, ...], dtype: torch.dtype, meta: torch.Tensor) -> str | None:
+    """What is wrong with a checkpoint tensor for the model's tensor, or None."""
     if shape != tuple(meta.shape):
         return f"{name}: shape {shape} in the checkpoint, {tuple(meta.shape)} in the model"
     if dtype != meta.dtype:
@@ -165,7 +170,7 @@ def _mismatch(name: str, shape: tuple[int, ...], dtype: torch.dtype, meta: torch
             f"{name}: dtype {dtype} in the checkpoint, {meta.dtype} in the model "
             f"(build the model in the checkpoint's dtype, e.g. model.to({dtype}) on the meta device)"
         )
-    return ""
+    return None
 
 
 def _materialise_buffers(model: nn.Module, init_buffers: Callable[[nn.Module], None] | None) -> None:
@@ -239,11 +244,13 @@ def _place_files(targets: dict[int, _Target], stored: dict[str, StoredTensor], d
     ordered = sorted(stored.values(), key=lambda entry: (str(entry.path), entry.offset))
     staging_buffers = PinnedStaging(STAGING_BYTES, 2) if device.type == "cuda" else contextlib.nullcontext([])
     with FileReader() as reader, staging_buffers as staging:
-        for entry in ordered:
-            _write(by_name[entry.name], entry.name, entry, reader, staging)
-            progress.advance(entry.nbytes)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the staging buffers are released after this block
+        try:
+            for entry in ordered:
+                _write(by_name[entry.name], entry.name, entry, reader, staging)
+                progress.advance(entry.nbytes)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # no copy may still read the staging buffers once they are released
 
 
 def _place_iterable(targets: dict[int, _Target], checkpoint: Iterable[tuple[str, torch.Tensor]], progress: _Progress) -> None:
@@ -295,19 +302,26 @@ def _copy(destination: torch.Tensor, source: Source, reader: FileReader | None, 
 
 
 def _read_through_staging(reader: FileReader, source: StoredTensor, destination: torch.Tensor, staging: list[torch.Tensor]) -> None:
-    """Disk to device in chunks, alternating buffers: a buffer is refilled once its last copy has finished."""
+    """Disk to device in chunks, the buffers used in turn: reading the next chunk overlaps copying the last.
+
+    A buffer is refilled only once its previous copy has finished, and all
+    copies have finished on return, so the next tensor may reuse any buffer.
+    """
     flat = destination.reshape(-1).view(torch.uint8)  # a fresh contiguous tensor: reshape is a view
     chunk = staging[0].numel()
-    events: list[torch.cuda.Event | None] = [None] * len(staging)
+    copied: list[torch.cuda.Event | None] = [None] * len(staging)
     for number, start in enumerate(range(0, source.nbytes, chunk)):
-        slot = number % len(staging)
-        if events[slot] is not None:
-            events[slot].synchronize()
+        turn = number % len(staging)
+        if copied[turn] is not None:
+            copied[turn].synchronize()
         size = min(chunk, source.nbytes - start)
-        reader.read_into(source, staging[slot].data_ptr(), size, skip=start)
-        flat[start : start + size].copy_(staging[slot][:size], non_blocking=True)
-        events[slot] = torch.cuda.Event()
-        events[slot].record()
+        reader.read_into(source, staging[turn].data_ptr(), size, skip=start)
+        flat[start : start + size].copy_(staging[turn][:size], non_blocking=True)
+        copied[turn] = torch.cuda.Event()
+        copied[turn].record()
+    for event in copied:
+        if event is not None:
+            event.synchronize()
 
 
 # ------------------------------------------------------------------ handing over

@@ -79,12 +79,12 @@ def test_sharded_checkpoint_gives_the_original_logits_eager_and_compiled(tmp_pat
     torch.testing.assert_close(want, logits(original, tokens), rtol=1e-4, atol=1e-4)
 
 
-def test_single_file_and_iterable_checkpoints(tmp_path):
+def test_single_file_mapping_and_iterable_checkpoints(tmp_path):
     original = original_llama()
     tokens = torch.randint(0, 128, (1, 5))
     original.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").is_file()
-    for checkpoint in (tmp_path / "model.safetensors", original.state_dict().items()):
+    for checkpoint in (tmp_path / "model.safetensors", original.state_dict(), iter(original.state_dict().items())):
         model = meta_llama()
         prefetch_compile.load_checkpoint(model, checkpoint, "cpu", group_size=2)
         assert torch.equal(logits(model, tokens), logits(original, tokens))
@@ -330,3 +330,30 @@ def test_readme_recipe_bf16_from_config(tmp_path):
     prefetch_compile.load_checkpoint(model, tmp_path, "cpu", group_size=4, num_in_group=1, prefetch_step=2)
     tokens = torch.randint(0, 128, (1, 6))
     assert torch.equal(logits(model, tokens), logits(original, tokens))
+
+
+def test_reading_in_chunks_gives_the_stored_bytes(tmp_path):
+    """The GPU path reads a tensor chunk by chunk (``skip``) into its staging buffers."""
+    from prefetch_compile.checkpoint import FileReader, read_checkpoint_headers
+
+    weight = torch.randn(37, 11)
+    path = single_file(tmp_path, {"w": weight, "b": torch.arange(5)})
+    stored = read_checkpoint_headers(path)["w"]
+    assert (stored.shape, stored.dtype, stored.nbytes) == ((37, 11), torch.float32, 37 * 11 * 4)
+    got = torch.empty(37, 11)
+    raw = got.view(-1).view(torch.uint8)
+    with FileReader() as reader:
+        for start in range(0, stored.nbytes, 100):
+            size = min(100, stored.nbytes - start)
+            reader.read_into(stored, raw[start:].data_ptr(), size, skip=start)
+    assert torch.equal(got, weight)
+
+
+def test_malformed_header_is_refused(tmp_path):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes((16).to_bytes(8, "little") + b"{not json at all")
+    with pytest.raises(CheckpointError, match=f"^{path} has a malformed safetensors header: "):
+        prefetch_compile.load_checkpoint(meta_llama(), path, "cpu")
+    path.write_bytes(b"\x00" * 4)
+    with pytest.raises(CheckpointError, match=rf"^{path} is too short \(4 bytes\) to be a safetensors file$"):
+        prefetch_compile.load_checkpoint(meta_llama(), path, "cpu")
