@@ -111,7 +111,7 @@ def load_checkpoint(
     if isinstance(checkpoint, (str, os.PathLike)):
         stored = read_checkpoint_headers(checkpoint)
         _check_all(targets, stored)
-    _materialise_buffers(model, init_buffers)
+    _materialise_buffers(model, targets, init_buffers)
 
     host = HostArena(plan)
     _assign_destinations(targets, plan, host, device)
@@ -173,9 +173,9 @@ def _mismatch(name: str, shape: tuple[int, ...], dtype: torch.dtype, meta: torch
     return None
 
 
-def _materialise_buffers(model: nn.Module, init_buffers: Callable[[nn.Module], None] | None) -> None:
+def _materialise_buffers(model: nn.Module, targets: dict[int, _Target], init_buffers: Callable[[nn.Module], None] | None) -> None:
     """Compute the non-persistent buffers that a meta-built model lacks (see :func:`load_checkpoint`)."""
-    in_state_dict = set(model.state_dict(keep_vars=True))
+    in_state_dict = {name for target in targets.values() for name in target.names}
     lacking = [
         (name, buffer)
         for name, buffer in model.named_buffers(remove_duplicate=False)

@@ -51,10 +51,10 @@ class HostArena:
 def lazy_host_buffer(nbytes: int) -> torch.Tensor:
     """``nbytes`` of host memory whose pages are committed only when first written.
 
-    A private anonymous mapping guarantees that, whatever the allocator's
-    thresholds: ``torch.empty`` only does for requests that malloc happens to
-    serve with ``mmap``. The tensor keeps the mapping alive; it is unmapped
-    when the tensor's storage is freed.
+    An explicit private anonymous mapping makes this hold at any size;
+    ``torch.empty`` has it only when malloc happens to serve the request with
+    ``mmap``. The tensor keeps the mapping alive; it is unmapped when the
+    tensor's storage is freed.
     """
     if nbytes == 0:
         return torch.empty(0, dtype=torch.uint8)
@@ -71,7 +71,6 @@ class PinnedStaging:
 
     def __init__(self, nbytes: int, count: int) -> None:
         self.buffers = [lazy_host_buffer(nbytes) for _ in range(count)]
-
         self._registered: list[torch.Tensor] = []
 
     def __enter__(self) -> list[torch.Tensor]:
