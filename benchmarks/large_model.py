@@ -22,7 +22,7 @@ Writes ``large_model.json`` in ``--out`` and prints every number.
 GPU (model larger than an 80 GB card, nothing on disk; then the file path at a size the disk holds)::
 
     python benchmarks/large_model.py --layers 48 --source stream --out out_stream
-    python benchmarks/large_model.py --layers 24 --group-size 2 --source files --ckpt-dir /root/ckpt --out out_files
+    python benchmarks/large_model.py --layers 20 --group-size 2 --source files --ckpt-dir /root/ckpt --out out_files
 
 CPU smoke test::
 
@@ -133,6 +133,7 @@ def checkpoint_metadata(args: argparse.Namespace) -> dict:
 def write_checkpoint(directory: Path, specs, dtype: torch.dtype, seed: int, device: torch.device, metadata: dict) -> None:
     """Shard by shard, tensor by tensor: each safetensors header is known from the shapes alone."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / INDEX_NAME).unlink(missing_ok=True)  # an index marks a complete checkpoint: written last
     by_shard: dict[str, list[tuple[int, str, tuple[int, ...]]]] = {}
     for index, (name, size) in enumerate(specs):
         by_shard.setdefault(shard_of(name), []).append((index, name, size))
@@ -159,7 +160,7 @@ def write_checkpoint(directory: Path, specs, dtype: torch.dtype, seed: int, devi
             log(f"  wrote {shard_number + 1}/{len(by_shard)} shards, {gib(written)} GiB, {written / elapsed / 2**30:.2f} GiB/s")
     weight_map = {name: shard_of(name) for name, _ in specs}
     index = {"metadata": {"total_size": written, **metadata}, "weight_map": weight_map}
-    (directory / INDEX_NAME).write_text(json.dumps(index))  # last: a complete index marks a complete checkpoint
+    (directory / INDEX_NAME).write_text(json.dumps(index))
 
 
 def existing_checkpoint_matches(directory: Path, metadata: dict) -> bool:
@@ -299,8 +300,9 @@ def main(argv: list[str] | None = None) -> None:
         f"device {gib(result['load']['device_peak'])} GiB peak", started)
     check_placement(model, runtime, specs, dtype, args.seed, device, started)
     if wrote and not args.keep_checkpoint:
-        shutil.rmtree(directory)
-        log(f"deleted {directory} (--keep-checkpoint keeps it)", started)
+        for name in {shard_of(name) for name, _ in specs} | {INDEX_NAME}:
+            (directory / name).unlink()
+        log(f"deleted the shards written to {directory} (--keep-checkpoint keeps them)", started)
 
     # 3. The timing.
     options = {"cuda_graphs": True} if args.cuda_graphs else {}

@@ -4,9 +4,10 @@
     python tests/memory_probe.py load DIR DEVICE --width W --depth D  # load_checkpoint() it onto a meta model
     python tests/memory_probe.py offload DEVICE --width W --depth D  # offload() a model built on the host
 
-``load`` and ``offload`` print one JSON line: the resident memory right before
-placing (``baseline``), the process's peak resident memory after
-(``ru_maxrss``), and the runtime's byte counts. ``ru_maxrss`` is a peak over
+The default shape is 16 float32 layers of 64 MiB: 1 GiB, of which
+``group_size=2`` offloads 512 MiB. ``load`` and ``offload`` print one JSON
+line: the resident memory right before placing (``baseline``), the process's
+peak resident memory after (``ru_maxrss``), and the runtime's byte counts. ``ru_maxrss`` is a peak over
 the process's life, so the baseline is taken after everything else (torch, the
 CUDA context, the model on the host) is already in memory.
 """
@@ -17,11 +18,25 @@ import argparse
 import json
 import os
 import resource
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import prefetch_compile
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_probe(*args: str) -> dict:
+    """Run this script in a fresh interpreter (the repository importable, installed or not); its JSON line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
 
 
 class Wide(nn.Module):

@@ -6,31 +6,21 @@ resident memory is compared with what it held right before placing.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from memory_probe import run_probe
 
 pytest.importorskip("safetensors")
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc and Linux's ru_maxrss")
 
-PROBE = Path(__file__).resolve().parent / "memory_probe.py"
-SHAPE = ["--width", "4096", "--depth", "16"]  # 16 float32 layers of 64 MiB: 1 GiB, 512 MiB offloaded
 SLACK = 16 << 20  # the interpreter's own allocations while placing (page tables, Python objects)
 MiB = 1 << 20
 
 
-def probe(*args: str) -> dict:
-    done = subprocess.run([sys.executable, str(PROBE), *args, *SHAPE], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
-
-
 def test_loading_a_checkpoint_holds_no_copy_of_the_model(tmp_path):
-    probe("write", str(tmp_path))
-    result = probe("load", str(tmp_path), "cpu")
+    run_probe("write", str(tmp_path))
+    result = run_probe("load", str(tmp_path), "cpu")
     grown = result["ru_maxrss"] - result["baseline"]
     # On the CPU the "device" is host memory too: kept weights and the slot pool count, the staging is 0.
     placed = result["offloaded_bytes"] + result["kept_device_bytes"] + result["slot_pool_bytes"]
@@ -39,8 +29,8 @@ def test_loading_a_checkpoint_holds_no_copy_of_the_model(tmp_path):
     assert grown <= placed + SLACK
 
 
-def test_offloading_a_host_model_never_holds_model_and_arena(tmp_path):
-    result = probe("offload", "cpu")
+def test_offloading_a_host_model_never_holds_model_and_arena():
+    result = run_probe("offload", "cpu")
     grown = result["ru_maxrss"] - result["baseline"]
     # The arena fills as the sources are freed: at most one parameter is in both places at once.
     print(f"peak grew {grown / MiB:.1f} MiB over the model on the host")

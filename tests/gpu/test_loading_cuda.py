@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,10 +21,10 @@ pytestmark = [
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("safetensors")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from memory_probe import run_probe  # noqa: E402  (tests/memory_probe.py)
 
 DEVICE = "cuda"
-PROBE = Path(__file__).resolve().parents[1] / "memory_probe.py"
-SHAPE = ["--width", "4096", "--depth", "16"]  # 16 float32 layers of 64 MiB: 1 GiB, 512 MiB offloaded
 SLACK = 64 << 20  # the interpreter's and the CUDA driver's own host allocations while placing
 MiB = 1 << 20
 
@@ -104,15 +102,9 @@ def test_rejected_checkpoint_leaves_no_device_memory_behind(tmp_path):
     assert all(param.is_meta for param in model.parameters())
 
 
-def probe(*args: str) -> dict:
-    done = subprocess.run([sys.executable, str(PROBE), *args, *SHAPE], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
-
-
 def test_host_memory_of_loading_is_the_arena_plus_staging(tmp_path):
-    probe("write", str(tmp_path))
-    result = probe("load", str(tmp_path), DEVICE)
+    run_probe("write", str(tmp_path))
+    result = run_probe("load", str(tmp_path), DEVICE)
     grown = result["ru_maxrss"] - result["baseline"]
     print(f"peak host memory grew {grown / MiB:.1f} MiB for a {result['host_bytes'] / MiB:.1f} MiB arena")
     assert result["pinned"]
@@ -120,7 +112,7 @@ def test_host_memory_of_loading_is_the_arena_plus_staging(tmp_path):
 
 
 def test_host_memory_of_offloading_a_host_model_is_not_model_plus_arena():
-    result = probe("offload", DEVICE)
+    result = run_probe("offload", DEVICE)
     grown = result["ru_maxrss"] - result["baseline"]
     print(f"peak host memory grew {grown / MiB:.1f} MiB over the model; arena {result['host_bytes'] / MiB:.1f} MiB")
     assert result["pinned"]
