@@ -38,6 +38,13 @@ def offload(
     already on ``device``. Returns the model's runtime; ``runtime.stats()``
     reports the bytes moved. Compile the model afterwards with
     ``torch.compile(model, backend="prefetch_offload")``.
+
+    Host memory: each offloaded parameter is copied into the arena and its old
+    storage freed before the next, and the arena commits pages only as they
+    are written, so a model on the host never needs more than its own size
+    plus its largest offloaded parameter while it is placed. (The source's
+    storage can only be freed if nothing else holds it.) To skip the host
+    copy altogether, use :func:`prefetch_compile.load_checkpoint`.
     """
     options = PlanOptions(
         group_size=group_size,
@@ -63,9 +70,24 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     if runtime_of(model) is not None:
         raise OptionError(f"{type(model).__name__} is already offloaded; offload() a model once")
     plan = build_plan(model, options)
-    host = HostArena(plan, pin=device.type == "cuda")
+    host = HostArena(plan)
     offloaded = _move_offloaded_to_host(model, plan, host)
     model.to(device)  # kept weights and buffers; the offloaded ones are empty placeholders by now
+    return assemble_runtime(model, plan, device, host, offloaded)
+
+
+def assemble_runtime(
+    model: nn.Module, plan: OffloadPlan, device: torch.device, host: HostArena, offloaded: dict[str, nn.Parameter]
+) -> PrefetchRuntime:
+    """Finish placing a model whose kept tensors are on ``device`` and whose offloaded ones fill ``host``.
+
+    Page-locks the arena, points the offloaded parameters at the slot pool,
+    and builds the runtime and the eager hooks. Shared by :func:`offload` and
+    :func:`prefetch_compile.load_checkpoint`, which differ only in where the
+    bytes come from.
+    """
+    if device.type == "cuda":
+        host.pin()
     slots = SlotPool(plan, device)
     for layer in plan.offloaded:
         block = slots.block(layer)
