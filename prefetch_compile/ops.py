@@ -30,36 +30,40 @@ to another process.
 from __future__ import annotations
 
 import torch
-from torch.library import custom_op
 
 from .runtime import runtime_of_tensor
 
 NAMESPACE = "prefetch_compile"
 
 
-@custom_op(f"{NAMESPACE}::wait_prefetch", mutates_args=("layer_params",))
 def wait_prefetch(layer_params: list[torch.Tensor]) -> None:
     runtime = runtime_of_tensor(layer_params[0])
     if runtime is not None:
         runtime.wait(runtime.locate(layer_params[0])[0])
 
 
-@wait_prefetch.register_fake
-def _wait_prefetch_fake(layer_params: list[torch.Tensor]) -> None:
-    return None
-
-
-@custom_op(f"{NAMESPACE}::start_prefetch", mutates_args=("slot_params",))
 def start_prefetch(slot_params: list[torch.Tensor], live: list[torch.Tensor]) -> None:
     runtime = runtime_of_tensor(slot_params[0])
     if runtime is not None:
         runtime.start(runtime.plan.next_in_slot(runtime.locate(slot_params[0])[0]))
 
 
-@start_prefetch.register_fake
-def _start_prefetch_fake(slot_params: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+def _no_result(*args: object) -> None:
     return None
 
+
+# Registered with the plain library API rather than ``torch.library.custom_op``: the
+# latter wraps every call in an autograd.Function and an ADInplaceOrView step, some
+# 40-80 us of host time per call, while the ops run once per layer in every forward
+# that is not a CUDA graph replay. One CompositeExplicitAutograd kernel serves CPU and
+# CUDA; inference only, so no autograd formula is needed (the backend refuses grad mode).
+_LIBRARY = torch.library.Library(NAMESPACE, "DEF")
+_LIBRARY.define("wait_prefetch(Tensor(a!)[] layer_params) -> ()")
+_LIBRARY.define("start_prefetch(Tensor(a!)[] slot_params, Tensor[] live) -> ()")
+_LIBRARY.impl("wait_prefetch", wait_prefetch, "CompositeExplicitAutograd")
+_LIBRARY.impl("start_prefetch", start_prefetch, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::wait_prefetch", _no_result, lib=_LIBRARY)
+torch.library.register_fake(f"{NAMESPACE}::start_prefetch", _no_result, lib=_LIBRARY)
 
 WAIT = torch.ops.prefetch_compile.wait_prefetch.default
 START = torch.ops.prefetch_compile.start_prefetch.default

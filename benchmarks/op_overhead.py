@@ -1,0 +1,58 @@
+"""Host time of one ``wait_prefetch`` / ``start_prefetch`` call, in microseconds (no copy involved).
+
+Every offloaded layer fits its own slot here (``prefetch_step`` = layers), so the
+calls find their layer resident and do no copy: what is left is the dispatcher's
+path into the op and the runtime's bookkeeping, which a forward without CUDA
+graphs pays twice per offloaded layer.
+
+    python benchmarks/op_overhead.py
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_util import add_repo_to_path, device_name  # noqa: E402
+
+add_repo_to_path()
+
+
+def microseconds_per_call(fn, args: tuple, calls: int = 20000) -> float:
+    for _ in range(calls // 10):
+        fn(*args)
+    began = time.perf_counter()
+    for _ in range(calls):
+        fn(*args)
+    return (time.perf_counter() - began) / calls * 1e6
+
+
+def main() -> dict:
+    import prefetch_compile
+    from prefetch_compile.ops import START, WAIT
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = nn.Sequential(nn.ModuleList(nn.Linear(64, 64) for _ in range(4)))
+    runtime = prefetch_compile.offload(model, device, group_size=1, prefetch_step=4, layers="0")
+    params = [runtime.offloaded_params[p.name] for p in runtime.offloaded[0].params]
+    live = [torch.randn(4, device=device)]
+    with torch.inference_mode():
+        result = {
+            "device": device_name(torch.device(device)),
+            "torch": torch.__version__,
+            "wait_us": microseconds_per_call(WAIT, (params,)),
+            "start_us": microseconds_per_call(START, (params, live)),
+            "runtime_wait_body_us": microseconds_per_call(runtime.wait, (0,)),
+        }
+    print(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
