@@ -24,6 +24,7 @@ from typing import Mapping
 
 import torch
 
+from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan
 
@@ -94,11 +95,14 @@ class PrefetchRuntime:
         self.layers: tuple[LayerPlan, ...] = plan.offloaded
         self.offloaded_params = dict(offloaded_params)
         self.kept_tensors = dict(kept_tensors)
-        self._param_locations = {
-            id(self.offloaded_params[placement.name]): (layer.offload_index, placement.name)
-            for layer in self.layers
-            for placement in layer.params
-        }
+        # By identity: each offloaded parameter (what Dynamo's graphs take as inputs) and each of its
+        # leaf tensors (what AOT's flattened graphs take, for a subclass parameter; see leaves.py).
+        self._param_locations: dict[int, tuple[int, str]] = {}
+        for layer in self.layers:
+            for placement in layer.params:
+                param = self.offloaded_params[placement.param_name]
+                self._param_locations[id(param)] = (layer.offload_index, placement.param_name)
+                self._param_locations[id(get_inner(param, placement.inner))] = (layer.offload_index, placement.name)
         self._cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._slot_owner: list[int | None] = [None] * plan.num_slots
@@ -108,7 +112,7 @@ class PrefetchRuntime:
 
     # ----------------------------------------------------------------- queries
     def locate(self, tensor: torch.Tensor) -> tuple[int, str] | None:
-        """(offload index, parameter name) of an offloaded parameter, by identity; None otherwise."""
+        """(offload index, name) of an offloaded parameter or of one of its leaf tensors, by identity; None otherwise."""
         return self._param_locations.get(id(tensor))
 
     def layer_of(self, param: torch.Tensor) -> int | None:
@@ -123,7 +127,7 @@ class PrefetchRuntime:
             offloaded_bytes=self.plan.offloaded_bytes(),
             host_pinned_bytes=self.host.nbytes if self.host.pinned else 0,
             slot_pool_bytes=self.slots.nbytes,
-            kept_device_bytes=sum(t.numel() * t.element_size() for t in self.kept_tensors.values()),
+            kept_device_bytes=sum(leaf_bytes(t) for t in self.kept_tensors.values()),
         )
 
     # -------------------------------------------------------------- the ops
@@ -196,16 +200,20 @@ class PrefetchRuntime:
                     f"got {tuple(value.shape)} and {value.dtype}"
                 )
         self.synchronize_copies()
-        placements = {p.name: (layer, p) for layer in self.layers for p in layer.params}
+        placements: dict[str, list] = {}  # parameter name -> its leaves' (layer, placement)
+        for layer in self.layers:
+            for placement in layer.params:
+                placements.setdefault(placement.param_name, []).append((layer, placement))
         for name, value in new_values.items():
             if name not in placements:
                 self.kept_tensors[name].data.copy_(value)
                 continue
-            layer, placement = placements[name]
-            param_view(self.host.block(layer), placement).copy_(value)
-            if self._slot_owner[layer.slot] == layer.offload_index:
-                # The slot already holds this layer: refresh it in place so the next read sees the update.
-                param_view(self.slots.block(layer), placement).copy_(value)
+            for layer, placement in placements[name]:
+                leaf = get_inner(value, placement.inner)
+                param_view(self.host.block(layer), placement).copy_(leaf)
+                if self._slot_owner[layer.slot] == layer.offload_index:
+                    # The slot already holds this layer: refresh it in place so the next read sees the update.
+                    param_view(self.slots.block(layer), placement).copy_(leaf)
 
 
 def describe(stats: OffloadStats, plan: OffloadPlan) -> str:
