@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import OptionError, PlanOptions
 from .leaves import get_inner, set_inner
-from .memory import HostArena, SlotPool, param_view
+from .memory import HostArena, SlotPool, aliased_param_view, param_view
 from .plan import OffloadPlan, build_plan
 from .runtime import PrefetchRuntime, describe, live_runtimes
 
@@ -74,7 +74,8 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     for layer in plan.offloaded:
         block = slots.block(layer)
         for placement in layer.params:
-            set_inner(offloaded[placement.param_name], placement.inner, param_view(block, placement))
+            view = aliased_param_view(block, placement) if placement.inner else param_view(block, placement)
+            set_inner(offloaded[placement.param_name], placement.inner, view)
     kept = {
         name: tensor
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]

@@ -21,6 +21,7 @@ from torch import nn
 import prefetch_compile
 from prefetch_compile import _torch_internals
 from prefetch_compile.leaves import leaf_bytes, tensor_leaves
+from prefetch_compile.plan_table import plan_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 import llama_like  # noqa: E402
@@ -73,11 +74,13 @@ def test_quantized_llama_matches_stock_inductor(kind):
     assert type(weight).__module__.startswith("torchao") and runtime.locate(weight) == (1, "layers.1.mlp.up_proj.weight")
     slot = runtime.slots.buffers[0]
     for inner, leaf in tensor_leaves(weight):
-        assert leaf.untyped_storage().data_ptr() == slot.untyped_storage().data_ptr(), inner
+        assert slot.data_ptr() <= leaf.data_ptr() < slot.data_ptr() + slot.numel(), inner  # the leaf is in the slot
         assert runtime.locate(leaf) == (1, ".".join(("layers.1.mlp.up_proj.weight", *inner)))
     in_layers = {name: param for name, param in model.named_parameters() if name.startswith("layers.")}
     assert set(runtime.offloaded_params) == set(in_layers)
     assert runtime.stats().offloaded_bytes == sum(leaf_bytes(param) for param in in_layers.values())
+    rows = {row["layer"]: row for row in plan_rows(runtime.plan, dict(model.named_parameters()))}
+    assert rows["layers.1"]["bytes"] == rows["layers.1"]["offloaded bytes"]  # int8 bytes, not the float32 view
 
 
 @pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
