@@ -115,7 +115,10 @@ def main(argv: list[str] | None = None) -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "bench_tp.json").write_text(json.dumps({"meta": meta, "results": everything}, indent=1))
         print(meta)
-        print(f"{'rank':>4} {'system':<12} {'case':<12} {'ms':>9} {'limit ms':>9} {'eff':>6} {'offl GiB':>9} {'peak GiB':>9} {'diff':>8} argmax")
+        print(
+            f"{'rank':>4} {'system':<12} {'case':<12} {'ms':>9} {'limit ms':>9} {'eff':>6} "
+            f"{'offl GiB':>9} {'peak GiB':>9} {'diff':>8} argmax"
+        )
         for r in everything:
             peak = "-" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**30:.2f}"
             print(

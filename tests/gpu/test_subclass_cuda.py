@@ -56,7 +56,8 @@ def test_quantized_llama_matches_resident_compiled(kind, cuda_graphs):
     if kind == "float8" and torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("float8 needs compute capability 8.9+")
     model = llama_like.build(SHAPE, device=DEVICE, dtype=torch.bfloat16, seed=0)
-    quantization.quantize_(model, _config(kind), filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name.startswith("layers."))
+    in_layers = lambda module, name: isinstance(module, torch.nn.Linear) and name.startswith("layers.")  # noqa: E731
+    quantization.quantize_(model, _config(kind), filter_fn=in_layers)
     resident = torch.compile(copy.deepcopy(model))
     runtime = prefetch_compile.offload(model, DEVICE, group_size=2, prefetch_step=2)
     weight = model.layers[1].mlp.up_proj.weight
