@@ -38,7 +38,8 @@ def _config(kind: str):
     if kind == "int8":
         return quantization.Int8WeightOnlyConfig()
     if kind == "int4":
-        return quantization.Int4WeightOnlyConfig(group_size=128)
+        # tinygemm's layout (torch's own _weight_int4pack_mm); the default "plain" format needs the mslk package.
+        return quantization.Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
     return quantization.Float8WeightOnlyConfig()
 
 
