@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -31,6 +31,43 @@ def frame_modules() -> Iterator[nn.Module]:
     while frame is not None:
         yield from (value for value in frame.f_locals.values() if isinstance(value, nn.Module))
         frame = frame.f_back
+
+
+def is_traceable_wrapper_subclass(value: object) -> bool:
+    """Whether ``value`` is a tensor subclass that Dynamo and AOT autograd see through ``__tensor_flatten__``."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass as check
+
+    return check(value)
+
+
+def aot_placeholder_sources(dynamo_inputs: Sequence[Any]) -> list[tuple[int, tuple[str, ...] | None]]:
+    """For each placeholder of AOT autograd's graph, the Dynamo input it comes from and the inner path inside it.
+
+    AOT replaces each traceable subclass input by its inner values, depth first
+    in ``__tensor_flatten__`` order, followed by one placeholder per symbolic
+    size, then per symbolic stride, of the subclass (path ``None``). Plain
+    inputs map to themselves (path ``()``). ``dynamo_inputs`` must be Dynamo's
+    fake values (``example_value`` of its placeholders), whose sizes say which
+    are symbolic; the real example inputs do not.
+
+    This mirrors ``unwrap_tensor_subclasses(..., append_symints=True)`` of
+    ``torch/_functorch/_aot_autograd/subclass_utils.py``; the backend checks each
+    placeholder's fake value against the input it is mapped to, so a change of
+    that order fails loudly instead of misplacing an offloaded weight.
+    """
+    from .leaves import flatten
+
+    sources: list[tuple[int, tuple[str, ...] | None]] = []
+    for index, value in enumerate(dynamo_inputs):
+        sources.extend((index, path) for path, _ in flatten(value))
+        if is_traceable_wrapper_subclass(value):
+            symbolic = [s for s in (*value.size(), *value.stride()) if _is_symbolic(s)]
+            sources.extend((index, None) for _ in symbolic)
+    return sources
+
+
+def _is_symbolic(size: object) -> bool:
+    return isinstance(size, torch.SymInt) and not size.node.is_nested_int()
 
 
 def static_fake(tensor: torch.Tensor) -> torch.Tensor:

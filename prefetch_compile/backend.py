@@ -23,9 +23,10 @@ from . import _torch_internals
 from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
 from .discovery import find_layer_list
 from .graphs import graphed
+from .leaves import InnerPath, get_inner
 from .offload import offload_with_options, runtime_of
 from .ops import START, WAIT
-from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops
+from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops, node_value
 from .runtime import PrefetchRuntime, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
@@ -44,11 +45,16 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     _check_inference(example_inputs)
     runtime.check_placement([location[1] for value in example_inputs if (location := runtime.locate(value))])
     graph_name = _torch_internals.compile_id()
+    # Inductor and aot_eager hand the pass AOT's graph, in which each tensor-subclass input is
+    # flattened into its inner tensors; eager hands it Dynamo's graph, one placeholder per input.
+    sources = None
+    if parsed.compile.compiler != "eager":
+        sources = _torch_internals.aot_placeholder_sources(_dynamo_fakes(gm, example_inputs))
 
     def prefetch_pass(graph: fx.Graph) -> None:
         before = graph.python_code("self").src if parsed.compile.dump_dir is not None else ""
         began = time.perf_counter()
-        result = apply_prefetch_pass(graph, runtime, example_inputs)
+        result = apply_prefetch_pass(graph, runtime, example_inputs, sources)
         seconds = time.perf_counter() - began
         waits = sum(1 for op in result.inserted if op.kind == "wait")
         record = runtime.record_compile(graph_name, waits, len(result.inserted), seconds)
@@ -81,38 +87,106 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     return run
 
 
-def apply_prefetch_pass(graph: fx.Graph, runtime: PrefetchRuntime, example_inputs: list[Any]) -> PrefetchPassResult:
-    """Insert the runtime's ops into ``graph``, whose placeholders line up with ``example_inputs``."""
-    param_inputs, static_inputs = _classify_inputs(graph, runtime, example_inputs)
+def apply_prefetch_pass(
+    graph: fx.Graph,
+    runtime: PrefetchRuntime,
+    example_inputs: list[Any],
+    sources: list[tuple[int, InnerPath | None]] | None = None,
+) -> PrefetchPassResult:
+    """Insert the runtime's ops into ``graph``.
+
+    ``sources`` maps each placeholder to the example input it comes from and the
+    inner path of the leaf inside it (``aot_placeholder_sources``, for AOT's
+    flattened graphs; ``None`` for a symbolic size); without it placeholders line
+    up with ``example_inputs`` one to one.
+    """
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    if sources is None:
+        sources = [(index, ()) for index in range(len(example_inputs))]
+    if len(placeholders) != len(sources):
+        raise RuntimeError(
+            f"prefetch pass: the graph has {len(placeholders)} inputs but Dynamo's {len(example_inputs)} inputs "
+            f"flatten into {len(sources)}; cannot tell which inputs are offloaded parameters"
+        )
+    param_inputs: dict[fx.Node, ParamInput] = {}
+    static_inputs: set[fx.Node] = set()
+    subclass_params: dict[fx.Node, list[InnerPath]] = {}  # Dynamo-level subclass placeholders -> offloaded leaves
+    for node, (index, inner) in zip(placeholders, sources):
+        if inner is None:
+            continue
+        value = get_inner(example_inputs[index], inner)
+        if isinstance(example_inputs[index], nn.Parameter):
+            static_inputs.add(node)
+        location = runtime.locate(value)
+        if location is None:
+            continue
+        _check_placeholder(node, value, location[1])
+        param_inputs[node] = ParamInput(*location)
+        inners = [p.inner for p in runtime.offloaded[location[0]].params if p.param_name == location[1] and p.inner]
+        if inners:
+            subclass_params[node] = inners
+
+    leaves = _LeafNodes(graph, subclass_params)
     return insert_prefetch_ops(
         graph,
         param_inputs,
         static_inputs,
         next_in_slot=runtime.plan.next_in_slot,
         slot_of=lambda offload_index: runtime.offloaded[offload_index].slot,
-        make_wait=lambda graph, params: _op_node(graph, WAIT, (params,)),
-        make_start=lambda graph, params, live: _op_node(graph, START, (params, live)),
+        make_wait=lambda graph, params: _op_node(graph, WAIT, (leaves.of(params),)),
+        make_start=lambda graph, params, live: _op_node(graph, START, (leaves.of(params), live)),
     )
 
 
-def _classify_inputs(
-    graph: fx.Graph, runtime: PrefetchRuntime, example_inputs: list[Any]
-) -> tuple[dict[fx.Node, ParamInput], set[fx.Node]]:
-    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
-    if len(placeholders) != len(example_inputs):
+def _check_placeholder(node: fx.Node, value: torch.Tensor, name: str) -> None:
+    """The placeholder mapped to an offloaded leaf must have the leaf's geometry: a wrong mapping fails here, loudly."""
+    fake = node_value(node)
+    if fake is None:
+        return
+    geometry = (tuple(value.shape), value.stride(), value.dtype)
+    if not isinstance(fake, torch.Tensor) or (tuple(fake.shape), fake.stride(), fake.dtype) != geometry:
         raise RuntimeError(
-            f"prefetch pass: the graph has {len(placeholders)} inputs but Dynamo passed {len(example_inputs)}; "
-            "cannot tell which inputs are offloaded parameters"
+            f"prefetch pass: graph input {node.name} was mapped to offloaded {name} "
+            f"(shape {tuple(value.shape)}, {value.dtype}) but holds {fake!r}; "
+            "AOT autograd flattened the inputs in an unexpected order"
         )
-    param_inputs: dict[fx.Node, ParamInput] = {}
-    static_inputs: set[fx.Node] = set()
-    for node, value in zip(placeholders, example_inputs):
-        if isinstance(value, nn.Parameter):
-            static_inputs.add(node)
-        location = runtime.locate(value)
-        if location is not None:
-            param_inputs[node] = ParamInput(*location)
-    return param_inputs, static_inputs
+
+
+class _LeafNodes:
+    """The op arguments for parameter placeholders: plain tensors, so a subclass's dispatch never sees our ops.
+
+    In AOT's graphs every placeholder is a plain tensor already. In Dynamo's
+    graph (the eager compiler) a subclass parameter is one placeholder, and its
+    offloaded leaves are read out with getattr nodes, made once each, right after
+    the placeholders: they must exist before the first op that takes them, and
+    are made after the pass's analysis, which therefore never counts them as
+    readers of the weights.
+    """
+
+    def __init__(self, graph: fx.Graph, subclass_params: dict[fx.Node, list[InnerPath]]) -> None:
+        self._subclass_params = subclass_params
+        self._anchor = next(node for node in graph.nodes if node.op != "placeholder")  # the output, at least
+        self._made: dict[tuple[fx.Node, InnerPath], fx.Node] = {}
+
+    def of(self, params: list[fx.Node]) -> list[fx.Node]:
+        return [self._leaf(node, inner) for node in params for inner in self._subclass_params.get(node, [()])]
+
+    def _leaf(self, node: fx.Node, inner: InnerPath) -> fx.Node:
+        if not inner:
+            return node
+        if (node, inner) not in self._made:
+            owner = self._leaf(node, inner[:-1])
+            with node.graph.inserting_before(self._anchor):
+                self._made[(node, inner)] = node.graph.call_function(getattr, (owner, inner[-1]))
+        return self._made[(node, inner)]
+
+
+def _dynamo_fakes(gm: fx.GraphModule, example_inputs: list[Any]) -> list[Any]:
+    """Dynamo's fake value of each graph input (symbolic sizes included), or the example input where it has none."""
+    placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != len(example_inputs):
+        return list(example_inputs)
+    return [node.meta.get("example_value", value) for node, value in zip(placeholders, example_inputs)]
 
 
 def _op_node(graph: fx.Graph, target: Any, args: tuple) -> fx.Node:

@@ -110,6 +110,20 @@ def param_view(block: torch.Tensor, placement: ParamPlacement) -> torch.Tensor:
     return raw.view(placement.dtype).as_strided(placement.shape, placement.stride)
 
 
+def aliased_param_view(block: torch.Tensor, placement: ParamPlacement) -> torch.Tensor:
+    """``param_view`` over a storage of its own that starts at the leaf's first byte and aliases the block.
+
+    For the inner tensors of a tensor-subclass parameter. Fake-tensor conversion
+    (Dynamo, at every compile) cannot rebuild a subclass whose inner tensor has a
+    nonzero storage offset: it fails with "Attempted to set the storage of a tensor
+    on device cpu to a storage on different device meta" (seen with DTensor on
+    torch 2.13). DLPack gives the leaf's bytes a storage of their own (and keeps
+    the slot alive), so the offset is 0 while the bytes stay the slot's.
+    """
+    raw = torch.from_dlpack(block[placement.offset : placement.offset + placement.nbytes])
+    return raw.view(placement.dtype).as_strided(placement.shape, placement.stride)
+
+
 def _register_pinned(buffer: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     status = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)

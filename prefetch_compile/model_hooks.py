@@ -46,7 +46,7 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
     for layer in plan.layers:
         block = blocks[layer.index]
         setattr(block, OFFLOADED_FLAG, layer.offloaded)
-        names = [placement.name for placement in layer.params]
+        names = sorted({placement.param_name for placement in layer.params})
         offload_index = layer.offload_index if layer.offloaded else -1
         following = plan.next_in_slot(offload_index) if layer.offloaded else -1
 
@@ -85,8 +85,8 @@ def _owners(model: nn.Module, plan: OffloadPlan) -> dict[nn.Module, dict[str, st
     owners: dict[nn.Module, dict[str, str]] = {}
     for layer in plan.offloaded:
         for placement in layer.params:
-            module_path, _, attribute = placement.name.rpartition(".")
-            owners.setdefault(model.get_submodule(module_path), {})[attribute] = placement.name
+            module_path, _, attribute = placement.param_name.rpartition(".")
+            owners.setdefault(model.get_submodule(module_path), {})[attribute] = placement.param_name
     return owners
 
 

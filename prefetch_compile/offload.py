@@ -1,7 +1,8 @@
 """``offload()``: place a model so that it never needs all of its weights on the device at once.
 
 Offloaded parameters are copied into the pinned host arena and their device
-storage replaced by views of the slot pool; everything else moves to the
+storage replaced by views of the slot pool (leaf by leaf, for a tensor-subclass
+parameter: see ``leaves.py``); everything else moves to the
 device one tensor at a time. The model object stays the same, so
 ``torch.compile`` afterwards traces it as usual and the backend finds the plan
 through the parameters themselves.
@@ -15,7 +16,8 @@ import torch
 from torch import nn
 
 from .config import OptionError, PlanOptions
-from .memory import HostArena, SlotPool, param_view
+from .leaves import get_inner, set_inner
+from .memory import HostArena, SlotPool, aliased_param_view, param_view
 from .plan import OffloadPlan, build_plan
 from .model_hooks import install_model_hooks
 from .runtime import PrefetchRuntime, describe, runtime_of_tensor
@@ -72,7 +74,7 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     plan = build_plan(model, options)
     host = HostArena(plan)
     offloaded = _move_offloaded_to_host(model, plan, host)
-    model.to(device)  # kept weights and buffers; the offloaded ones are empty placeholders by now
+    _move_to_device(model, device)  # kept weights and buffers; the offloaded ones are empty placeholders by now
     return assemble_runtime(model, plan, device, host, offloaded)
 
 
@@ -92,7 +94,8 @@ def assemble_runtime(
     for layer in plan.offloaded:
         block = slots.block(layer)
         for placement in layer.params:
-            offloaded[placement.name].data = param_view(block, placement)
+            view = aliased_param_view(block, placement) if placement.inner else param_view(block, placement)
+            set_inner(offloaded[placement.param_name], placement.inner, view)
     kept = {
         name: tensor
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]
@@ -118,14 +121,27 @@ def _check_device(device: torch.device) -> torch.device:
 
 
 def _move_offloaded_to_host(model: nn.Module, plan: OffloadPlan, host: HostArena) -> dict[str, nn.Parameter]:
-    """Copy each offloaded parameter into its host block and drop its old storage right away."""
+    """Copy each offloaded leaf into its host block and drop its old storage right away; returns the parameters by name."""
     params = dict(model.named_parameters())
     moved: dict[str, nn.Parameter] = {}
     for layer in plan.offloaded:
         block = host.block(layer)
         for placement in layer.params:
-            param = params[placement.name]
-            param_view(block, placement).copy_(param.detach())
-            param.data = torch.empty(0, dtype=param.dtype)
-            moved[placement.name] = param
+            param = params[placement.param_name]
+            leaf = get_inner(param, placement.inner)
+            param_view(block, placement).copy_(leaf.detach())
+            set_inner(param, placement.inner, torch.empty(0, dtype=leaf.dtype, device=leaf.device))
+            moved[placement.param_name] = param
     return moved
+
+
+def _move_to_device(model: nn.Module, device: torch.device) -> None:
+    """``model.to(device)``, skipped when everything is there already.
+
+    ``Module.to`` converts a tensor-subclass parameter with ``swap_tensors`` even
+    when it stays on its device, and that fails while Dynamo holds references to
+    the parameter (offloading at the first compiled call). A swap keeps the
+    parameter object, so the objects held for offloaded parameters stay valid.
+    """
+    if any(tensor.device != device for tensor in [*model.parameters(), *model.buffers()]):
+        model.to(device)

@@ -4,11 +4,14 @@ The plan is pure bookkeeping over shapes and names, computed once per model.
 Each offloaded layer's parameters are packed into one block (each parameter
 aligned to ``ALIGNMENT`` bytes), so a layer travels host-to-device as a single
 copy, and every layer that shares a slot lays its block over the same device
-bytes.
+bytes. What is packed are the parameters' leaf tensors (see ``leaves.py``): a
+dense parameter is one leaf, a tensor-subclass parameter (quantized weight,
+DTensor shard) one per inner tensor.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +19,9 @@ from torch import nn
 
 from .config import OptionError, PlanOptions
 from .discovery import find_layer_list, is_offloaded_layer, matches_offload_params
+from .leaves import InnerPath, can_offload, leaf_bytes, leaf_name, tensor_leaves
+
+log = logging.getLogger("prefetch_compile")
 
 # Inductor assumes 16-byte aligned inputs; 256 also keeps every block cache-line and DMA friendly.
 ALIGNMENT = 256
@@ -23,13 +29,21 @@ ALIGNMENT = 256
 
 @dataclass(frozen=True)
 class ParamPlacement:
-    """One offloaded parameter: its name, its geometry, and its byte offset inside its layer's block."""
+    """One offloaded leaf tensor: its name, its geometry, and its byte offset inside its layer's block."""
 
-    name: str  # dotted name from the model root, e.g. "layers.3.mlp.up_proj.weight"
+    name: str  # leaf name from the model root, e.g. "layers.3.mlp.up_proj.weight" or "....weight.qdata"
     shape: tuple[int, ...]
     stride: tuple[int, ...]
     dtype: torch.dtype
     offset: int
+    inner: InnerPath = ()  # attribute path of the leaf inside its parameter; () for a dense parameter
+
+    @property
+    def param_name(self) -> str:
+        """The dotted name of the parameter this leaf belongs to."""
+        if not self.inner:
+            return self.name
+        return self.name[: -len(".".join(self.inner)) - 1]
 
     @property
     def nbytes(self) -> int:
@@ -113,10 +127,19 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
             wanted = is_offloaded_layer(index, options.group_size, options.num_in_group) and matches_offload_params(
                 f"{prefix}.{local_name}", options.offload_params
             )
+            if wanted and not can_offload(param):
+                log.info(
+                    "prefetch_compile: %s.%s stays on the device: %s is a tensor subclass without "
+                    "__tensor_flatten__, so its storage cannot be moved",
+                    prefix,
+                    local_name,
+                    type(param).__name__,
+                )
+                wanted = False
             if wanted and id(param) not in shared:
                 chosen.append((f"{prefix}.{local_name}", param))
             else:
-                kept_bytes += param.numel() * param.element_size()
+                kept_bytes += leaf_bytes(param)
         if not chosen:
             layers.append(LayerPlan(index, prefix, False, (), kept_bytes))
             continue
@@ -138,14 +161,18 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
 def _pack(named_params: list[tuple[str, nn.Parameter]]) -> tuple[ParamPlacement, ...]:
     placements = []
     offset = 0
-    for name, param in named_params:
-        if not _is_dense(param):
-            raise OptionError(
-                f"parameter {name} is not dense (shape {tuple(param.shape)}, stride {param.stride()}); "
-                "make it contiguous before offloading"
+    for param_name, param in named_params:
+        for inner, leaf in tensor_leaves(param):
+            name = leaf_name(param_name, inner)
+            if not _is_dense(leaf):
+                raise OptionError(
+                    f"parameter {name} is not dense (shape {tuple(leaf.shape)}, stride {leaf.stride()}); "
+                    "make it contiguous before offloading"
+                )
+            placements.append(
+                ParamPlacement(name, tuple(leaf.shape), tuple(leaf.stride()), leaf.dtype, offset, inner)
             )
-        placements.append(ParamPlacement(name, tuple(param.shape), tuple(param.stride()), param.dtype, offset))
-        offset = _align(offset + param.numel() * param.element_size())
+            offset = _align(offset + leaf.numel() * leaf.element_size())
     return tuple(placements)
 
 

@@ -15,6 +15,7 @@ from tabulate import tabulate
 from torch import fx
 
 from .flops import estimate_flops
+from .leaves import leaf_bytes
 from .passes import PrefetchPassResult
 from .plan import OffloadPlan
 from .runtime import format_bytes
@@ -76,7 +77,7 @@ def plan_rows(
             "layer": layer.name,
             "placement": _placement(layer.offloaded, layer.kept_param_bytes),
             "params": len(own),
-            "bytes": sum(tensor.numel() * tensor.element_size() for tensor in own),
+            "bytes": sum(leaf_bytes(tensor) for tensor in own),  # what is stored (a quantized weight's leaves)
             "offloaded bytes": sum(placement.nbytes for placement in layer.params),
             "dtypes": ",".join(sorted({str(tensor.dtype).removeprefix("torch.") for tensor in own})),
             "offload #": layer.offload_index,

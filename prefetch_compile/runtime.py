@@ -40,6 +40,7 @@ from typing import Iterator, Mapping, Sequence
 
 import torch
 
+from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan
 
@@ -151,11 +152,17 @@ class PrefetchRuntime:
         self.compiles: list[CompileRecord] = []  # one per graph compiled against this runtime
         self.lock = threading.RLock()
         self._graphs: list[str] = []  # the graphs holding the lock, innermost last
-        self._param_locations = {
-            id(self.offloaded_params[placement.name]): (layer.offload_index, placement.name)
-            for layer in self.offloaded
-            for placement in layer.params
-        }
+        # By identity: each offloaded parameter (what Dynamo's graphs take as inputs) and each of its
+        # leaf tensors (what AOT's flattened graphs take, for a subclass parameter; see leaves.py).
+        self._param_locations: dict[int, tuple[int, str]] = {}
+        self._leaves: list[torch.Tensor] = []
+        for layer in self.offloaded:
+            for placement in layer.params:
+                param = self.offloaded_params[placement.param_name]
+                leaf = get_inner(param, placement.inner)
+                self._param_locations[id(param)] = (layer.offload_index, placement.param_name)
+                self._param_locations[id(leaf)] = (layer.offload_index, placement.name)
+                self._leaves += [param, leaf]
         self._cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
         # One persistent event per offloaded layer for copies issued outside a capture. They are
@@ -167,12 +174,12 @@ class PrefetchRuntime:
         self._compute_stream: torch.cuda.Stream | None = None
         self._capture: _CaptureLog | None = None
         self._trace: list[tuple[str, int]] | None = None
-        for param in self.offloaded_params.values():
-            setattr(param, OWNER_ATTRIBUTE, self)
+        for tensor in self._leaves:
+            setattr(tensor, OWNER_ATTRIBUTE, self)
 
     # ----------------------------------------------------------------- queries
     def locate(self, tensor: object) -> tuple[int, str] | None:
-        """(offload index, parameter name) of an offloaded parameter, by identity; None otherwise."""
+        """(offload index, name) of an offloaded parameter or of one of its leaf tensors, by identity; None otherwise."""
         return self._param_locations.get(id(tensor))
 
     def stats(self) -> OffloadStats:
@@ -182,7 +189,7 @@ class PrefetchRuntime:
             offloaded_bytes=self.plan.offloaded_bytes(),
             host_pinned_bytes=self.host.nbytes if self.host.pinned else 0,
             slot_pool_bytes=self.slots.nbytes,
-            kept_device_bytes=sum(t.numel() * t.element_size() for t in self.kept_tensors.values()),
+            kept_device_bytes=sum(leaf_bytes(t) for t in self.kept_tensors.values()),
         )
 
     def record_compile(self, graph: str, layers_read: int, ops_inserted: int, seconds: float) -> CompileRecord:
@@ -200,9 +207,9 @@ class PrefetchRuntime:
         for layer in self.offloaded:
             base = self.slots.block(layer).data_ptr()
             for placement in layer.params:
-                if names is not None and placement.name not in names:
+                if names is not None and placement.param_name not in names:
                     continue
-                param = self.offloaded_params[placement.name]
+                param = get_inner(self.offloaded_params[placement.param_name], placement.inner)
                 if (
                     param.data_ptr() != base + placement.offset
                     or param.dtype != placement.dtype
@@ -407,29 +414,42 @@ class PrefetchRuntime:
                 )
         with self.lock:
             self.synchronize_copies()
-            placements = {p.name: (layer, p) for layer in self.offloaded for p in layer.params}
+            placements: dict[str, list] = {}  # parameter name -> its leaves' (layer, placement)
+            for layer in self.offloaded:
+                for placement in layer.params:
+                    placements.setdefault(placement.param_name, []).append((layer, placement))
             for name, value in new_values.items():
                 if name not in placements:
                     self.kept_tensors[name].data.copy_(value)
                     continue
-                layer, placement = placements[name]
-                param_view(self.host.block(layer), placement).copy_(value)
-                if self._slot_owner[layer.slot] == layer.offload_index:
-                    # The slot already holds this layer: refresh it in place so the next read sees the update.
-                    param_view(self.slots.block(layer), placement).copy_(value)
+                for layer, placement in placements[name]:
+                    leaf = get_inner(value, placement.inner)
+                    param_view(self.host.block(layer), placement).copy_(leaf)
+                    if self._slot_owner[layer.slot] == layer.offload_index:
+                        # The slot already holds this layer: refresh it in place so the next read sees the update.
+                        param_view(self.slots.block(layer), placement).copy_(leaf)
 
     def host_value(self, name: str) -> torch.Tensor:
-        """The true value of an offloaded parameter: its view in the host arena (the slot may hold another layer)."""
-        layer_index, _ = self._param_locations[id(self.offloaded_params[name])]
-        layer = self.offloaded[layer_index]
-        placement = next(p for p in layer.params if p.name == name)
-        return param_view(self.host.block(layer), placement)
+        """The true value of a dense offloaded parameter: its view in the host arena (the slot may hold another layer).
+
+        A tensor-subclass parameter has several leaves and no single host view: refused.
+        """
+        for layer in self.offloaded:
+            for placement in layer.params:
+                if placement.param_name == name:
+                    if placement.inner:
+                        raise RuntimeError(
+                            f"state_dict of offloaded tensor-subclass parameter {name} is not supported: its leaves "
+                            "live in the host arena separately; save the model before offloading"
+                        )
+                    return param_view(self.host.block(layer), placement)
+        raise KeyError(name)
 
 
 def runtime_of_tensor(tensor: object) -> PrefetchRuntime | None:
-    """The runtime that owns ``tensor`` as an offloaded parameter, if any.
+    """The runtime that owns ``tensor`` as an offloaded parameter (or leaf of one), if any.
 
-    The runtime is found through an attribute on the parameter itself, set by
+    The runtime is found through an attribute on the tensor itself, set by
     :meth:`PrefetchRuntime.__init__`: the custom ops run inside compiled code and
     receive nothing but tensors, and a process-wide table of runtimes would be
     state that outlives its models.

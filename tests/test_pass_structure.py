@@ -28,8 +28,8 @@ def pass_results(monkeypatch):
     results = []
     original = backend.apply_prefetch_pass
 
-    def recording(graph, runtime, example_inputs):
-        result = original(graph, runtime, example_inputs)
+    def recording(graph, runtime, example_inputs, sources=None):
+        result = original(graph, runtime, example_inputs, sources)
         results.append((graph, result))
         return result
 

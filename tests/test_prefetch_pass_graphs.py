@@ -62,7 +62,7 @@ def test_each_layer_is_waited_before_its_read_and_prefetches_after_it():
     check = FileCheck()
     for weight in ("w0", "w1", "w2"):
         check.check(f"wait_prefetch.default([{weight}")
-        check.check(f"mm.default(").check(f", {weight}").check("start_prefetch.default([")
+        check.check("mm.default(").check(f", {weight}").check("start_prefetch.default([")
     check.run(code)
     starts = [op for op in result.inserted if op.kind == "start"]
     assert [(op.after, op.offload_index) for op in starts] == [(2, 0), (1, 2), (0, 1)]
