@@ -93,7 +93,8 @@ def has_static_address(value: object) -> bool:
 def fake_result(graph: fx.Graph, target: Any, args: tuple) -> Any:
     """Run ``target``'s fake implementation on the fake values of ``args`` (nodes), in their fake mode.
 
-    Returns None when the values are not fakes of one mode (a hand-built graph in a test).
+    Returns None when some value is missing or the values are not fakes of one mode
+    (a hand-built graph in a test, nodes added after tracing).
     """
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils._pytree import tree_leaves, tree_map
@@ -104,6 +105,8 @@ def fake_result(graph: fx.Graph, target: Any, args: tuple) -> Any:
         return value
 
     fake_args = tree_map(fake, args)
+    if any(isinstance(node, fx.Node) and fake(node) is None for node in tree_leaves(args)):
+        return None  # a node without a fake value (made by a pass after tracing)
     tensors = [leaf for leaf in tree_leaves(fake_args) if isinstance(leaf, torch.Tensor)]
     modes = {id(leaf.fake_mode): leaf.fake_mode for leaf in tensors if isinstance(leaf, FakeTensor)}
     if len(modes) != 1 or len(tensors) != sum(isinstance(leaf, FakeTensor) for leaf in tensors):
