@@ -21,12 +21,15 @@ from . import _torch_internals
 from .breakable_graph import BreakableGraphed
 from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
 from .discovery import find_layer_list
-from .offload import offload_with_options, runtime_of
+from .offload import offload_with_options, offload_within_budget, runtime_of
 from .ops import START, WAIT
 from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops
 from .runtime import PrefetchRuntime, live_runtimes
 
 log = logging.getLogger("prefetch_compile")
+
+# Set on a model that a budget left resident (to that many bytes), so later graphs do not plan again.
+RESIDENT_FLAG = "_prefetch_compile_resident_within"
 
 # Seconds spent in the prefetch pass, one entry per compiled graph (read by benchmarks/compile_time.py).
 PASS_TIMINGS: list[float] = []
@@ -39,7 +42,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
             "torch._inductor.config.freezing is on: Inductor would fold the offloaded weights into constants "
             "and never read the slots; turn freezing off for prefetch_offload"
         )
-    runtime, offloaded_now = _runtime_for(example_inputs, parsed.plan)
+    runtime, offloaded_now = _runtime_for(example_inputs, parsed)
     if runtime is None:
         return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
     _check_inference(runtime, example_inputs)
@@ -143,8 +146,9 @@ def _op_node(graph: fx.Graph, target: Any, args: tuple) -> fx.Node:
     return node
 
 
-def _runtime_for(example_inputs: list[Any], plan: PlanOptions | None) -> tuple[PrefetchRuntime | None, bool]:
+def _runtime_for(example_inputs: list[Any], parsed: BackendOptions) -> tuple[PrefetchRuntime | None, bool]:
     """The runtime owning these inputs' offloaded parameters, and whether the frame's model was offloaded just now."""
+    plan, budget = parsed.plan, parsed.budget
     runtimes = {id(rt): rt for rt in live_runtimes() for value in example_inputs if rt.locate(value) is not None}
     if len(runtimes) > 1:
         raise OptionError("one compiled graph reads the offloaded parameters of two different models")
@@ -162,10 +166,17 @@ def _runtime_for(example_inputs: list[Any], plan: PlanOptions | None) -> tuple[P
     for module in _torch_internals.frame_modules():
         if runtime_of(module) is not None:
             return None, False  # offloaded already, but this graph reads none of the offloaded parameters
+        if budget is not None and getattr(module, RESIDENT_FLAG, None) == budget.budget:
+            return None, False  # the budget planner left this model resident at an earlier graph
         if _layer_list_holds(module, params, plan):
             device = next(module.parameters()).device
+            if budget is not None:
+                runtime = offload_within_budget(module, device, budget, plan and plan.layers, parsed.compile.compiler)
+                if runtime is None:
+                    setattr(module, RESIDENT_FLAG, budget.budget)
+                return runtime, runtime is not None
             return offload_with_options(module, device, plan or PlanOptions()), True
-    if plan is not None:
+    if plan is not None or budget is not None:
         raise OptionError(
             "prefetch_offload could not find the nn.Module being compiled; "
             "call prefetch_compile.offload(model, ...) before torch.compile"

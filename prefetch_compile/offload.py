@@ -10,11 +10,13 @@ through the parameters themselves.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import OptionError, PlanOptions
+from .budget import plan_within_budget
+from .config import BudgetOptions, OptionError, PlanOptions, parse_budget_options
 from .memory import HostArena, SlotPool, param_view
 from .plan import OffloadPlan, build_plan
 from .runtime import PrefetchRuntime, describe, live_runtimes
@@ -33,13 +35,25 @@ def offload(
     prefetch_step: int = 1,
     offload_params: list[str] | tuple[str, ...] = (),
     layers: str | None = None,
-) -> PrefetchRuntime:
+    budget: int | str | None = None,
+    example_inputs: Any = None,
+    activation_bytes: int | None = None,
+    cost_table: Any = None,
+    calibrate: bool = True,
+) -> PrefetchRuntime | None:
     """Offload the last ``num_in_group`` of every ``group_size`` layers of ``model`` to pinned host memory.
 
     ``model`` may live on the CPU (for a model larger than the device) or
     already on ``device``. Returns the model's runtime; ``runtime.stats()``
     reports the bytes moved. Compile the model afterwards with
     ``torch.compile(model, backend="prefetch_offload")``.
+
+    With ``budget`` (bytes, or a string such as ``"24GiB"``) the planner chooses
+    the layers, the parameters and ``prefetch_step`` instead (see
+    :mod:`prefetch_compile.budget`); ``example_inputs`` (or ``activation_bytes``)
+    states the activations to leave room for. A model that fits the budget whole
+    is moved to ``device`` and left resident, and None is returned: compile it
+    with a plain backend.
     """
     options = PlanOptions(
         group_size=group_size,
@@ -48,7 +62,32 @@ def offload(
         offload_params=tuple(offload_params),
         layers=layers,
     )
-    return offload_with_options(model, torch.device(device), options)
+    budget_options = parse_budget_options(
+        {
+            "budget": budget,
+            "example_inputs": example_inputs,
+            "activation_bytes": activation_bytes,
+            "cost_table": cost_table,
+            "calibrate": None if calibrate is True else calibrate,  # the default counts as not given
+        }
+    )
+    if budget_options is None:
+        return offload_with_options(model, torch.device(device), options)
+    if options != PlanOptions(layers=layers):
+        raise OptionError("budget chooses group_size, num_in_group, prefetch_step and offload_params; pass either")
+    return offload_within_budget(model, torch.device(device), budget_options, layers)
+
+
+def offload_within_budget(
+    model: nn.Module, device: torch.device, budget: BudgetOptions, layers: str | None = None, compiler: str = "inductor"
+) -> PrefetchRuntime | None:
+    """Offload with the plan the budget planner chooses; None (and the model moved to ``device``) if it fits whole."""
+    device = _check_device(device)
+    chosen = plan_within_budget(model, device, budget, layers, compiler)
+    if chosen.options is None:
+        model.to(device)
+        return None
+    return offload_with_options(model, device, chosen.options)
 
 
 def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
