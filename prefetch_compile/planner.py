@@ -38,6 +38,9 @@ MAX_PREFETCH_STEP = 4
 # buffer) in up to 2 MiB steps, as SlotPool measures; the CPU charges exact bytes.
 CUDA_TENSOR_ROUNDING = 512
 CUDA_SLOT_ROUNDING = 2 * 1024 * 1024
+# cuBLAS and cuBLASLt keep workspaces (32 MiB each on Hopper by default) that the allocator counts
+# as allocated for as long as the process runs; a budget that ignored them would be missed by that much.
+CUDA_WORKSPACE_BYTES = 64 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class Footprint:
     """A model's bytes as the planner needs them, for each parameter filter that selects something."""
 
     layer_list_path: str
-    resident_bytes: int  # all parameters and buffers as the allocator charges them
+    resident_bytes: int  # all parameters and buffers as the allocator charges them, plus library workspaces
     blocks: dict[tuple[str, ...], tuple[int, ...]]  # filter -> packed block bytes per layer (0: nothing selected)
     saved: dict[tuple[str, ...], tuple[int, ...]]  # filter -> device bytes freed per layer by offloading it
     slot_rounding: int  # the allocator's granularity for one slot buffer
@@ -101,7 +104,8 @@ def measure_footprint(
     as offloading all), are left out. Bytes are counted as the allocator of
     ``device_type`` ("cuda" or "cpu") charges them.
     """
-    tensor_rounding, slot_rounding = (CUDA_TENSOR_ROUNDING, CUDA_SLOT_ROUNDING) if device_type == "cuda" else (1, 1)
+    cuda = device_type == "cuda"
+    tensor_rounding, slot_rounding = (CUDA_TENSOR_ROUNDING, CUDA_SLOT_ROUNDING) if cuda else (1, 1)
     path, layer_list = find_layer_list(model, layers)
     every_layer = tuple(range(len(layer_list)))
     blocks: dict[tuple[str, ...], tuple[int, ...]] = {}
@@ -115,6 +119,7 @@ def measure_footprint(
         saved[names] = tuple(sum(_round_up(p.nbytes, tensor_rounding) for p in layer.params) for layer in plan.layers)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
     resident = sum(_round_up(t.numel() * t.element_size(), tensor_rounding) for t in tensors)
+    resident += CUDA_WORKSPACE_BYTES if cuda else 0
     return Footprint(path, resident, blocks, saved, slot_rounding)
 
 
@@ -138,37 +143,68 @@ def plan_for_budget(
     best: tuple | None = None
     smallest = None
     fitting = 0
-    for filter_rank, (names, blocks) in enumerate(footprint.blocks.items()):
-        saved = footprint.saved[names]
-        for origin, indices in _layer_sets(blocks):
+    for filter_rank, names in enumerate(footprint.blocks):
+        for indices in _layer_sets(footprint.blocks[names]):
             for step in range(1, min(max_prefetch_step, len(indices)) + 1):
-                device = resident - sum(saved[i] for i in indices) + _slot_pool(footprint, blocks, indices, step)
+                device = device_bytes(footprint, names, indices, step, activation_bytes)
                 smallest = device if smallest is None else min(smallest, device)
                 if device > budget:
                     continue
                 fitting += 1
-                copies = [cost.bandwidth.copy_seconds(blocks[i]) for i in indices]
-                schedule = simulate(cost.layer_seconds, indices, copies, step, cost.outside_seconds)
-                copied = sum(blocks[i] for i in indices) if len(indices) > step else 0
+                schedule = predict(footprint, cost, names, indices, step)
+                copied = copied_bytes(footprint, names, indices, step)
                 key = (schedule.forward_seconds, copied, device, filter_rank, step, indices)
                 if best is None or key < best[0]:
-                    best = (key, names, origin, indices, step, schedule, device, copied)
+                    best = (key, names, indices, step, schedule, device, copied)
     if best is None:
         raise OptionError(
             f"budget {budget:,} bytes ({format_bytes(budget)}) is below the smallest plan for this model: "
             f"{smallest:,} bytes ({format_bytes(smallest)}), of which activations {format_bytes(activation_bytes)}; "
             f"the budget must be at least {smallest:,} bytes"
         )
-    _, names, origin, indices, step, schedule, device, copied = best
-    return BudgetPlan(
-        _plan_options(footprint.layer_list_path, names, origin, indices, step),
-        schedule,
-        device,
-        budget,
-        activation_bytes,
-        copied,
-        fitting,
-    )
+    _, names, indices, step, schedule, device, copied = best
+    options = options_for(footprint, names, indices, step)
+    return BudgetPlan(options, schedule, device, budget, activation_bytes, copied, fitting)
+
+
+def device_bytes(
+    footprint: Footprint, names: tuple[str, ...], indices: tuple[int, ...], step: int, activation_bytes: int
+) -> int:
+    """Predicted peak device memory of offloading ``indices`` (filtered by ``names``) with ``step`` slots."""
+    blocks = footprint.blocks[names]
+    slots = min(step, len(indices))
+    sizes = [0] * slots
+    for k, layer in enumerate(indices):
+        sizes[k % slots] = max(sizes[k % slots], blocks[layer])
+    slot_pool = sum(_round_up(size, footprint.slot_rounding) for size in sizes)
+    saved = sum(footprint.saved[names][i] for i in indices)
+    return footprint.resident_bytes - saved + slot_pool + activation_bytes
+
+
+def predict(footprint: Footprint, cost: CostTable, names: tuple[str, ...], indices: tuple[int, ...], step: int) -> Schedule:
+    """The steady-state schedule of one plan under ``cost``."""
+    copies = [cost.bandwidth.copy_seconds(footprint.blocks[names][i]) for i in indices]
+    return simulate(cost.layer_seconds, indices, copies, step, cost.outside_seconds)
+
+
+def copied_bytes(footprint: Footprint, names: tuple[str, ...], indices: tuple[int, ...], step: int) -> int:
+    """Host-to-device bytes per steady-state forward (none once every offloaded layer has its own slot)."""
+    return sum(footprint.blocks[names][i] for i in indices) if len(indices) > step else 0
+
+
+def group_indices(num_layers: int, group_size: int, num_in_group: int) -> tuple[int, ...]:
+    """The layers the group knobs offload: the last ``num_in_group`` of every ``group_size``."""
+    return tuple(i for i in range(num_layers) if i % group_size >= group_size - num_in_group)
+
+
+def options_for(footprint: Footprint, names: tuple[str, ...], indices: tuple[int, ...], step: int) -> PlanOptions:
+    """Plan knobs for a layer set: group knobs where it is a group pattern (the log reads as usual), else indices."""
+    for group, count in _groups(footprint.num_layers):
+        if _selected(footprint.blocks[names], group_indices(footprint.num_layers, group, count)) == indices:
+            return PlanOptions(
+                group_size=group, num_in_group=count, prefetch_step=step, offload_params=names, layers=footprint.layer_list_path
+            )
+    return PlanOptions(prefetch_step=step, offload_params=names, layers=footprint.layer_list_path, offload_layers=indices)
 
 
 def spread_evenly(num_layers: int, count: int) -> tuple[int, ...]:
@@ -181,39 +217,22 @@ def spread_evenly(num_layers: int, count: int) -> tuple[int, ...]:
     return tuple((k + 1) * num_layers // count - 1 for k in range(count))
 
 
-def _layer_sets(blocks: tuple[int, ...]) -> list[tuple[tuple, tuple[int, ...]]]:
-    """Candidate offloaded-layer sets, each once, with where it came from: ("group", g, n) or ("spread",)."""
+def _layer_sets(blocks: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Candidate offloaded-layer sets, each once: the group patterns, then the even spreads."""
     num_layers = len(blocks)
-    seen: set[tuple[int, ...]] = set()
-    sets = []
-    groups = [("group", g, n) for g in range(1, min(MAX_GROUP, num_layers) + 1) for n in range(1, g + 1)]
-    spreads = [("spread", m) for m in range(1, num_layers + 1)]
-    for origin in groups + spreads:
-        if origin[0] == "group":
-            _, g, n = origin
-            indices = tuple(i for i in range(num_layers) if i % g >= g - n)
-        else:
-            indices = spread_evenly(num_layers, origin[1])
-        indices = tuple(i for i in indices if blocks[i])  # a layer the filter selects nothing of stays kept
-        if indices and indices not in seen:
-            seen.add(indices)
-            sets.append((origin, indices))
-    return sets
+    groups = [group_indices(num_layers, g, n) for g, n in _groups(num_layers)]
+    spreads = [spread_evenly(num_layers, m) for m in range(1, num_layers + 1)]
+    sets = [_selected(blocks, indices) for indices in groups + spreads]
+    return [indices for position, indices in enumerate(sets) if indices and indices not in sets[:position]]
 
 
-def _slot_pool(footprint: Footprint, blocks: tuple[int, ...], indices: tuple[int, ...], step: int) -> int:
-    slots = min(step, len(indices))
-    sizes = [0] * slots
-    for k, layer in enumerate(indices):
-        sizes[k % slots] = max(sizes[k % slots], blocks[layer])
-    return sum(_round_up(size, footprint.slot_rounding) for size in sizes)
+def _groups(num_layers: int) -> list[tuple[int, int]]:
+    return [(g, n) for g in range(1, min(MAX_GROUP, num_layers) + 1) for n in range(1, g + 1)]
 
 
-def _plan_options(path: str, names: tuple[str, ...], origin: tuple, indices: tuple[int, ...], step: int) -> PlanOptions:
-    """Group knobs where the chosen layers are a group pattern (the log reads as usual), else explicit indices."""
-    if origin[0] == "group":
-        return PlanOptions(group_size=origin[1], num_in_group=origin[2], prefetch_step=step, offload_params=names, layers=path)
-    return PlanOptions(prefetch_step=step, offload_params=names, layers=path, offload_layers=indices)
+def _selected(blocks: tuple[int, ...], indices: tuple[int, ...]) -> tuple[int, ...]:
+    """A layer the filter selects nothing of stays kept."""
+    return tuple(i for i in indices if blocks[i])
 
 
 def _round_up(nbytes: int, step: int) -> int:

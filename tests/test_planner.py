@@ -14,7 +14,13 @@ from prefetch_compile import calibration
 from prefetch_compile.config import OptionError, parse_backend_options, parse_bytes
 from prefetch_compile.cost_model import BandwidthCurve, CostTable, simulate
 from prefetch_compile.offload import offload_with_options
-from prefetch_compile.planner import measure_footprint, plan_for_budget, spread_evenly
+from prefetch_compile.planner import (
+    CUDA_WORKSPACE_BYTES,
+    device_bytes,
+    measure_footprint,
+    plan_for_budget,
+    spread_evenly,
+)
 from toy_models import HeterogeneousStack
 
 WIDTH = 16
@@ -350,3 +356,13 @@ def test_roofline_table_is_the_slower_of_math_and_bytes():
     profile = calibration.DeviceProfile("x", BandwidthCurve.constant(1.0), matmul_flops_per_s=1.0, memory_bytes_per_s=1e18)
     cost = calibration.roofline_cost_table(trace, profile)
     assert cost.layer_seconds == tuple(float(f) for f in trace.layer_flops) and cost.source == "roofline"
+
+
+def test_cuda_accounting_rounds_like_the_caching_allocator():
+    with torch.device("meta"):
+        model = Model(layers=4)
+    footprint = measure_footprint(model, "cuda")
+    rounded = sum((p.numel() * p.element_size() + 511) // 512 * 512 for p in model.parameters())
+    assert footprint.resident_bytes == rounded + CUDA_WORKSPACE_BYTES
+    one_slot = device_bytes(footprint, (), (3,), 1, 0)
+    assert one_slot == footprint.resident_bytes - footprint.saved[()][3] + 2 * 1024 * 1024  # one block, one 2 MiB step
