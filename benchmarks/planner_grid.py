@@ -15,7 +15,9 @@ resident model's bytes, or sizes like ``6GiB``):
   the grid stays small enough to compile;
 * each distinct plan is built once, compiled once per case and measured: median
   time per forward (CUDA events), peak device memory (``max_memory_allocated``
-  during the timed calls), and the planner's predicted time for it.
+  during the timed calls), and the planner's predicted time for it; then three
+  more forwards with ``runtime.start_recording()``, whose ``runtime.report()``
+  stall per forward is set against the measured time minus the resident one.
 
 Compilation dominates the run, so the decoder blocks are compiled one by one
 (``Module.compile``; embedding and head run eagerly, the same for every plan):
@@ -306,6 +308,12 @@ class PlannerGrid:
                 reset_peak(self.device)
                 times = time_calls(lambda: forward(tokens), self.args.iters, self.device)
                 peak = peak_bytes(self.device)
+                copies = None
+                if runtime is not None:  # a few more forwards with the copy recorder on, for runtime.report()
+                    runtime.start_recording()
+                    time_calls(lambda: forward(tokens), 3, self.device)
+                    copies = runtime.report()
+                    runtime.recorder = None
             if not key.indices:
                 self.reference[case.name] = last
             reference = self.reference.get(case.name)
@@ -329,11 +337,23 @@ class PlannerGrid:
                     float((last - reference).norm() / reference.norm()) if reference is not None and key.indices else None
                 ),
                 "stats": asdict(runtime.stats()) if runtime is not None else None,
+                "report": None if copies is None else {
+                    "forwards": copies.forwards, "copies": copies.copies, "copied_bytes": copies.copied_bytes,
+                    "bandwidth": copies.bandwidth, "stall_per_forward_s": copies.stall_per_forward,
+                    "misses": copies.misses, "table": copies.render(),
+                },
             }
+            resident = self.measured.get((PlanKey((), (), 1), case.name), {}).get("time_s")
+            if copies is not None and resident is not None:
+                # The report's stalls should add up to what offloading cost: measured minus compute-only.
+                record["excess_over_resident_s"] = record["time_s"] - resident
             self.measured[(key, case.name)] = record
+            stall = "" if copies is None else (
+                f", report: stall {copies.stall_per_forward * 1e3:.2f} ms/forward vs measured-resident "
+                f"{record.get('excess_over_resident_s', float('nan')) * 1e3:.2f} ms, {copies.misses} misses")
             log(f"{key.label} {case.name}: {record['time_s'] * 1e3:.2f} ms (predicted {predicted * 1e3:.2f}), peak "
                 f"{(peak or 0) / 2**30:.2f} GiB (predicted {record['predicted_device_bytes'] / 2**30:.2f}), first call "
-                f"{first_call:.1f} s", self.started)
+                f"{first_call:.1f} s{stall}", self.started)
         del forward, model, runtime
 
     # ------------------------------------------------------------ reporting
@@ -351,7 +371,9 @@ class PlannerGrid:
                 row.update(predicted_s=mine["predicted_s"], measured_s=mine["time_s"],
                            prediction_error=mine["predicted_s"] / mine["time_s"] - 1,
                            peak_bytes=mine["peak_device_bytes"],
-                           within_budget=mine["peak_device_bytes"] is None or mine["peak_device_bytes"] <= cell["budget_bytes"])
+                           within_budget=mine["peak_device_bytes"] is None or mine["peak_device_bytes"] <= cell["budget_bytes"],
+                           report_stall_s=(mine["report"] or {}).get("stall_per_forward_s"),
+                           excess_over_resident_s=mine.get("excess_over_resident_s"))
             grid = []
             for key in cell["grid"]:
                 result = self.measured.get((key, cell["case"]), {})
@@ -386,12 +408,13 @@ class PlannerGrid:
         print(f"device {self.meta.get('device')} | torch {self.meta.get('torch')} | commit {self.meta.get('commit')} | "
               f"{self.shape.layers} layers | compile {self.args.compile}, grid per cell {self.args.grid_per_cell}")
         print()
-        print("| case | budget GiB | planner plan | predicted ms | measured ms | error | peak GiB | grid best | grid ms | planner/grid |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| case | budget GiB | planner plan | predicted ms | measured ms | error | peak GiB | grid best | grid ms "
+              "| planner/grid | report stall / (measured - resident) ms |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for row in self.summary():
             budget = f"{row['budget_bytes'] / 2**30:.2f} ({row['budget']})"
             if "planner_options" not in row:
-                print(f"| {row['case']} | {budget} | {row['planner']} | | | | | | | |")
+                print(f"| {row['case']} | {budget} | {row['planner']} | | | | | | | | |")
                 continue
             cells = [row["case"], budget, row["planner"]]
             if "measured_s" in row:
@@ -406,6 +429,10 @@ class PlannerGrid:
                           f"{row['planner_vs_grid']:.3f}" if "planner_vs_grid" in row else ""]
             else:
                 cells += ["(none measured fits)", "", ""]
+            if row.get("report_stall_s") is not None and row.get("excess_over_resident_s") is not None:
+                cells.append(f"{row['report_stall_s'] * 1e3:.2f} / {row['excess_over_resident_s'] * 1e3:.2f}")
+            else:
+                cells.append("")
             print("| " + " | ".join(cells) + " |")
         print()
         print(f"wrote {self.out / 'planner_grid.json'} after {time.perf_counter() - self.started:.0f} s")

@@ -20,12 +20,15 @@ import itertools
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 
 from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan
+
+if TYPE_CHECKING:
+    from .report import CopyRecorder, CopyReport
 
 log = logging.getLogger("prefetch_compile")
 
@@ -103,6 +106,7 @@ class PrefetchRuntime:
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
         self._slot_owner: list[int | None] = [None] * plan.num_slots
         self._in_flight: dict[int, _InFlight] = {}
+        self.recorder: CopyRecorder | None = None  # set by start_recording(); told of every copy and wait
         _RUNTIMES[self.id] = weakref.ref(self)
         weakref.finalize(self, _RUNTIMES.pop, self.id, None)
 
@@ -134,17 +138,29 @@ class PrefetchRuntime:
             return
         self._slot_owner[layer.slot] = offload_index
         destination, source = self.slots.block(layer), self.host.block(layer)
+        recorder = self.recorder
         if not self._cuda:
+            if recorder is not None:
+                recorder.copy_issued(offload_index, None)
+                recorder.copy_began(offload_index, None)
             destination.copy_(source)
+            if recorder is not None:
+                recorder.copy_ended(offload_index, None)
             return
         compute = torch.cuda.current_stream(self.device)
         # The fork event orders the copy after the last reader of the slot's previous
         # layer, and inside a capture it is what pulls the copy stream into the graph.
         fork = torch.cuda.Event()
         fork.record(compute)
+        if recorder is not None:
+            recorder.copy_issued(offload_index, compute)
         self.copy_stream.wait_event(fork)
         with torch.cuda.stream(self.copy_stream):
+            if recorder is not None:
+                recorder.copy_began(offload_index, self.copy_stream)
             destination.copy_(source, non_blocking=True)
+            if recorder is not None:
+                recorder.copy_ended(offload_index, self.copy_stream)
             done = torch.cuda.Event()
             done.record(self.copy_stream)
         self._in_flight[offload_index] = _InFlight(done, torch.cuda.is_current_stream_capturing())
@@ -152,8 +168,18 @@ class PrefetchRuntime:
     def wait(self, offload_index: int) -> None:
         """Make the compute stream wait until the layer is resident in its slot."""
         layer = self.layers[offload_index]
-        if self._slot_owner[layer.slot] != offload_index:
+        missed = self._slot_owner[layer.slot] != offload_index
+        if missed:
             self.start(offload_index)
+        if self.recorder is None:
+            self._wait_for_copy(offload_index)
+            return
+        compute = torch.cuda.current_stream(self.device) if self._cuda else None
+        self.recorder.wait_began(offload_index, compute, missed)
+        self._wait_for_copy(offload_index)
+        self.recorder.wait_ended(offload_index, compute)
+
+    def _wait_for_copy(self, offload_index: int) -> None:
         copy = self._in_flight.pop(offload_index, None)
         if copy is None:
             return
@@ -162,6 +188,22 @@ class PrefetchRuntime:
             # with it, and an event from outside the capture cannot be waited on inside.
             return
         torch.cuda.current_stream(self.device).wait_event(copy.done)
+
+    def start_recording(self) -> CopyRecorder:
+        """Record every copy and wait from now on, for :meth:`report` (a few microseconds per copy)."""
+        from .report import CopyRecorder
+
+        self.recorder = CopyRecorder(self.layers, self.device)
+        return self.recorder
+
+    def report(self) -> CopyReport:
+        """Per offloaded layer: bytes, copy time, the window that hid it, the stall; and totals.
+
+        Covers the forwards since :meth:`start_recording`; ``print(report.render())`` shows it.
+        """
+        if self.recorder is None:
+            raise RuntimeError("nothing recorded: call runtime.start_recording() before the forwards to report on")
+        return self.recorder.report()
 
     def join_capture(self) -> None:
         """Before a capture ends, fold every copy it started back into the capturing stream."""
