@@ -258,9 +258,22 @@ class PlannerGrid:
         for cell in self.cells:  # the planner's plans before the grid's, so a time-out cuts grid plans first
             if "planner" in cell:
                 wanted.setdefault(cell["planner"], []).append(cell["case"])
-        for cell in sorted(self.cells, key=lambda c: -len(c["grid"])):
+        # Grid plans the model predicts closest to the planner's go first: a time-out then cuts the ones
+        # least likely to beat it (and says so in the table), not an arbitrary tail.
+        closeness: dict[PlanKey, float] = {}
+        for cell in self.cells:
+            if "planner" not in cell:
+                continue
+            cost = self.costs[cell["case"]]
+            planner_s = predict(self.footprint, cost, cell["planner"].names, cell["planner"].indices, cell["planner"].step)
             for key in cell["grid"]:
-                wanted.setdefault(key, []).append(cell["case"])
+                ratio = predict(self.footprint, cost, key.names, key.indices, key.step).forward_seconds
+                ratio /= planner_s.forward_seconds
+                closeness[key] = min(closeness.get(key, ratio), ratio)
+        for key in sorted(closeness, key=lambda k: (closeness[k], k.label)):
+            for cell in self.cells:
+                if key in cell["grid"]:
+                    wanted.setdefault(key, []).append(cell["case"])
         log(f"{len(wanted)} distinct plans to measure, {sum(map(len, wanted.values()))} (plan, case) runs", self.started)
         if self.args.plan_only:
             return

@@ -14,6 +14,7 @@ from prefetch_compile import calibration
 from prefetch_compile.config import OptionError, parse_backend_options, parse_bytes
 from prefetch_compile.cost_model import BandwidthCurve, CostTable, simulate
 from prefetch_compile.offload import offload_with_options
+from prefetch_compile.runtime import format_bytes
 from prefetch_compile.planner import (
     CUDA_WORKSPACE_BYTES,
     device_bytes,
@@ -193,6 +194,18 @@ def test_a_budget_that_needs_offloading_is_met_exactly_as_predicted():
     # On the CPU bytes are exact: what stays plus the slots plus the activations is the prediction.
     assert stats.kept_device_bytes + stats.slot_pool_bytes + ACTIVATIONS == chosen.device_bytes
     assert runtime.plan.options == chosen.options
+
+
+def test_example_inputs_state_the_activations(caplog):
+    model, x = Model(), torch.randn(2, 5, WIDTH)
+    activations = calibration.trace_forward(model, (x,)).activation_bytes
+    budget = nbytes(model) // 2
+    chosen = plan_for_budget(measure_footprint(model, "cpu"), table(8), budget, activations)
+    with caplog.at_level("INFO", logger="prefetch_compile"):
+        runtime = prefetch_compile.offload(model, "cpu", budget=budget, example_inputs=x, cost_table=table(8))
+    stats = runtime.stats()
+    assert stats.kept_device_bytes + stats.slot_pool_bytes + activations == chosen.device_bytes <= budget
+    assert f"(activations {format_bytes(activations)})" in caplog.records[0].getMessage()
 
 
 def test_a_budget_below_the_smallest_plan_states_the_minimum():
