@@ -254,10 +254,16 @@ def describe(stats: OffloadStats, plan: OffloadPlan) -> str:
     """The one log line of an offload."""
     return (
         f"prefetch_compile: offloaded {stats.offloaded_layers}/{stats.total_layers} layers of "
-        f"'{plan.layer_list_path}' (group_size={plan.options.group_size}, num_in_group={plan.options.num_in_group}), "
+        f"'{plan.layer_list_path}' ({_pattern(plan)}), "
         f"{format_bytes(stats.offloaded_bytes)} to host, slot pool {plan.num_slots} slot(s) = {format_bytes(stats.slot_pool_bytes)}, "
         f"device bytes saved {format_bytes(stats.device_bytes_saved)}"
     )
+
+
+def _pattern(plan: OffloadPlan) -> str:
+    if plan.options.offload_layers is not None:
+        return f"offload_layers={list(plan.options.offload_layers)}"
+    return f"group_size={plan.options.group_size}, num_in_group={plan.options.num_in_group}"
 
 
 def format_bytes(nbytes: int) -> str:
