@@ -367,7 +367,6 @@ class PlannerGrid:
             log(f"{key.label} {case.name}: {record['time_s'] * 1e3:.2f} ms (predicted {predicted * 1e3:.2f}), peak "
                 f"{(peak or 0) / 2**30:.2f} GiB (predicted {record['predicted_device_bytes'] / 2**30:.2f}), first call "
                 f"{first_call:.1f} s{stall}", self.started)
-        del forward, model, runtime
 
     # ------------------------------------------------------------ reporting
     def summary(self) -> list[dict]:

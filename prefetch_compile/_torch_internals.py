@@ -81,8 +81,8 @@ def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_
 
 # The budget planner's meta-device trace (prefetch_compile/calibration.py): a dispatch mode that
 # sees every op's outputs, and pytree helpers to walk nested arguments.
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402, F401  (re-exported)
+from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402, F401  (re-exported)
 
 
 def returns_new_memory(op: Callable) -> bool:

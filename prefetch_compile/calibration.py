@@ -103,22 +103,24 @@ def measure_device(device: torch.device) -> DeviceProfile:
     """Measure the copy curve and the roofline ceilings (a few seconds on a GPU)."""
     cuda = device.type == "cuda"
     sizes = [2**p for p in range(20, 31, 2)] if cuda else [2**p for p in range(16, 27, 2)]
-    host = torch.empty(sizes[-1], dtype=torch.uint8, pin_memory=cuda)
-    host.fill_(1)
-    target = torch.empty(sizes[-1], dtype=torch.uint8, device=device)
-    bandwidths = []
-    for size in sizes:
-        seconds = _median_seconds(lambda: target[:size].copy_(host[:size], non_blocking=cuda), device, reps=5)
-        bandwidths.append(size / seconds)
-    del host
-    other = torch.empty_like(target)
+    bandwidths = [size / seconds for size, seconds in zip(sizes, _copy_seconds(sizes, device, cuda))]
+    target, other = (torch.empty(sizes[-1], dtype=torch.uint8, device=device) for _ in range(2))
     memory = 2 * sizes[-1] / _median_seconds(lambda: other.copy_(target), device, reps=5)
-    del target, other
     side, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
     a = torch.randn(side, side, dtype=dtype, device=device)
     b = torch.randn(side, side, dtype=dtype, device=device)
     matmul = 2 * side**3 / _median_seconds(lambda: torch.mm(a, b), device, reps=5)
     return DeviceProfile(_device_name(device), BandwidthCurve(tuple(sizes), tuple(bandwidths)), matmul, memory)
+
+
+def _copy_seconds(sizes: list[int], device: torch.device, pinned: bool) -> list[float]:
+    """Median seconds of one host-to-device copy of each size, from one pinned buffer of the largest."""
+    host = torch.empty(sizes[-1], dtype=torch.uint8, pin_memory=pinned).fill_(1)
+    target = torch.empty(sizes[-1], dtype=torch.uint8, device=device)
+    return [
+        _median_seconds(lambda size=size: target[:size].copy_(host[:size], non_blocking=pinned), device, reps=5)
+        for size in sizes
+    ]
 
 
 def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str | None = None) -> ForwardTrace:
