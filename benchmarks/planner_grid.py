@@ -19,11 +19,17 @@ resident model's bytes, or sizes like ``6GiB``):
   more forwards with ``runtime.start_recording()``, whose ``runtime.report()``
   stall per forward is set against the measured time minus the resident one.
 
-Compilation dominates the run, so the decoder blocks are compiled one by one
-(``Module.compile``; embedding and head run eagerly, the same for every plan):
-Dynamo then compiles one graph per block kind (kept, offloaded) and shape
-instead of the whole stack per plan. ``--compile model`` compiles the whole
-forward instead (slower to compile, closer to a serving setup).
+Compilation dominates the run, so by default the decoder blocks are compiled
+one by one (``Module.compile``; embedding and head run eagerly, the same for
+every plan): Dynamo compiles one graph per shape, shared by all blocks, instead
+of the whole stack per plan. In that mode the prefetch pass does not run (the
+compiled block graphs read no offloaded parameter the backend can place); the
+offload's eager hooks wait for each offloaded block before it runs and start
+the next copy after it, which is the same schedule at block granularity. The
+cost tables therefore drop their read spans (a copy is needed at its block's
+start, as the hooks do) so that predictions describe what runs.
+``--compile model`` compiles the whole forward with the pass (the product's
+path, read spans kept), at a much higher compile cost per plan.
 
 Writes ``--out/planner_grid.json`` (rewritten after every plan) and prints a
 markdown table: per (case, budget) the planner's plan, predicted and measured
@@ -70,6 +76,7 @@ import llama_like  # noqa: E402  (examples/llama_like.py)
 from prefetch_compile.calibration import (  # noqa: E402
     calibrated_cost_table,
     device_profile,
+    read_spans,
     roofline_cost_table,
     trace_forward,
 )
@@ -193,8 +200,13 @@ class PlannerGrid:
             cost = roofline_cost_table(trace, profile)
             if args.calibrate:
                 one = calibrated_cost_table(one_layer, trace_forward(one_layer, (tokens,)), profile, self.device, args.compiler)
-                cost = CostTable(cost.bandwidth, one.layer_seconds * self.shape.layers, cost.outside_seconds, one.source)
+                layers = one.layer_seconds * self.shape.layers
+                spans = {names: read_spans(trace, profile, layers, names) for names in self.footprint.blocks}
+                cost = CostTable(cost.bandwidth, layers, cost.outside_seconds, one.source, spans)
+            if args.compile == "block":  # the eager hooks wait at the block's start and start after its end
+                cost = CostTable(cost.bandwidth, cost.layer_seconds, cost.outside_seconds, cost.source)
             self.costs[case.name] = cost
+            cost.to_json(self.out / f"cost_{case.name}.json")  # to re-plan offline: CostTable.from_json
             log(f"{case.name}: activations {trace.activation_bytes / 2**20:.1f} MiB, layer "
                 f"{cost.layer_seconds[0] * 1e3:.3f} ms ({cost.source}), outside {cost.outside_seconds * 1e3:.3f} ms "
                 f"(roofline)", self.started)
@@ -300,6 +312,11 @@ class PlannerGrid:
         if key.indices:
             options = options_for(self.footprint, key.names, key.indices, key.step)
             runtime = offload_with_options(model, self.device, options)
+            if self.args.compile == "block":
+                # The hooks run eagerly around each compiled block; Dynamo would otherwise compile the runtime
+                # calls they make, guarding on slot ownership, and recompile on every change of it.
+                runtime.start = torch.compiler.disable(runtime.start)
+                runtime.wait = torch.compiler.disable(runtime.wait)
         backend = "prefetch_offload" if runtime is not None else self.args.compiler
         compile_options = {"compiler": self.args.compiler} if runtime is not None else None
         kwargs = {"backend": backend, "dynamic": False}
@@ -406,7 +423,7 @@ class PlannerGrid:
     def save(self) -> None:
         payload = {
             "meta": {**self.meta, "elapsed_s": time.perf_counter() - self.started},
-            "costs": {name: asdict(cost) for name, cost in self.costs.items()},
+            "costs": {name: cost.to_dict() for name, cost in self.costs.items()},
             "activation_bytes": self.activations,
             "measured": [{"plan": key.label, "case": case, "offload_params": list(key.names),
                           "layers": list(key.indices), "prefetch_step": key.step, **record}

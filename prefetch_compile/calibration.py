@@ -34,7 +34,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ._torch_internals import TorchDispatchMode, returns_new_memory, tree_flatten, tree_map
 from .cost_model import BandwidthCurve, CostTable
-from .discovery import find_layer_list
+from .discovery import find_layer_list, matches_offload_params
+from .planner import PARAM_FILTERS
 
 CACHE_ENV = "PREFETCH_COMPILE_CACHE_DIR"
 PROFILE_VERSION = 1
@@ -64,6 +65,15 @@ class TensorSpec:
 
 
 @dataclass(frozen=True)
+class OpCost:
+    """One ATen op inside a layer, in the order the forward ran them."""
+
+    flops: int
+    nbytes: int  # parameter bytes it reads and bytes it creates
+    reads: frozenset[str]  # dotted names of the parameters it reads (directly or through views)
+
+
+@dataclass(frozen=True)
 class ForwardTrace:
     """What one forward at the traced shapes does, per layer of the layer list and outside it."""
 
@@ -76,6 +86,7 @@ class ForwardTrace:
     outside_param_bytes: int
     outside_written_bytes: int
     layer_inputs: tuple[tuple[tuple, dict], ...]  # each layer's (args, kwargs), tensors replaced by TensorSpecs
+    layer_ops: tuple[tuple[OpCost, ...], ...]  # where in each layer its parameters are read
 
 
 def device_profile(device: torch.device, cache_dir: str | Path | None = None, refresh: bool = False) -> DeviceProfile:
@@ -133,7 +144,7 @@ def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str |
     path, blocks = find_layer_list(model, layers)
     meta = {name: _to_meta(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
     inputs = tuple(tree_map(_to_meta, tuple(example_inputs)))
-    recorder = _LiveBytes()
+    recorder = _LiveBytes({id(tensor): name for name, tensor in meta.items()})
     recorder.live = sum(_nbytes(t) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
     recorder.peak = recorder.live
     layer_inputs: list[tuple[tuple, dict] | None] = [None] * len(blocks)
@@ -174,26 +185,57 @@ def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str |
         outside_param_bytes=all_params - sum(layer_params),
         outside_written_bytes=recorder.written.get(None, 0),
         layer_inputs=tuple(layer_inputs),
+        layer_ops=tuple(tuple(recorder.ops.get(index, ())) for index in range(len(blocks))),
     )
 
 
-def roofline_cost_table(trace: ForwardTrace, profile: DeviceProfile) -> CostTable:
+def roofline_cost_table(
+    trace: ForwardTrace, profile: DeviceProfile, filters: tuple[tuple[str, ...], ...] = PARAM_FILTERS
+) -> CostTable:
     """Compute times from FLOPs and bytes alone: each layer reads its weights and writes and reads its tensors once."""
     layers = tuple(
         profile.roofline_seconds(flops, params + 2 * written)
         for flops, params, written in zip(trace.layer_flops, trace.layer_param_bytes, trace.layer_written_bytes)
     )
     outside = profile.roofline_seconds(trace.outside_flops, trace.outside_param_bytes + 2 * trace.outside_written_bytes)
-    return CostTable(profile.h2d, layers, outside, source="roofline")
+    spans = {names: read_spans(trace, profile, layers, names) for names in filters}
+    return CostTable(profile.h2d, layers, outside, source="roofline", read_spans=spans)
 
 
 def calibrated_cost_table(
-    model: nn.Module, trace: ForwardTrace, profile: DeviceProfile, device: torch.device, compiler: str = "inductor"
+    model: nn.Module,
+    trace: ForwardTrace,
+    profile: DeviceProfile,
+    device: torch.device,
+    compiler: str = "inductor",
+    filters: tuple[tuple[str, ...], ...] = PARAM_FILTERS,
 ) -> CostTable:
     """Measured compute time per layer; the compute outside the layer list from the roofline."""
     roofline = roofline_cost_table(trace, profile)
     layers = calibrate_layers(model, trace, device, compiler)
-    return CostTable(profile.h2d, layers, roofline.outside_seconds, source="calibrated")
+    spans = {names: read_spans(trace, profile, layers, names) for names in filters}
+    return CostTable(profile.h2d, layers, roofline.outside_seconds, source="calibrated", read_spans=spans)
+
+
+def read_spans(
+    trace: ForwardTrace, profile: DeviceProfile, layer_seconds: Sequence[float], names: tuple[str, ...]
+) -> tuple[tuple[float, float], ...]:
+    """Per layer, the compute before the first and after the last read of the parameters ``names`` selects.
+
+    The layer's time is split between its ops in proportion to their roofline
+    times. An MLP-only plan's copy may still arrive while the attention runs,
+    and a whole layer's copy may start while its last elementwise ops run.
+    """
+    spans = []
+    for ops, seconds in zip(trace.layer_ops, layer_seconds):
+        costs = [profile.roofline_seconds(op.flops, op.nbytes) for op in ops]
+        reads = [i for i, op in enumerate(ops) if any(matches_offload_params(name, names) for name in op.reads)]
+        total = sum(costs)
+        if not reads or not total:
+            spans.append((0.0, 0.0))
+            continue
+        spans.append((seconds * sum(costs[: reads[0]]) / total, seconds * sum(costs[reads[-1] + 1 :]) / total))
+    return tuple(spans)
 
 
 def calibrate_layers(
@@ -224,31 +266,48 @@ def calibrate_layers(
 
 
 class _LiveBytes(TorchDispatchMode):
-    """Tracks the bytes of live tensors that ops create, their peak, and what each layer wrote.
+    """Tracks the bytes of live tensors that ops create, their peak, what each layer wrote, and its ops.
 
     A tensor counts from the op that creates it (views and in-place results are
-    not new memory) until it is freed, which a weak reference reports.
+    not new memory) until it is freed, which a weak reference reports. Views of
+    a parameter are followed, so the op that reads a transposed weight counts
+    as reading the weight.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, parameters: dict[int, str]) -> None:
         super().__init__()
         self.live = 0
         self.peak = 0
         self.layer: int | None = None
         self.written: dict[int | None, int] = {}
         self.attention_flops: dict[int | None, int] = {}
+        self.ops: dict[int, list[OpCost]] = {}
+        self.parameters = parameters  # id of a parameter (or of a live view of one) -> its dotted name
 
     def __torch_dispatch__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        if not returns_new_memory(func):
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        reads = {self.parameters[id(t)]: t for t in inputs if id(t) in self.parameters}
+        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        fresh = returns_new_memory(func)
+        if not fresh and reads:
+            for tensor in outputs:  # a view of a parameter: its readers read the parameter
+                if id(tensor) not in self.parameters:
+                    self.parameters[id(tensor)] = next(iter(reads))
+                    weakref.finalize(tensor, self.parameters.pop, id(tensor), None)
+        created = sum(_nbytes(t) for t in outputs) if fresh else 0
+        if self.layer is not None:
+            flops = _matmul_flops(func, inputs, outputs)
+            param_bytes = sum(_nbytes(t) for t in reads.values())
+            self.ops.setdefault(self.layer, []).append(OpCost(flops, param_bytes + created, frozenset(reads)))
+        if not fresh:
             return out
-        for tensor in tree_flatten(out)[0]:
-            if isinstance(tensor, torch.Tensor):
-                nbytes = _nbytes(tensor)
-                self.live += nbytes
-                self.peak = max(self.peak, self.live)
-                self.written[self.layer] = self.written.get(self.layer, 0) + nbytes
-                weakref.finalize(tensor, self._free, nbytes)
+        for tensor in outputs:
+            nbytes = _nbytes(tensor)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            self.written[self.layer] = self.written.get(self.layer, 0) + nbytes
+            weakref.finalize(tensor, self._free, nbytes)
         return out
 
     def _free(self, nbytes: int) -> None:
@@ -278,7 +337,19 @@ class _FusedAttention(TorchFunctionMode):
             flops //= 2
         layer = self.recorder.layer
         self.recorder.attention_flops[layer] = self.recorder.attention_flops.get(layer, 0) + flops
+        if layer is not None:
+            moved = sum(_nbytes(t) for t in (query, key, value)) + _nbytes(query) // query.shape[-1] * value.shape[-1]
+            self.recorder.ops.setdefault(layer, []).append(OpCost(flops, moved, frozenset()))
         return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _matmul_flops(func: Callable, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
+    """2 x multiply-adds of the matmul-like ATen ops a linear layer lowers to; 0 for the rest."""
+    name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
+    if name not in ("mm", "addmm", "bmm", "baddbmm") or not outputs:
+        return 0
+    left = inputs[-2]  # (bias,) left, right
+    return 2 * outputs[0].numel() * left.shape[-1]
 
 
 def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:

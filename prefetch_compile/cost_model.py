@@ -22,9 +22,9 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 # Forwards simulated back to back; the state (copy finish times carried into the next
 # forward) is settled after two, so the third is the steady state.
@@ -75,15 +75,38 @@ class CostTable:
     layer_seconds: tuple[float, ...]  # compute time of each layer of the layer list, in order
     outside_seconds: float = 0.0  # compute outside the layer list per forward (only the sum matters in steady state)
     source: str = "injected"  # how the compute times were obtained: "calibrated", "roofline", "injected"
+    # Per parameter filter (offload_params), per layer: seconds of the layer's compute before the first
+    # and after the last read of what the filter offloads. A filter not listed reads over the whole layer.
+    read_spans: Mapping[tuple[str, ...], tuple[tuple[float, float], ...]] = field(default_factory=dict)
+
+    def spans(self, names: tuple[str, ...], layers: Sequence[int]) -> list[tuple[float, float]]:
+        per_layer = self.read_spans.get(names)
+        return [per_layer[i] if per_layer else (0.0, 0.0) for i in layers]
+
+    def to_dict(self) -> dict:
+        """Plain JSON types (filters become lists), the form :meth:`from_json` reads."""
+        return {
+            "bandwidth": {"sizes": list(self.bandwidth.sizes), "bytes_per_s": list(self.bandwidth.bytes_per_s)},
+            "layer_seconds": list(self.layer_seconds),
+            "outside_seconds": self.outside_seconds,
+            "source": self.source,
+            "read_spans": [{"offload_params": list(names), "spans": spans} for names, spans in self.read_spans.items()],
+        }
 
     def to_json(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), indent=1))
+        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
 
     @classmethod
     def from_json(cls, path: str | Path) -> CostTable:
         raw = json.loads(Path(path).read_text())
         bandwidth = BandwidthCurve(tuple(raw["bandwidth"]["sizes"]), tuple(raw["bandwidth"]["bytes_per_s"]))
-        return cls(bandwidth, tuple(raw["layer_seconds"]), raw.get("outside_seconds", 0.0), raw.get("source", "injected"))
+        spans = {
+            tuple(entry["offload_params"]): tuple((float(pre), float(post)) for pre, post in entry["spans"])
+            for entry in raw.get("read_spans", [])
+        }
+        return cls(
+            bandwidth, tuple(raw["layer_seconds"]), raw.get("outside_seconds", 0.0), raw.get("source", "injected"), spans
+        )
 
 
 @dataclass(frozen=True)
@@ -117,6 +140,7 @@ def simulate(
     copy_seconds: Sequence[float],
     slots: int,
     outside_seconds: float = 0.0,
+    read_spans: Sequence[tuple[float, float]] | None = None,
     forwards: int = STEADY_STATE_FORWARDS,
 ) -> Schedule:
     """The steady-state schedule of ``offloaded`` layers (increasing indices) sharing ``slots`` device slots.
@@ -127,9 +151,14 @@ def simulate(
     to the previous forward for the first ones), runs on one copy stream in
     issue order, and the compute stream waits for it before reading layer k.
     With no more offloaded layers than slots, nothing is ever copied again.
+    ``read_spans[k]`` is the compute of layer k before its first read and after
+    its last (default: the reads span the whole layer).
     """
     if len(copy_seconds) != len(offloaded):
         raise ValueError(f"{len(offloaded)} offloaded layers but {len(copy_seconds)} copy times")
+    spans = list(read_spans) if read_spans is not None else [(0.0, 0.0)] * len(offloaded)
+    if len(spans) != len(offloaded):
+        raise ValueError(f"{len(offloaded)} offloaded layers but {len(spans)} read spans")
     if list(offloaded) != sorted(set(offloaded)) or (offloaded and not 0 <= offloaded[0] <= offloaded[-1] < len(layer_seconds)):
         raise ValueError(f"offloaded layers must be increasing indices into {len(layer_seconds)} layers: {offloaded}")
     slots = min(slots, len(offloaded))
@@ -145,13 +174,13 @@ def simulate(
         for layer, seconds in enumerate(layer_seconds):
             k = position.get(layer)
             if k is not None:
-                needed[k] = clock
-                stall[k] = max(0.0, ready[k] - clock)
+                needed[k] = clock + spans[k][0]
+                stall[k] = max(0.0, ready[k] - needed[k])
                 clock += stall[k]
             clock += seconds
             if k is not None and copying:
                 following = (k + slots) % len(offloaded)
-                began[following] = max(clock, copy_free)
+                began[following] = max(clock - spans[k][1], copy_free)
                 copy_free = ready[following] = began[following] + copy_seconds[following]
         clock += outside_seconds
     # began[k] for the first slots' layers refers to the copy issued during this last forward, for the next one:

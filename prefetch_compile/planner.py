@@ -184,7 +184,7 @@ def device_bytes(
 def predict(footprint: Footprint, cost: CostTable, names: tuple[str, ...], indices: tuple[int, ...], step: int) -> Schedule:
     """The steady-state schedule of one plan under ``cost``."""
     copies = [cost.bandwidth.copy_seconds(footprint.blocks[names][i]) for i in indices]
-    return simulate(cost.layer_seconds, indices, copies, step, cost.outside_seconds)
+    return simulate(cost.layer_seconds, indices, copies, step, cost.outside_seconds, cost.spans(names, indices))
 
 
 def copied_bytes(footprint: Footprint, names: tuple[str, ...], indices: tuple[int, ...], step: int) -> int:

@@ -158,11 +158,28 @@ def test_uneven_layers_and_the_wrap_around_copy():
     assert [(c.began, c.needed, c.stall) for c in schedule.copies] == [(-0.5, 1.0, 1.0), (4.0, 5.0, 0.0)]
 
 
+def test_a_later_first_read_gives_the_copy_more_time():
+    # As the one-slot case above, but each offloaded layer first reads its (MLP) weights halfway through:
+    # the copy has half a layer more to hide in, so 1.5 of stall each instead of 2.
+    schedule = simulate([1, 1, 1, 1], [1, 3], [3, 3], slots=1, read_spans=[(0.5, 0.0), (0.5, 0.0)])
+    assert schedule.forward_seconds == 7.0
+    assert [(c.began, c.needed, c.stall) for c in schedule.copies] == [(0.0, 1.5, 1.5), (3.5, 5.0, 1.5)]
+
+
+def test_an_earlier_last_read_starts_the_next_copy_sooner():
+    # The slot's layer is done with its weights 0.5 before it ends: the next copy starts then.
+    schedule = simulate([1, 1, 1, 1], [1, 3], [3, 3], slots=1, read_spans=[(0.0, 0.5), (0.0, 0.5)])
+    assert schedule.forward_seconds == 7.0
+    assert [(c.began, c.stall) for c in schedule.copies] == [(-0.5, 1.5), (3.0, 1.5)]
+
+
 def test_simulator_refuses_inconsistent_input():
     with pytest.raises(ValueError, match="2 offloaded layers but 1 copy times"):
         simulate([1, 1], [0, 1], [1.0], slots=1)
     with pytest.raises(ValueError, match="increasing indices"):
         simulate([1, 1], [1, 0], [1.0, 1.0], slots=1)
+    with pytest.raises(ValueError, match="2 offloaded layers but 1 read spans"):
+        simulate([1, 1], [0, 1], [1.0, 1.0], slots=1, read_spans=[(0.0, 0.0)])
 
 
 def test_spread_evenly_matches_the_group_pattern_when_it_divides():
@@ -288,7 +305,7 @@ def test_cost_table_mismatch_and_json_round_trip(tmp_path):
     model = Model()
     with pytest.raises(ValueError, match="the cost table has 3 layer times but 'layers' has 8 layers"):
         plan_for_budget(measure_footprint(model, "cpu"), table(3), 10**9, 0)
-    cost = CostTable(BandwidthCurve((1, 1024), (1e6, 2e6)), (1e-3, 2e-3), 5e-4, "calibrated")
+    cost = CostTable(BandwidthCurve((1, 1024), (1e6, 2e6)), (1e-3, 2e-3), 5e-4, "calibrated", {("mlp",): ((2e-4, 0.0),) * 2})
     cost.to_json(tmp_path / "cost.json")
     assert CostTable.from_json(tmp_path / "cost.json") == cost
     runtime = prefetch_compile.offload(
@@ -363,6 +380,18 @@ def test_device_profile_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "device-cpu-test.json").read_text())["matmul_flops_per_s"] == 3.0
     calibration.device_profile(torch.device("cpu"), cache_dir=tmp_path, refresh=True)
     assert len(calls) == 2
+
+
+def test_read_spans_place_the_mlp_reads_after_the_attention():
+    model = Model(layers=2)
+    trace = calibration.trace_forward(model, (torch.randn(2, 8, WIDTH),))
+    profile = calibration.DeviceProfile("x", BandwidthCurve.constant(1.0), matmul_flops_per_s=1e9, memory_bytes_per_s=1e9)
+    cost = calibration.roofline_cost_table(trace, profile)
+    reads = [sorted(op.reads) for op in trace.layer_ops[0] if op.reads]
+    assert reads[0] == ["layers.0.attn.weight"] and reads[-1] == ["layers.0.mlp.2.weight"]
+    (all_pre, _), (mlp_pre, mlp_post) = cost.read_spans[()][0], cost.read_spans[("mlp",)][0]
+    assert all_pre == 0.0 and 0.0 < mlp_pre < cost.layer_seconds[0]
+    assert 0.0 <= mlp_post < mlp_pre  # only the residual add follows the last MLP weight
 
 
 def test_roofline_table_is_the_slower_of_math_and_bytes():
