@@ -35,9 +35,15 @@ Writes ``--out/planner_grid.json`` (rewritten after every plan) and prints a
 markdown table: per (case, budget) the planner's plan, predicted and measured
 ms, peak vs budget, the grid's best plan and the ratio.
 
-GPU (16 layers, about 6 minutes on an H100)::
+GPU, 16 layers (about 6 minutes on an H100; at 16 layers the embedding and head
+are a quarter of the model, so a 25% budget is below the smallest plan)::
 
-    python benchmarks/planner_grid.py --layers 16 --out out/planner
+    python benchmarks/planner_grid.py --layers 16 --budgets 0.4,0.55,0.75 --out out/planner16
+
+GPU, the issue's 32 layers and 25/50/75% (block compiles do not grow with the
+layer count; the forwards and the weight moves do)::
+
+    python benchmarks/planner_grid.py --layers 32 --out out/planner32
 
 CPU smoke test::
 
@@ -130,7 +136,7 @@ class PlanKey:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=16, help="decoder layers (32 = Llama 8B)")
+    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama 8B)")
     p.add_argument("--tiny", action="store_true", help="llama_like.tiny_shape() (CPU smoke tests)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--cases", default="decode1,decode64,prefill2048")
