@@ -83,6 +83,7 @@ def offload_within_budget(
 ) -> PrefetchRuntime | None:
     """Offload with the plan the budget planner chooses; None (and the model moved to ``device``) if it fits whole."""
     device = _check_device(device)
+    _check_not_offloaded(model)  # before the planner's calibration, not after
     chosen = plan_within_budget(model, device, budget, layers, compiler)
     if chosen.options is None:
         model.to(device)
@@ -101,8 +102,7 @@ def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
 
 def offload_with_options(model: nn.Module, device: torch.device, options: PlanOptions) -> PrefetchRuntime:
     device = _check_device(device)
-    if runtime_of(model) is not None:
-        raise OptionError(f"{type(model).__name__} is already offloaded; offload() a model once")
+    _check_not_offloaded(model)
     plan = build_plan(model, options)
     host = HostArena(plan, pin=device.type == "cuda")
     offloaded = _move_offloaded_to_host(model, plan, host)
@@ -123,6 +123,11 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     _install_eager_hooks(model, plan, runtime)
     log.info(describe(runtime.stats(), plan))
     return runtime
+
+
+def _check_not_offloaded(model: nn.Module) -> None:
+    if runtime_of(model) is not None:
+        raise OptionError(f"{type(model).__name__} is already offloaded; offload() a model once")
 
 
 def _check_device(device: torch.device) -> torch.device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -98,6 +99,15 @@ def test_bad_budget_options(options, message):
     with pytest.raises(OptionError) as error:
         parse_backend_options(options)
     assert message in str(error.value)
+
+
+def test_a_second_offload_with_a_budget_is_refused_before_planning(monkeypatch):
+    model = Model()
+    prefetch_compile.offload(model, "cpu", group_size=2)
+    module = importlib.import_module("prefetch_compile.offload")  # the package's `offload` is the function
+    monkeypatch.setattr(module, "plan_within_budget", lambda *args: pytest.fail("planned anyway"))
+    with pytest.raises(OptionError, match="Model is already offloaded; offload\\(\\) a model once"):
+        prefetch_compile.offload(model, "cpu", budget="1GiB", activation_bytes=0, cost_table=table(8))
 
 
 def test_offload_refuses_budget_with_plan_knobs():
