@@ -35,6 +35,7 @@ def offload(
     prefetch_step: int = 1,
     offload_params: list[str] | tuple[str, ...] = (),
     layers: str | None = None,
+    offload_layers: list[int] | tuple[int, ...] | None = None,
     budget: int | str | None = None,
     example_inputs: Any = None,
     activation_bytes: int | None = None,
@@ -43,7 +44,7 @@ def offload(
 ) -> PrefetchRuntime | None:
     """Offload the last ``num_in_group`` of every ``group_size`` layers of ``model`` to pinned host memory.
 
-    ``model`` may live on the CPU (for a model larger than the device) or
+    ``offload_layers`` names the offloaded layers by index instead. ``model`` may live on the CPU (for a model larger than the device) or
     already on ``device``. Returns the model's runtime; ``runtime.stats()``
     reports the bytes moved. Compile the model afterwards with
     ``torch.compile(model, backend="prefetch_offload")``.
@@ -61,6 +62,7 @@ def offload(
         prefetch_step=prefetch_step,
         offload_params=tuple(offload_params),
         layers=layers,
+        offload_layers=None if offload_layers is None else tuple(offload_layers),
     )
     budget_options = parse_budget_options(
         {
@@ -74,7 +76,9 @@ def offload(
     if budget_options is None:
         return offload_with_options(model, torch.device(device), options)
     if options != PlanOptions(layers=layers):
-        raise OptionError("budget chooses group_size, num_in_group, prefetch_step and offload_params; pass either")
+        raise OptionError(
+            "budget chooses group_size, num_in_group, prefetch_step, offload_params and offload_layers; pass either"
+        )
     return offload_within_budget(model, torch.device(device), budget_options, layers)
 
 

@@ -125,6 +125,11 @@ def test_offload_layers_picks_exactly_those_layers(caplog):
     assert "offloaded 3/8 layers of 'layers' (offload_layers=[0, 3, 7])" in caplog.records[0].getMessage()
 
 
+def test_offload_takes_layer_indices_too():
+    runtime = prefetch_compile.offload(Model(layers=8), "cpu", offload_layers=[2, 5])
+    assert [layer.index for layer in runtime.layers] == [2, 5]
+
+
 def test_offload_layers_out_of_range_is_refused():
     with pytest.raises(OptionError, match=r"offload_layers=\[2, 8\] names layer 8, but 'layers' has 8 layers"):
         offload_with_options(Model(layers=8), torch.device("cpu"), prefetch_compile.PlanOptions(offload_layers=(2, 8)))
