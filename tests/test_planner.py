@@ -425,3 +425,24 @@ def test_cuda_accounting_rounds_like_the_caching_allocator():
     assert footprint.resident_bytes == rounded + CUDA_WORKSPACE_BYTES
     one_slot = device_bytes(footprint, (), (3,), 1, 0)
     assert one_slot == footprint.resident_bytes - footprint.saved[()][3] + 2 * 1024 * 1024  # one block, one 2 MiB step
+
+
+def test_hf_llama_is_traced_and_planned():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    with torch.no_grad():
+        expected = model(ids).logits
+    trace = calibration.trace_forward(model, (ids,))
+    assert trace.layer_list_path == "model.layers" and len(set(trace.layer_flops)) == 1 and trace.layer_flops[0] > 0
+    runtime = prefetch_compile.offload(
+        model, "cpu", budget=nbytes(model) * 8 // 10, example_inputs=(ids,), cost_table=table(4)
+    )
+    assert runtime.stats().offloaded_layers > 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
