@@ -46,7 +46,7 @@ def main() -> None:
 
     runtime = prefetch_compile.runtime_of(model)
     stats = runtime.stats()
-    offloaded = ", ".join(layer.name for layer in runtime.layers)
+    offloaded = ", ".join(layer.name for layer in runtime.offloaded)
     print(f"device: {device}, {shape.layers} layers, {shape.num_params():,} parameters")
     print(f"offloaded layers: {offloaded}")
     print(

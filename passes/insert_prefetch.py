@@ -22,6 +22,7 @@ from typing import Callable
 from torch import fx
 
 from .param_readers import GraphReads, ParamInput, analyze_param_reads, live_after
+from .sink_weight_only import sink_weight_only_work
 
 
 class SlotConflictError(RuntimeError):
@@ -34,17 +35,17 @@ class InsertedOp:
 
     node: fx.Node
     kind: str  # "wait" or "start"
-    layer: int  # the layer waited for or prefetched
+    offload_index: int  # the layer waited for or prefetched
     anchor: fx.Node  # the reader the op was placed against
-    after_layer: int | None  # for a start: the layer whose last read frees the slot
+    after: int | None  # for a start: the offload index whose last read frees the slot
     live: tuple[fx.Node, ...]  # for a start: values it forces to be computed first
 
     @property
     def reason(self) -> str:
         if self.kind == "wait":
-            return f"first read of layer {self.layer} is {self.anchor.name}"
+            return f"first read of offloaded layer {self.offload_index} is {self.anchor.name}"
         return (
-            f"last read of layer {self.after_layer} (same slot) is {self.anchor.name}; "
+            f"last read of offloaded layer {self.after} (same slot) is {self.anchor.name}; "
             f"materialises {[node.name for node in self.live]}"
         )
 
@@ -66,27 +67,28 @@ def insert_prefetch_ops(
     make_start: Callable[[fx.Graph, list[fx.Node], list[fx.Node]], fx.Node],
 ) -> PrefetchPassResult:
     """Rewrite ``graph`` in place; ``make_wait``/``make_start`` emit the op nodes at the current insert point."""
+    sink_weight_only_work(graph, static_inputs)
     analysis = analyze_param_reads(graph, param_inputs, static_inputs)
     _check_slot_conflicts(analysis, slot_of)
-    read_layers = [layer for layer in analysis.layers.values() if layer.first is not None]
-    live = live_after(graph, analysis, _group_by_node((layer.last, layer.layer) for layer in read_layers))
+    read_layers = [layer for layer in analysis.offloaded.values() if layer.first is not None]
+    live = live_after(graph, analysis, _group_by_node((layer.last, layer.offload_index) for layer in read_layers))
 
     inserted: list[InsertedOp] = []
     for layer in read_layers:
         with graph.inserting_before(layer.first):
             node = make_wait(graph, layer.params)
-        inserted.append(InsertedOp(node, "wait", layer.layer, layer.first, None, ()))
+        inserted.append(InsertedOp(node, "wait", layer.offload_index, layer.first, None, ()))
 
     # Starts go in reverse graph order so that two starts after the same reader keep layer order.
     for layer in sorted(read_layers, key=lambda reads: analysis.order[reads.last], reverse=True):
-        incoming = next_in_slot(layer.layer)
+        incoming = next_in_slot(layer.offload_index)
         slot_params = list(layer.params)
-        if incoming != layer.layer and incoming in analysis.layers:
-            slot_params += analysis.layers[incoming].params
-        values = live[(layer.last, layer.layer)]
+        if incoming != layer.offload_index and incoming in analysis.offloaded:
+            slot_params += analysis.offloaded[incoming].params
+        values = live[(layer.last, layer.offload_index)]
         with graph.inserting_after(layer.last):
             node = make_start(graph, slot_params, values)
-        inserted.append(InsertedOp(node, "start", incoming, layer.last, layer.layer, tuple(values)))
+        inserted.append(InsertedOp(node, "start", incoming, layer.last, layer.offload_index, tuple(values)))
     graph.lint()
     return PrefetchPassResult(analysis, inserted)
 
@@ -105,16 +107,16 @@ def _check_slot_conflicts(analysis: GraphReads, slot_of: Callable[[int], int]) -
     being read (a node that reads both is the extreme case).
     """
     by_slot: dict[int, list] = {}
-    for layer in analysis.layers.values():
+    for layer in analysis.offloaded.values():
         if layer.first is not None:
-            by_slot.setdefault(slot_of(layer.layer), []).append(layer)
+            by_slot.setdefault(slot_of(layer.offload_index), []).append(layer)
     order = analysis.order
     for slot, layers in by_slot.items():
         layers.sort(key=lambda reads: order[reads.first])
         for earlier, later in zip(layers, layers[1:]):
             if order[later.first] <= order[earlier.last]:
                 raise SlotConflictError(
-                    f"offloaded layers {earlier.layer} and {later.layer} share slot {slot}, but layer "
-                    f"{later.layer} is read at {later.first.name} before layer {earlier.layer}'s last read at "
+                    f"offloaded layers {earlier.offload_index} and {later.offload_index} share slot {slot}, but layer "
+                    f"{later.offload_index} is read at {later.first.name} before layer {earlier.offload_index}'s last read at "
                     f"{earlier.last.name}; raise prefetch_step so they get separate slots, or keep one on the device"
                 )

@@ -32,7 +32,7 @@ READ_CONSUMER = "consumer of weight-only work"
 class ParamInput:
     """A placeholder that holds one offloaded parameter."""
 
-    layer: int  # offload index of the parameter's layer
+    offload_index: int  # position of the parameter's layer among the offloaded layers
     name: str  # the parameter's dotted name in the model
 
 
@@ -40,7 +40,7 @@ class ParamInput:
 class LayerReads:
     """Everything the pass needs to know about one offloaded layer inside one graph."""
 
-    layer: int
+    offload_index: int
     params: list[fx.Node] = field(default_factory=list)  # its parameter placeholders
     readers: dict[fx.Node, str] = field(default_factory=dict)  # node -> how it reads (READ_*)
     first: fx.Node | None = None
@@ -51,7 +51,7 @@ class LayerReads:
 class GraphReads:
     """The result of :func:`analyze_param_reads`."""
 
-    layers: dict[int, LayerReads]
+    offloaded: dict[int, LayerReads]  # by offload index
     order: dict[fx.Node, int]
     depends_on: dict[fx.Node, int]  # bitmask over offload indices: which layers' weights flowed into the node
     reads: dict[fx.Node, list[tuple[int, str, str]]]  # node -> [(layer, parameter name, how)] for annotation
@@ -76,18 +76,18 @@ def analyze_param_reads(
     depends_on: dict[fx.Node, int] = {}
     is_static: dict[fx.Node, bool] = {}
     param_of: dict[fx.Node, ParamInput] = {}  # aliases (views) of offloaded parameters
-    layers = {info.layer: LayerReads(info.layer) for info in param_inputs.values()}
+    layers = {info.offload_index: LayerReads(info.offload_index) for info in param_inputs.values()}
     reads: dict[fx.Node, list[tuple[int, str, str]]] = {}
 
     for node in nodes:
         inputs = node.all_input_nodes
         if node.op == "placeholder":
             info = param_inputs.get(node)
-            depends_on[node] = 1 << info.layer if info else 0
+            depends_on[node] = 1 << info.offload_index if info else 0
             is_static[node] = node in static_inputs
             if info:
                 param_of[node] = info
-                layers[info.layer].params.append(node)
+                layers[info.offload_index].params.append(node)
             continue
         depends_on[node] = 0
         for source in inputs:
@@ -158,11 +158,11 @@ def _record(
     info: ParamInput,
     how: str,
 ) -> None:
-    entry = (info.layer, info.name, how)
+    entry = (info.offload_index, info.name, how)
     node_reads = reads.setdefault(node, [])
     if entry not in node_reads:
         node_reads.append(entry)
-    layers[info.layer].readers.setdefault(node, how)
+    layers[info.offload_index].readers.setdefault(node, how)
 
 
 def _aliased_param(

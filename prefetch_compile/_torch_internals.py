@@ -7,6 +7,7 @@ change there should need an edit here only.
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -39,32 +40,83 @@ def static_fake(tensor: torch.Tensor) -> torch.Tensor:
     return TracingContext.get().fake_mode.from_tensor(tensor.detach(), static_shapes=True)
 
 
+def compile_id() -> str:
+    """Dynamo's id of the graph being compiled (``frame/recompile``, as in ``TORCH_LOGS`` and tlparse), or ``"eager"``."""
+    from torch._guards import CompileContext
+
+    current = CompileContext.current_compile_id()
+    return str(current) if current is not None else "eager"
+
+
+def has_static_address(value: object) -> bool:
+    """Whether Dynamo was told the tensor keeps its address (``torch._dynamo.mark_static_address``)."""
+    return isinstance(value, torch.Tensor) and hasattr(value, "_dynamo_static_input_type")
+
+
+def fake_result(graph: fx.Graph, target: Any, args: tuple) -> Any:
+    """Run ``target``'s fake implementation on the fake values of ``args`` (nodes), in their fake mode.
+
+    Returns None when the values are not fakes of one mode (a hand-built graph in a test).
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    def fake(value: Any) -> Any:
+        if isinstance(value, fx.Node):
+            return value.meta.get("val", value.meta.get("example_value"))
+        return value
+
+    fake_args = tree_map(fake, args)
+    tensors = [leaf for leaf in tree_leaves(fake_args) if isinstance(leaf, torch.Tensor)]
+    modes = {id(leaf.fake_mode): leaf.fake_mode for leaf in tensors if isinstance(leaf, FakeTensor)}
+    if len(modes) != 1 or len(tensors) != sum(isinstance(leaf, FakeTensor) for leaf in tensors):
+        return None
+    with next(iter(modes.values())):
+        return target(*fake_args)
+
+
+def emit_artifact(name: str, text: Callable[[], str]) -> None:
+    """Put a text artifact into PyTorch's structured trace (``TORCH_TRACE``, read by tlparse); built only if traced."""
+    torch._logging.trace_structured("artifact", metadata_fn=lambda: {"name": name, "encoding": "string"}, payload_fn=text)
+
+
 def inductor_freezing_enabled() -> bool:
     import torch._inductor.config as inductor_config
 
     return bool(inductor_config.freezing)
 
 
-def compile_with_inductor(gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None]) -> Callable:
-    """Inductor, with ``graph_pass`` run on the post-grad ATen graph (after the user's own post pass, if any)."""
+def compile_with_inductor(
+    gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None], cache_key: str | None
+) -> Callable:
+    """Inductor, with ``graph_pass`` run on the post-grad ATen graph (after the user's own post pass, if any).
+
+    ``cache_key`` names everything the pass's output depends on beyond the graph;
+    with the source of the pass and the ops it becomes the pass's uuid, so that
+    Inductor's FX graph cache serves a compiled graph again only where the pass
+    would have produced the same code. A None key bypasses the cache.
+    """
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     user_pass = inductor_config.post_grad_custom_post_pass
+    package = Path(__file__).resolve().parent
+    sources = tuple(sorted(str(path) for path in [*package.glob("passes/*.py"), package / "ops.py", package / "backend.py"]))
 
-    class PostGradPass(CustomGraphPass):
+    class PrefetchPostGradPass(CustomGraphPass):
         def __call__(self, graph: fx.Graph) -> None:
             if user_pass is not None:
                 user_pass(graph)
             graph_pass(graph)
 
-        def uuid(self) -> None:
-            # The pass depends on live runtime state (which tensors are offloaded), so
-            # results must not be shared through Inductor's FX graph cache.
-            return None
+        def uuid(self) -> Any:
+            user_uuid = user_pass.uuid() if isinstance(user_pass, CustomGraphPass) else None
+            if cache_key is None or (user_pass is not None and user_uuid is None):
+                return None  # the user's pass cannot be cached, so neither can the pair
+            return (get_hash_for_files(sources).hex(), cache_key, user_uuid)
 
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": PostGradPass()})
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": PrefetchPostGradPass()})
 
 
 def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None]) -> Callable:
@@ -81,8 +133,8 @@ def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_
 
 # The budget planner's meta-device trace (prefetch_compile/calibration.py): a dispatch mode that
 # sees every op's outputs, and pytree helpers to walk nested arguments.
+from torch.utils import _pytree as pytree  # noqa: E402, F401  (re-exported)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402, F401  (re-exported)
-from torch.utils._pytree import tree_flatten, tree_map  # noqa: E402, F401  (re-exported)
 
 
 def returns_new_memory(op: Callable) -> bool:

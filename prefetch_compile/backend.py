@@ -1,11 +1,13 @@
 """The ``prefetch_offload`` torch.compile backend (registered through the ``torch_dynamo_backends`` entry point).
 
 For each graph Dynamo hands over, the backend finds the runtime that owns the
-graph's offloaded parameters (offloading the model first if nobody has), runs
-the inner compiler with the prefetch pass at the level that compiler
-schedules (ATen for Inductor and aot_eager, Dynamo's graph for eager), and
-returns a callable that also joins the copy stream into an enclosing CUDA graph
-capture.
+graph's offloaded parameters (offloading the model first if nobody has: the
+one-line path), refuses what it cannot run correctly (gradients, parameters
+moved out of their slots, Inductor freezing), runs the inner compiler with the
+prefetch pass at the level that compiler schedules (ATen for Inductor and
+aot_eager, Dynamo's graph for eager), and returns a callable that holds the
+runtime while the graph runs and joins the copy stream into an enclosing CUDA
+graph capture; with ``cuda_graphs=True``, that callable is captured and replayed.
 """
 
 from __future__ import annotations
@@ -18,21 +20,18 @@ import torch
 from torch import fx, nn
 
 from . import _torch_internals
-from .breakable_graph import BreakableGraphed
 from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
 from .discovery import find_layer_list
+from .graphs import graphed
 from .offload import offload_with_options, offload_within_budget, runtime_of
 from .ops import START, WAIT
 from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops
-from .runtime import PrefetchRuntime, live_runtimes
+from .runtime import PrefetchRuntime, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
 
 # Set on a model that a budget left resident (to that many bytes), so later graphs do not plan again.
 RESIDENT_FLAG = "_prefetch_compile_resident_within"
-
-# Seconds spent in the prefetch pass, one entry per compiled graph (read by benchmarks/compile_time.py).
-PASS_TIMINGS: list[float] = []
 
 
 def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
@@ -45,26 +44,21 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     runtime, offloaded_now = _runtime_for(example_inputs, parsed)
     if runtime is None:
         return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
-    _check_inference(runtime, example_inputs)
-    graph_index = len(PASS_TIMINGS)
+    _check_inference(example_inputs)
+    runtime.check_placement([location[1] for value in example_inputs if (location := runtime.locate(value))])
+    graph_name = _torch_internals.compile_id()
 
     def prefetch_pass(graph: fx.Graph) -> None:
-        dump_dir = parsed.compile.dump_dir
-        before = graph.python_code("self").src if dump_dir is not None else ""
+        before = graph.python_code("self").src if parsed.compile.dump_dir is not None else ""
         began = time.perf_counter()
         result = apply_prefetch_pass(graph, runtime, example_inputs)
-        PASS_TIMINGS.append(time.perf_counter() - began)
-        log.info(
-            "prefetch_compile: graph %d: %d offloaded layers read, %d ops inserted in %.1f ms",
-            graph_index,
-            sum(1 for op in result.inserted if op.kind == "wait"),
-            len(result.inserted),
-            PASS_TIMINGS[-1] * 1e3,
-        )
-        if dump_dir is not None:
-            from .dumps import write_graph_dump
+        seconds = time.perf_counter() - began
+        waits = sum(1 for op in result.inserted if op.kind == "wait")
+        record = runtime.record_compile(graph_name, waits, len(result.inserted), seconds)
+        log.info("prefetch_compile: %s", record)
+        from .dumps import emit_graph_dump
 
-            write_graph_dump(dump_dir, graph_index, before, graph, result, runtime)
+        emit_graph_dump(parsed.compile.dump_dir, graph_name, before, graph, result, runtime)
 
     compile_inputs = example_inputs
     if offloaded_now:
@@ -75,39 +69,38 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         compile_inputs = [
             _torch_internals.static_fake(value) if runtime.locate(value) else value for value in example_inputs
         ]
-    compiled = _inner_compile(gm, compile_inputs, parsed, prefetch_pass)
+    # A dump needs the pass to run, so a graph compiled for one bypasses Inductor's FX graph cache.
+    cache_key = _pass_key(runtime, example_inputs) if parsed.compile.dump_dir is None else None
+    compiled = _inner_compile(gm, compile_inputs, parsed, prefetch_pass, cache_key)
 
     def run(*args: Any) -> Any:
-        outputs = compiled(*args)
-        runtime.join_capture()
+        with runtime.serving(f"graph {graph_name}"):
+            outputs = compiled(*args)
+            runtime.join_capture()
         return outputs
 
     if parsed.compile.cuda_graphs and runtime.device.type == "cuda":
-        return _graphed(run, runtime, example_inputs)
+        return graphed(run, runtime, example_inputs)
     return run
-
-
-def _graphed(run: Callable, runtime: PrefetchRuntime, example_inputs: list[Any]) -> Callable:
-    """Capture ``run`` as a (breakable) CUDA graph per input signature, and replay it.
-
-    Weights are read in place; other inputs are copied into static buffers. Before
-    each capture or replay the compute stream waits for copies issued outside the
-    graph (by an eager call, say), because the graph itself only waits for the
-    copies it captured; at each segment's end the copies it started are joined.
-    """
-    model_tensors = {id(t) for t in [*runtime.offloaded_params.values(), *runtime.kept_tensors.values()]}
-    static = [index for index, value in enumerate(example_inputs) if id(value) in model_tensors]
-    graphed = BreakableGraphed(run, static_inputs=static, on_segment_end=runtime.join_capture)
-
-    def replay(*args: Any) -> Any:
-        runtime.synchronize_copies()
-        return graphed(*args)
-
-    return replay
 
 
 def apply_prefetch_pass(graph: fx.Graph, runtime: PrefetchRuntime, example_inputs: list[Any]) -> PrefetchPassResult:
     """Insert the runtime's ops into ``graph``, whose placeholders line up with ``example_inputs``."""
+    param_inputs, static_inputs = _classify_inputs(graph, runtime, example_inputs)
+    return insert_prefetch_ops(
+        graph,
+        param_inputs,
+        static_inputs,
+        next_in_slot=runtime.plan.next_in_slot,
+        slot_of=lambda offload_index: runtime.offloaded[offload_index].slot,
+        make_wait=lambda graph, params: _op_node(graph, WAIT, (params,)),
+        make_start=lambda graph, params, live: _op_node(graph, START, (params, live)),
+    )
+
+
+def _classify_inputs(
+    graph: fx.Graph, runtime: PrefetchRuntime, example_inputs: list[Any]
+) -> tuple[dict[fx.Node, ParamInput], set[fx.Node]]:
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
     if len(placeholders) != len(example_inputs):
         raise RuntimeError(
@@ -122,34 +115,41 @@ def apply_prefetch_pass(graph: fx.Graph, runtime: PrefetchRuntime, example_input
         location = runtime.locate(value)
         if location is not None:
             param_inputs[node] = ParamInput(*location)
-
-    def make_wait(graph: fx.Graph, params: list[fx.Node]) -> fx.Node:
-        return _op_node(graph, WAIT, (params, runtime.id))
-
-    def make_start(graph: fx.Graph, params: list[fx.Node], live: list[fx.Node]) -> fx.Node:
-        return _op_node(graph, START, (params, live, runtime.id))
-
-    return insert_prefetch_ops(
-        graph,
-        param_inputs,
-        static_inputs,
-        next_in_slot=runtime.plan.next_in_slot,
-        slot_of=lambda layer: runtime.layers[layer].slot,
-        make_wait=make_wait,
-        make_start=make_start,
-    )
+    return param_inputs, static_inputs
 
 
 def _op_node(graph: fx.Graph, target: Any, args: tuple) -> fx.Node:
+    """An op node with the metadata Inductor's own passes give theirs: the fake result of running it."""
     node = graph.call_function(target, args)
-    node.meta["val"] = None
+    node.meta["val"] = _torch_internals.fake_result(graph, target, args)
     return node
+
+
+def _pass_key(runtime: PrefetchRuntime, example_inputs: list[Any]) -> str:
+    """What the pass's output depends on, beyond the graph itself: the key of Inductor's FX graph cache.
+
+    None would bypass the cache. The ops carry no process-specific value (they find their runtime through the
+    parameters), so the compiled code can be reused by another process, or by
+    another model, whenever the same inputs are the same offloaded layers in the
+    same slots.
+    """
+    layout = []
+    for position, value in enumerate(example_inputs):
+        location = runtime.locate(value)
+        if location is not None:
+            offload_index = location[0]
+            layout.append(
+                (position, offload_index, runtime.offloaded[offload_index].slot, runtime.plan.next_in_slot(offload_index))
+            )
+        elif isinstance(value, nn.Parameter):
+            layout.append((position, "static"))
+    return repr(layout)
 
 
 def _runtime_for(example_inputs: list[Any], parsed: BackendOptions) -> tuple[PrefetchRuntime | None, bool]:
     """The runtime owning these inputs' offloaded parameters, and whether the frame's model was offloaded just now."""
     plan, budget = parsed.plan, parsed.budget
-    runtimes = {id(rt): rt for rt in live_runtimes() for value in example_inputs if rt.locate(value) is not None}
+    runtimes = {id(rt): rt for value in example_inputs if (rt := runtime_of_tensor(value)) is not None}
     if len(runtimes) > 1:
         raise OptionError("one compiled graph reads the offloaded parameters of two different models")
     if runtimes:
@@ -169,6 +169,7 @@ def _runtime_for(example_inputs: list[Any], parsed: BackendOptions) -> tuple[Pre
         if budget is not None and getattr(module, RESIDENT_FLAG, None) == budget.budget:
             return None, False  # the budget planner left this model resident at an earlier graph
         if _layer_list_holds(module, params, plan):
+            _check_inference(example_inputs)
             device = next(module.parameters()).device
             if budget is not None:
                 runtime = offload_within_budget(module, device, budget, plan and plan.layers, parsed.compile.compiler)
@@ -193,23 +194,27 @@ def _layer_list_holds(module: nn.Module, param_ids: set[int], plan: PlanOptions 
     return any(id(param) in param_ids for block in blocks for param in block.parameters())
 
 
-def _check_inference(runtime: PrefetchRuntime, example_inputs: list[Any]) -> None:
-    if torch.is_grad_enabled() and any(
-        isinstance(value, torch.Tensor) and value.requires_grad and runtime.locate(value) is not None
-        for value in example_inputs
-    ):
+def _check_inference(example_inputs: list[Any]) -> None:
+    """Offloaded weights are overwritten as soon as they are read: nothing may keep them for a backward."""
+    if torch.is_grad_enabled() and any(isinstance(value, torch.Tensor) and value.requires_grad for value in example_inputs):
         raise RuntimeError(
-            "prefetch_offload is for inference: this graph would record gradients through offloaded parameters. "
-            "Run it under torch.no_grad() or torch.inference_mode(), or call requires_grad_(False) on the model"
+            "prefetch_offload is for inference: this graph would record gradients (an input or a parameter "
+            "requires grad and grad mode is on), and an offloaded weight is overwritten as soon as it is read. "
+            "Run it under torch.no_grad() or torch.inference_mode(), or call requires_grad_(False) on the "
+            "model and its inputs"
         )
 
 
 def _inner_compile(
-    gm: fx.GraphModule, example_inputs: list[Any], options: BackendOptions, graph_pass: Callable[[fx.Graph], None]
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    options: BackendOptions,
+    graph_pass: Callable[[fx.Graph], None],
+    cache_key: str | None = None,
 ) -> Callable:
     compiler = options.compile.compiler
     if compiler == "inductor":
-        return _torch_internals.compile_with_inductor(gm, example_inputs, graph_pass)
+        return _torch_internals.compile_with_inductor(gm, example_inputs, graph_pass, cache_key)
     if compiler == "aot_eager":
         return _torch_internals.compile_with_aot_eager(gm, example_inputs, graph_pass)
     graph_pass(gm.graph)

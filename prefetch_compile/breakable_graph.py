@@ -22,11 +22,11 @@ import threading
 import warnings
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Hashable, Iterable, Mapping, TypeVar, cast
+from typing import Any, Callable, ContextManager, Hashable, Iterable, Mapping, Protocol, TypeVar, cast
 
 import torch
 
-__all__ = ["BreakableCUDAGraph", "BreakableGraphed", "current_capture", "eager_break"]
+__all__ = ["BreakableCUDAGraph", "BreakableGraphed", "ReplayGuard", "current_capture", "eager_break"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -302,6 +302,41 @@ def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     return value
 
 
+def _version(tensor: torch.Tensor) -> int | None:
+    """The tensor's version counter; None for an inference tensor, which keeps none.
+
+    An inference tensor's writes cannot be seen, so it is treated as written: copying
+    back a buffer that holds the caller's own values changes nothing but costs a copy.
+    """
+    try:
+        return tensor._version
+    except RuntimeError:
+        return None
+
+
+class ReplayGuard(Protocol):
+    """State kept outside a captured graph that must agree with it at every replay.
+
+    A replay runs no Python: whatever Python-side bookkeeping the captured code
+    did during the capture is not redone. An owner of such state implements this
+    protocol and :class:`BreakableGraphed` tells it about each step: the eager
+    warm-up call, the capture (which must leave the Python state as it found it,
+    since nothing captured has run), and each replay (before it: make the device
+    state what the capture assumed; after it: make the Python state what the
+    replay did).
+    """
+
+    def warmup(self) -> ContextManager[None]: ...
+
+    def begin_capture(self) -> None: ...
+
+    def end_capture(self, ok: bool) -> Any: ...
+
+    def before_replay(self, token: Any) -> None: ...
+
+    def after_replay(self, token: Any) -> None: ...
+
+
 @dataclass
 class _Entry:
     """One captured signature: the capture and the fixed-address tensors it was captured with."""
@@ -310,33 +345,47 @@ class _Entry:
     device: torch.device
     outputs: Any  # what fn returned at capture time; replay rewrites its tensors in place
     copied: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # static buffers refilled each call
+    mutated: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # copied buffers fn writes to
     pinned: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # caller tensors read in place
+    token: Any = None  # what the guard's end_capture returned
 
 
 class BreakableGraphed:
     """Run ``fn`` as a breakable CUDA graph, one capture per input signature.
 
     The signature of a call is the shape, dtype, device and requires_grad of each
-    tensor argument plus the value (and type) of every other argument; tensors must
-    be passed as top-level arguments, not inside containers. The first
-    call with a new signature copies the tensor arguments into static buffers, runs
-    ``fn`` ``warmup`` times eagerly on a side stream, captures it once with
-    :class:`BreakableCUDAGraph`, then replays. Later calls copy the new tensor
-    arguments into the static buffers and replay. Calls with ``eager_break``
-    functions inside get their graph split there.
+    tensor argument, the address of each argument read in place, plus the value
+    (and type) of every other argument; tensors must be passed as top-level
+    arguments, not inside containers. The first ``warmup`` calls of a signature
+    run ``fn`` eagerly on a side stream (lazy initialisation, such as cuBLAS
+    workspaces, happens there and outside any capture) and return its results.
+    The next call copies the tensor arguments into static buffers, captures
+    ``fn`` once with :class:`BreakableCUDAGraph` and replays it; later calls copy
+    the new tensor arguments into the static buffers and replay. Each call thus
+    executes ``fn``'s work exactly once, which matters to a ``fn`` that updates
+    its inputs in place. Calls with ``eager_break`` functions inside get their
+    graph split there.
 
     ``static_inputs`` names arguments (positional index or keyword name) that the
     graph reads in place instead of through a copy, such as weights or caches that
-    are updated in place. The graph keeps reading the tensor it was captured with;
-    with ``debug=True`` each call checks that the tensor passed still has the
-    captured address and raises otherwise, without debug a moved tensor is silently
-    ignored.
+    are updated in place. Their addresses are part of the signature: a tensor at a
+    new address gets a capture of its own, never a replay that reads the old one.
+    With ``debug=True`` such a move raises instead, to catch an unintended one.
+
+    A copied argument that ``fn`` writes to (its version counter moves while
+    ``fn`` is captured: an in-place update, such as a KV cache written at the
+    current position) is copied back to the caller's tensor after each replay,
+    so the write is not lost in the static buffer. Inference tensors keep no
+    version counter, so under ``torch.inference_mode`` every copied argument is
+    copied back (a no-op in value for those ``fn`` does not write).
 
     Outputs are cloned after replay (``clone_outputs=True``) so that the next replay
     cannot overwrite them; with ``clone_outputs=False`` the static output tensors
     themselves are returned. Tensors are found in tuples, lists and dicts; other
     values are returned as captured. Only the forward is supported: it runs under
     ``torch.no_grad()``, and replays of graphs sharing a pool must not run concurrently.
+
+    ``guard`` (a :class:`ReplayGuard`) is told about every warm-up, capture and replay.
 
     Without CUDA, or when a tensor argument is not on a CUDA device, a call simply
     runs ``fn`` eagerly. Calling it while a capture is open on this thread raises.
@@ -352,6 +401,7 @@ class BreakableGraphed:
         warmup: int = 1,
         clone_outputs: bool = True,
         static_inputs: Iterable[ArgKey] = (),
+        guard: ReplayGuard | None = None,
     ) -> None:
         if warmup < 0:
             raise ValueError(f"warmup must be >= 0, got {warmup}")
@@ -362,7 +412,11 @@ class BreakableGraphed:
         self.warmup = warmup
         self.clone_outputs = clone_outputs
         self.static_inputs = frozenset(static_inputs)
+        self.guard = guard
         self._entries: dict[Hashable, _Entry] = {}
+        self._warmups: dict[Hashable, int] = {}
+        self._stream: torch.cuda.Stream | None = None
+        self._captured_at: dict[Hashable, dict[ArgKey, int]] = {}  # static addresses per shape signature (debug)
 
     @property
     def captures(self) -> Mapping[Hashable, BreakableCUDAGraph]:
@@ -375,17 +429,54 @@ class BreakableGraphed:
         if not torch.cuda.is_available() or any(t.device.type != "cuda" for t in tensors):
             return self.fn(*args, **kwargs)
         _require_no_capture("BreakableGraphed")
-        signature = tuple((key, _signature_of(key, value)) for key, value in items)
+        signature = tuple((key, self._signature_of(key, value)) for key, value in items)
+        device = tensors[0].device if tensors else torch.device("cuda", torch.cuda.current_device())
+        if self.debug:
+            self._check_static_addresses(items)
+        seen = self._warmups.get(signature, 0)
+        if seen < self.warmup:
+            self._warmups[signature] = seen + 1
+            return self._run_eagerly(args, kwargs, device, last_warmup=seen + 1 == self.warmup)
         entry = self._entries.get(signature)
         if entry is None:
-            device = tensors[0].device if tensors else torch.device("cuda", torch.cuda.current_device())
             entry = self._capture(args, kwargs, device)
             self._entries[signature] = entry
-        else:
-            self._refill(entry, args, kwargs)
+        self._refill(entry, args, kwargs)
         with torch.no_grad(), torch.cuda.device(entry.device):
+            if self.guard is not None:
+                self.guard.before_replay(entry.token)
             entry.capture.replay()
+            if self.guard is not None:
+                self.guard.after_replay(entry.token)
+            for key, buffer in entry.mutated:
+                _arg(args, kwargs, key).copy_(buffer)
             return _map_tensors(entry.outputs, torch.clone) if self.clone_outputs else entry.outputs
+
+    def _signature_of(self, key: ArgKey, value: Any) -> Hashable:
+        signature = _signature_of(key, value)
+        if key in self.static_inputs and isinstance(value, torch.Tensor):
+            return (signature, value.data_ptr())
+        return signature
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    def _run_eagerly(self, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device, last_warmup: bool) -> Any:
+        """A warm-up call: ``fn`` on the caller's own tensors, on the side stream that will capture."""
+        with torch.no_grad(), torch.cuda.device(device):
+            caller = torch.cuda.current_stream()
+            stream = self._side_stream()
+            stream.wait_stream(caller)
+            with torch.cuda.stream(stream):
+                if last_warmup and self.guard is not None:
+                    with self.guard.warmup():
+                        outputs = self.fn(*args, **kwargs)
+                else:
+                    outputs = self.fn(*args, **kwargs)
+            caller.wait_stream(stream)
+        return outputs
 
     def _capture(self, args: tuple[Any, ...], kwargs: dict[str, Any], device: torch.device) -> _Entry:
         entry_args = list(args)
@@ -408,32 +499,42 @@ class BreakableGraphed:
         with torch.no_grad(), torch.cuda.device(device):
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
-            # Warm up on the capture stream so that lazy initialisation (cuBLAS
-            # workspaces, allocator blocks) happens there and outside the capture.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(self.warmup):
-                    self.fn(*entry_args, **entry_kwargs)
-            # Work queued outside the graph (the warm-up, copies on other streams) cannot be
+            # Work queued outside the graph (warm-ups, copies on other streams) cannot be
             # waited on from inside a capture, and the first replay follows right after it.
             torch.cuda.synchronize(device)
-            capture = BreakableCUDAGraph(pool=self.pool, stream=stream, on_segment_end=self.on_segment_end)
-            with capture:
-                outputs = self.fn(*entry_args, **entry_kwargs)
-        return _Entry(capture, device, outputs, copied, pinned)
+            versions = [_version(buffer) for _, buffer in copied]
+            capture = BreakableCUDAGraph(pool=self.pool, stream=self._side_stream(), on_segment_end=self.on_segment_end)
+            if self.guard is not None:
+                self.guard.begin_capture()
+            ok = False
+            try:
+                with capture:
+                    outputs = self.fn(*entry_args, **entry_kwargs)
+                ok = True
+            finally:
+                token = self.guard.end_capture(ok) if self.guard is not None else None
+        mutated = [
+            (key, buffer)
+            for (key, buffer), version in zip(copied, versions)
+            if version is None or _version(buffer) != version
+        ]
+        return _Entry(capture, device, outputs, copied, mutated, pinned, token)
+
+    def _check_static_addresses(self, items: list[tuple[ArgKey, Any]]) -> None:
+        """debug=True: a static input seen before at another address is an error, not a new capture."""
+        shapes = tuple((key, _signature_of(key, value)) for key, value in items)
+        addresses = {key: value.data_ptr() for key, value in items if key in self.static_inputs and isinstance(value, torch.Tensor)}
+        captured = self._captured_at.setdefault(shapes, addresses)
+        for key, now in addresses.items():
+            if captured.get(key, now) != now:
+                raise RuntimeError(
+                    f"BreakableGraphed: static input argument {key!r} moved: captured at "
+                    f"0x{captured[key]:x}, passed at 0x{now:x}. The graph reads the captured "
+                    "tensor in place; update that tensor instead, or leave the argument out of static_inputs."
+                )
 
     def _refill(self, entry: _Entry, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Bring the new call's tensors to the addresses the graph reads."""
-        if self.debug:
-            for key, captured in entry.pinned:
-                now = _arg(args, kwargs, key).data_ptr()
-                if now != captured.data_ptr():
-                    raise RuntimeError(
-                        f"BreakableGraphed: static input argument {key!r} moved: captured at "
-                        f"0x{captured.data_ptr():x}, passed at 0x{now:x}. The graph reads the captured "
-                        "tensor in place; update that tensor instead, or leave the argument out of static_inputs."
-                    )
         with torch.no_grad():
             for key, buffer in entry.copied:
                 buffer.copy_(_arg(args, kwargs, key))

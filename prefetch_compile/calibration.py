@@ -32,7 +32,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._torch_internals import TorchDispatchMode, returns_new_memory, tree_flatten, tree_map
+from ._torch_internals import TorchDispatchMode, pytree, returns_new_memory
 from .cost_model import BandwidthCurve, CostTable
 from .discovery import find_layer_list, matches_offload_params
 from .planner import PARAM_FILTERS
@@ -143,15 +143,15 @@ def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str |
     """
     path, blocks = find_layer_list(model, layers)
     meta = {name: _to_meta(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    inputs = tuple(tree_map(_to_meta, tuple(example_inputs)))
+    inputs = tuple(pytree.tree_map(_to_meta, tuple(example_inputs)))
     recorder = _LiveBytes({id(tensor): name for name, tensor in meta.items()})
-    recorder.live = sum(_nbytes(t) for t in tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
+    recorder.live = sum(_nbytes(t) for t in pytree.tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
     recorder.peak = recorder.live
     layer_inputs: list[tuple[tuple, dict] | None] = [None] * len(blocks)
     handles = []
     for index, block in enumerate(blocks):
         def before(module: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
-            layer_inputs[index] = tree_map(_spec, (args, kwargs))  # geometry only: holding tensors would keep them live
+            layer_inputs[index] = pytree.tree_map(_spec, (args, kwargs))  # geometry only: holding tensors would keep them live
             recorder.layer = index
 
         def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -254,7 +254,7 @@ def calibrate_layers(
         kind = _layer_kind(block, inputs)
         if kind not in measured:
             replica = copy.deepcopy(block).to(device).eval()
-            args, kwargs = tree_map(lambda value: _materialise(value, device), inputs)
+            args, kwargs = pytree.tree_map(lambda value: _materialise(value, device), inputs)
             compiled = torch.compile(replica, backend=compiler, dynamic=False)
             with torch.no_grad():
                 for _ in range(2):
@@ -286,9 +286,9 @@ class _LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         out = func(*args, **(kwargs or {}))
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        inputs = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         reads = {self.parameters[id(t)]: t for t in inputs if id(t) in self.parameters}
-        outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        outputs = [t for t in pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         fresh = returns_new_memory(func)
         if not fresh and reads:
             for tensor in outputs:  # a view of a parameter: its readers read the parameter
@@ -373,7 +373,7 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -
 
 def _layer_kind(block: nn.Module, inputs: tuple[tuple, dict]) -> tuple:
     params = tuple((name, tuple(p.shape), p.dtype) for name, p in block.named_parameters())
-    leaves = tuple(leaf if isinstance(leaf, TensorSpec) else repr(leaf) for leaf in tree_flatten(inputs)[0])
+    leaves = tuple(leaf if isinstance(leaf, TensorSpec) else repr(leaf) for leaf in pytree.tree_flatten(inputs)[0])
     return type(block), params, leaves
 
 

@@ -21,7 +21,6 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .backend import PASS_TIMINGS
 from .config import OptionError, PlanOptions
 from .offload import offload_with_options
 from .plan import build_plan
@@ -111,19 +110,18 @@ def _offload_compile_and_run(model: nn.Module, options: PlanOptions, args: argpa
         compile_options["dump_dir"] = str(args.dump_dir)
     compiled = torch.compile(model, backend="prefetch_offload", options=compile_options)
     example = make_input(args.input_shape, args.input_dtype, device)
-    first_graph = len(PASS_TIMINGS)
     with torch.no_grad():
         compiled(example)
-        graphs = range(first_graph, len(PASS_TIMINGS))
         if args.timeline is not None:
             for _ in range(TIMELINE_WARMUP_CALLS):
                 compiled(example)
             trace = args.timeline.with_suffix(".json")
             export_trace(lambda: compiled(example), trace)
     if args.dump_dir is not None:
-        print(f"\ndumps of {len(graphs)} graph(s) in {args.dump_dir}:")
-        for index in graphs:
-            print(f"  graph_{index}_before.py  graph_{index}_after.py  graph_{index}_plan.txt")
+        print(f"\ndumps of {len(runtime.compiles)} graph(s) in {args.dump_dir}:")
+        for record in runtime.compiles:
+            stem = "graph_" + record.graph.replace("/", "_")
+            print(f"  {stem}_before.py  {stem}_after.py  {stem}_plan.txt")
     if args.timeline is not None:
         labels = draw_timeline(trace, args.timeline, runtime.plan)
         copied = ", ".join(label for label in labels if label is not None) or "none"

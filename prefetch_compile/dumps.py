@@ -18,6 +18,7 @@ from typing import Mapping, Sequence
 import torch
 from torch import fx, nn
 
+from . import _torch_internals
 from .passes import PrefetchPassResult
 from .plan import LayerPlan
 from .plan_table import plan_rows, prefetch_spans, render_plan_table
@@ -27,30 +28,42 @@ from .runtime import PrefetchRuntime
 _ASSIGNMENT = re.compile(r"^(\s+)([A-Za-z_]\w*) = ")
 
 
-def write_graph_dump(
-    dump_dir: Path, graph_index: int, before: str, graph: fx.Graph, result: PrefetchPassResult, runtime: PrefetchRuntime
+def emit_graph_dump(
+    dump_dir: Path | None, graph_name: str, before: str, graph: fx.Graph, result: PrefetchPassResult, runtime: PrefetchRuntime
 ) -> None:
-    """Write the three files of one graph; ``before`` is the graph's code captured before the pass ran."""
+    """Write the three files of one graph to ``dump_dir`` (when given), and put them into PyTorch's structured trace.
+
+    ``graph_name`` is Dynamo's compile id (``frame/recompile``, as ``TORCH_LOGS`` and
+    tlparse print it); the files are ``graph_<frame>_<recompile>_{before.py,after.py,plan.txt}``.
+    ``before`` is the graph's code captured before the pass ran (empty without a dump dir).
+    """
+    def after() -> str:
+        return annotated_code(graph, result, runtime.offloaded, graph_name)
+
+    def plan() -> str:
+        params = {**_parameters(runtime.kept_tensors), **runtime.offloaded_params}
+        table = render_plan_table(plan_rows(runtime.plan, params, prefetch_spans(graph, result)))
+        return (
+            f"graph {graph_name}: the plan, and where this graph prefetches each layer "
+            f"(FLOPs estimated from matmul-like ops)\n\n{table}\n"
+        )
+
+    stem = "graph_" + graph_name.replace("/", "_")
+    _torch_internals.emit_artifact(f"prefetch_compile_{stem}_after", after)
+    if dump_dir is None:
+        return
     dump_dir.mkdir(parents=True, exist_ok=True)
-    params = {**_parameters(runtime.kept_tensors), **runtime.offloaded_params}
-    table = render_plan_table(plan_rows(runtime.plan, params, prefetch_spans(graph, result)))
-    files = {
-        "before.py": before,
-        "after.py": annotated_code(graph, result, runtime.layers, graph_index),
-        "plan.txt": f"graph {graph_index}: the plan, and where this graph prefetches each layer "
-        f"(FLOPs estimated from matmul-like ops)\n\n{table}\n",
-    }
-    for suffix, text in files.items():
-        (dump_dir / f"graph_{graph_index}_{suffix}").write_text(text)
+    for suffix, text in {"before.py": before, "after.py": after(), "plan.txt": plan()}.items():
+        (dump_dir / f"{stem}_{suffix}").write_text(text)
 
 
-def annotated_code(graph: fx.Graph, result: PrefetchPassResult, layers: Sequence[LayerPlan], graph_index: int) -> str:
+def annotated_code(graph: fx.Graph, result: PrefetchPassResult, layers: Sequence[LayerPlan], graph_name: str) -> str:
     """FX's Python code of ``graph`` with a comment line above every node that reads or moves offloaded weights."""
     notes = node_notes(result, layers)
     lines = [
-        f"# graph {graph_index} after the prefetch pass.",
+        f"# graph {graph_name} (Dynamo compile id) after the prefetch pass.",
         "# '# reads' lines: the offloaded layer (offload index, slot), its parameters, and how each is read.",
-        "# '# wait for' / '# prefetch' lines: the inserted ops; 'layer N' in their reasons is offload index N.",
+        "# '# wait for' / '# prefetch' lines: the inserted ops and why they stand there.",
         "# Layer names are those the graph was compiled for; the ops find their layer from the weights at run time.",
     ]
     for line in graph.python_code("self").src.splitlines():
@@ -72,7 +85,7 @@ def node_notes(result: PrefetchPassResult, layers: Sequence[LayerPlan]) -> dict[
             notes.setdefault(node.name, []).append(f"reads {_describe(layers[layer])}: {', '.join(params)}")
     for op in result.inserted:
         action = "wait for" if op.kind == "wait" else "prefetch"
-        notes.setdefault(op.node.name, []).append(f"{action} {_describe(layers[op.layer])}; why here: {op.reason}")
+        notes.setdefault(op.node.name, []).append(f"{action} {_describe(layers[op.offload_index])}; why here: {op.reason}")
     return notes
 
 

@@ -19,12 +19,10 @@ from .budget import plan_within_budget
 from .config import BudgetOptions, OptionError, PlanOptions, parse_budget_options
 from .memory import HostArena, SlotPool, param_view
 from .plan import OffloadPlan, build_plan
-from .runtime import PrefetchRuntime, describe, live_runtimes
+from .model_hooks import install_model_hooks
+from .runtime import PrefetchRuntime, describe, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
-
-OFFLOADED_FLAG = "_prefetch_compile_offloaded"
-
 
 def offload(
     model: nn.Module,
@@ -98,9 +96,9 @@ def offload_within_budget(
 def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
     """The runtime that owns this model's offloaded parameters, if it was offloaded."""
     for param in model.parameters():
-        for runtime in live_runtimes():
-            if runtime.locate(param) is not None:
-                return runtime
+        runtime = runtime_of_tensor(param)
+        if runtime is not None:
+            return runtime
     return None
 
 
@@ -124,7 +122,7 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     runtime = PrefetchRuntime(plan, device, host, slots, offloaded, kept)
     for offload_index in range(plan.num_slots):
         runtime.start(offload_index)
-    _install_eager_hooks(model, plan, runtime)
+    install_model_hooks(model, plan, runtime)
     log.info(describe(runtime.stats(), plan))
     return runtime
 
@@ -157,30 +155,3 @@ def _move_offloaded_to_host(model: nn.Module, plan: OffloadPlan, host: HostArena
             param.data = torch.empty(0, dtype=param.dtype)
             moved[placement.name] = param
     return moved
-
-
-def _install_eager_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
-    """Make each block load itself when it is called from eager Python.
-
-    That keeps the uncompiled model correct, and covers the blocks that Dynamo
-    compiles one by one when it cannot trace the loop that calls them. While
-    tracing, the hooks only read the block's ``OFFLOADED_FLAG``: Dynamo guards on
-    it, so one compiled graph never serves both an offloaded and a kept block.
-    """
-    blocks = model.get_submodule(plan.layer_list_path) if plan.layer_list_path else model
-    next_of = {layer.index: plan.next_in_slot(layer.offload_index) for layer in plan.offloaded}
-    index_of = {layer.index: layer.offload_index for layer in plan.offloaded}
-    for layer in plan.layers:
-        block = blocks[layer.index]
-        setattr(block, OFFLOADED_FLAG, layer.offloaded)
-
-        def before(module: nn.Module, args: object, position: int = layer.index) -> None:
-            if getattr(module, OFFLOADED_FLAG) and not torch.compiler.is_compiling():
-                runtime.wait(index_of[position])
-
-        def after(module: nn.Module, args: object, output: object, position: int = layer.index) -> None:
-            if getattr(module, OFFLOADED_FLAG) and not torch.compiler.is_compiling():
-                runtime.start(next_of[position])
-
-        block.register_forward_pre_hook(before)
-        block.register_forward_hook(after)

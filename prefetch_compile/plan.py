@@ -89,9 +89,14 @@ class OffloadPlan:
     def next_in_slot(self, offload_index: int) -> int:
         """The offloaded layer to bring in once ``offload_index`` has been read for the last time.
 
-        Wrapping around makes the last layers prefetch the first ones for the next forward.
+        That is the next layer in the same slot (offload index ``i`` uses slot ``i mod
+        num_slots``); the slot's last layer wraps around to the slot's first, which the
+        next forward reads first. Wrapping to ``(i + num_slots) mod n`` instead would,
+        when ``n`` is not a multiple of ``num_slots``, land in another slot whose layer
+        is still unread, and cost extra copies every forward.
         """
-        return (offload_index + self.num_slots) % len(self.offloaded)
+        following = offload_index + self.num_slots
+        return following if following < len(self.offloaded) else offload_index % self.num_slots
 
 
 def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:

@@ -38,8 +38,8 @@ def prefetch_spans(graph: fx.Graph, result: PrefetchPassResult) -> dict[int, Pre
     inserted = {op.node for op in result.inserted}
     nodes = list(graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
-    starts = {op.layer: op.node for op in result.inserted if op.kind == "start"}
-    waits = {op.layer: op.node for op in result.inserted if op.kind == "wait"}
+    starts = {op.offload_index: op.node for op in result.inserted if op.kind == "start"}
+    waits = {op.offload_index: op.node for op in result.inserted if op.kind == "wait"}
     spans = {}
     for layer in starts.keys() | waits.keys():
         start, wait = starts.get(layer), waits.get(layer)

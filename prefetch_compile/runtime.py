@@ -1,26 +1,42 @@
-"""The prefetch runtime of one offloaded model: copy stream, slot ownership, and copy events.
+"""The prefetch runtime of one offloaded model: copy stream, slot ownership, copy events, counters.
 
-Invariant kept between forwards: slot ``s`` holds (or is being filled with)
-offloaded layer ``s``. Every forward, eager, compiled or replayed from a CUDA
-graph, ends by prefetching those first layers again, so a captured graph, whose
-copies replay blindly, always finds the slots in the state it was captured in.
+``start`` and ``wait`` are the bodies of the custom ops that the prefetch pass
+inserts; the eager block hooks and the CUDA-graph replays call them too.
 
-``start`` and ``wait`` are the bodies of the custom ops that the graph pass
-inserts. ``wait`` is an "ensure": if nobody prefetched the layer (its reader sits
-in an unexpected place, or a graph break split a layer), it copies the layer
-itself, so a misplaced prefetch costs speed, never correctness.
+* ``start(i)`` copies offloaded layer ``i`` from the host arena into its slot,
+  on the copy stream, ordered after everything already queued on the compute
+  stream (so after the last reader of the slot's previous layer).
+* ``wait(i)`` orders the compute stream after that copy. It is also an
+  *ensure*: when the slot holds another layer (a graph break inside a block, an
+  eager block call, a forward that raised half way), it copies the layer on the
+  spot, counts a miss in :attr:`PrefetchRuntime.counters` and logs a warning
+  once per graph. A miss costs speed, never correctness, and is never silent.
 
-On CPU the same code runs with synchronous copies, which makes any ordering
+Each offloaded layer is copied exactly once per forward: layer ``i`` prefetches
+the next layer that uses its slot (``plan.next_in_slot``), and the last layer
+of each slot prefetches that slot's first layer for the next forward.
+
+Python state vs. device state. ``_slot_owner`` says which layer each slot holds
+or is being filled with, as far as the work queued so far goes. Eager calls and
+compiled graphs keep it exact because the ops run in Python. A CUDA graph
+replay runs no Python at all, so :mod:`prefetch_compile.graphs` snapshots the
+owners a capture starts from and ends with, restores the former before each
+replay (:meth:`restore_slots`) and installs the latter after it.
+
+One lock per runtime serialises the model's forwards across threads: the slot
+pool is shared state, so two threads may not interleave their copies and reads.
+
+On the CPU the same code runs with synchronous copies, which makes any ordering
 mistake of the pass show up as wrong numbers.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
-import weakref
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
@@ -31,21 +47,6 @@ if TYPE_CHECKING:
     from .report import CopyRecorder, CopyReport
 
 log = logging.getLogger("prefetch_compile")
-
-_RUNTIMES: dict[int, weakref.ReferenceType[PrefetchRuntime]] = {}
-_NEXT_ID = itertools.count()
-
-
-def runtime_by_id(runtime_id: int) -> PrefetchRuntime:
-    """The live runtime a compiled graph's custom op refers to."""
-    runtime = _RUNTIMES.get(runtime_id, lambda: None)()
-    if runtime is None:
-        raise RuntimeError(f"prefetch runtime {runtime_id} no longer exists (its model was freed)")
-    return runtime
-
-
-def live_runtimes() -> list[PrefetchRuntime]:
-    return [rt for ref in list(_RUNTIMES.values()) if (rt := ref()) is not None]
 
 
 @dataclass(frozen=True)
@@ -65,11 +66,64 @@ class OffloadStats:
 
 
 @dataclass
+class CopyCounters:
+    """What the runtime did since the model was offloaded (or since :meth:`reset`).
+
+    ``copies`` counts whole-layer host-to-device copies; ``ensure_misses`` the
+    waits that found their layer absent and copied it on the spot (each one is
+    also in ``copies``); ``restores`` the copies made before a CUDA graph replay
+    because Python code changed the slots since the capture.
+    """
+
+    copies: int = 0
+    ensure_misses: int = 0
+    restores: int = 0
+    misses_by_graph: dict[str, int] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.copies = self.ensure_misses = self.restores = 0
+        self.misses_by_graph.clear()
+
+
+@dataclass(frozen=True)
+class CompileRecord:
+    """What the prefetch pass did to one compiled graph."""
+
+    graph: str  # Dynamo's compile id
+    layers_read: int  # offloaded layers the graph reads (one wait each)
+    ops_inserted: int
+    seconds: float  # time spent in the pass
+
+    def __str__(self) -> str:
+        return (
+            f"graph {self.graph}: {self.layers_read} offloaded layers read, "
+            f"{self.ops_inserted} ops inserted in {self.seconds * 1e3:.1f} ms"
+        )
+
+
+@dataclass
 class _InFlight:
     """A copy issued on the copy stream and not yet waited for by the compute stream."""
 
     done: torch.cuda.Event
     in_capture: bool  # recorded inside a CUDA graph capture: only usable inside that capture
+
+
+@dataclass
+class SlotState:
+    """A snapshot of the Python-side slot state, taken around a CUDA graph capture."""
+
+    owners: tuple[int | None, ...]
+    in_flight: dict[int, _InFlight]
+
+
+@dataclass
+class _CaptureLog:
+    """What the ops did while a CUDA graph was being captured."""
+
+    deferred: frozenset[int]  # starts left out of the graph, issued eagerly after each replay
+    consumed: set[int] = field(default_factory=set)  # eager copies the graph waits for
+    copies: int = 0  # copies captured into the graph: each replay makes them again
 
 
 class PrefetchRuntime:
@@ -84,93 +138,108 @@ class PrefetchRuntime:
         offloaded_params: Mapping[str, torch.nn.Parameter],
         kept_tensors: Mapping[str, torch.Tensor],
     ) -> None:
-        if device.type == "cuda" and host.nbytes and not host.buffer.is_pinned():
+        if device.type == "cuda" and host.nbytes and not host.pinned:
             raise ValueError(
                 "the host arena must be page-locked for a CUDA device: a non_blocking copy from pageable "
                 "memory synchronises the stream, which breaks the copy/compute ordering and the overlap"
             )
-        self.id = next(_NEXT_ID)
         self.plan = plan
         self.device = device
         self.host = host
         self.slots = slots
-        self.layers: tuple[LayerPlan, ...] = plan.offloaded
+        self.offloaded: tuple[LayerPlan, ...] = plan.offloaded
         self.offloaded_params = dict(offloaded_params)
         self.kept_tensors = dict(kept_tensors)
+        self.counters = CopyCounters()
+        self.compiles: list[CompileRecord] = []  # one per graph compiled against this runtime
+        self.lock = threading.RLock()
+        self._graphs: list[str] = []  # the graphs holding the lock, innermost last
         self._param_locations = {
             id(self.offloaded_params[placement.name]): (layer.offload_index, placement.name)
-            for layer in self.layers
+            for layer in self.offloaded
             for placement in layer.params
         }
         self._cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        # One persistent event per offloaded layer for copies issued outside a capture. They are
+        # "external": a capture that waits on one records a wait node for the event itself, so a
+        # replay waits for whatever copy last recorded it (the prefetch issued after the previous replay).
+        self._ready = [torch.cuda.Event(external=True) for _ in self.offloaded] if self._cuda else []
         self._slot_owner: list[int | None] = [None] * plan.num_slots
         self._in_flight: dict[int, _InFlight] = {}
+        self._compute_stream: torch.cuda.Stream | None = None
+        self._capture: _CaptureLog | None = None
+        self._trace: list[tuple[str, int]] | None = None
         self.recorder: CopyRecorder | None = None  # set by start_recording(); told of every copy and wait
-        _RUNTIMES[self.id] = weakref.ref(self)
-        weakref.finalize(self, _RUNTIMES.pop, self.id, None)
+        for param in self.offloaded_params.values():
+            setattr(param, OWNER_ATTRIBUTE, self)
 
     # ----------------------------------------------------------------- queries
-    def locate(self, tensor: torch.Tensor) -> tuple[int, str] | None:
+    def locate(self, tensor: object) -> tuple[int, str] | None:
         """(offload index, parameter name) of an offloaded parameter, by identity; None otherwise."""
         return self._param_locations.get(id(tensor))
-
-    def layer_of(self, param: torch.Tensor) -> int | None:
-        """The offload index of the layer owning ``param`` (by tensor identity); None for a kept tensor."""
-        location = self.locate(param)
-        return None if location is None else location[0]
 
     def stats(self) -> OffloadStats:
         return OffloadStats(
             total_layers=len(self.plan.layers),
-            offloaded_layers=len(self.layers),
+            offloaded_layers=len(self.offloaded),
             offloaded_bytes=self.plan.offloaded_bytes(),
             host_pinned_bytes=self.host.nbytes if self.host.pinned else 0,
             slot_pool_bytes=self.slots.nbytes,
             kept_device_bytes=sum(t.numel() * t.element_size() for t in self.kept_tensors.values()),
         )
 
+    def record_compile(self, graph: str, layers_read: int, ops_inserted: int, seconds: float) -> CompileRecord:
+        record = CompileRecord(graph, layers_read, ops_inserted, seconds)
+        self.compiles.append(record)
+        return record
+
+    def check_placement(self, names: Sequence[str] | None = None) -> None:
+        """Refuse offloaded parameters that no longer view their slot.
+
+        ``model.to(dtype)``, ``.half()``, ``.cuda()`` and friends give a parameter new
+        storage; it would then keep the values of whatever layer sat in the slot at
+        that moment. Raised at the next forward, before any number is computed.
+        """
+        for layer in self.offloaded:
+            base = self.slots.block(layer).data_ptr()
+            for placement in layer.params:
+                if names is not None and placement.name not in names:
+                    continue
+                param = self.offloaded_params[placement.name]
+                if (
+                    param.data_ptr() != base + placement.offset
+                    or param.dtype != placement.dtype
+                    or tuple(param.shape) != placement.shape
+                ):
+                    raise RuntimeError(
+                        f"offloaded parameter {placement.name} no longer lives in its device slot (now "
+                        f"{param.dtype}, {tuple(param.shape)} on {param.device}): an offloaded model cannot change "
+                        "dtype or device (model.to, .half, .float, ...). Convert the model before offload(), "
+                        "or load new values with runtime.load_weights / model.load_state_dict"
+                    )
+
     # -------------------------------------------------------------- the ops
     def start(self, offload_index: int) -> None:
         """Begin copying a layer into its slot, after all work already queued on the compute stream."""
-        layer = self.layers[offload_index]
+        if self._trace is not None:
+            self._trace.append(("start", offload_index))
+        layer = self.offloaded[offload_index]
         if self._slot_owner[layer.slot] == offload_index:
             return
-        self._slot_owner[layer.slot] = offload_index
-        destination, source = self.slots.block(layer), self.host.block(layer)
-        recorder = self.recorder
-        if not self._cuda:
-            if recorder is not None:
-                recorder.copy_issued(offload_index, None)
-                recorder.copy_began(offload_index, None)
-            destination.copy_(source)
-            if recorder is not None:
-                recorder.copy_ended(offload_index, None)
-            return
-        compute = torch.cuda.current_stream(self.device)
-        # The fork event orders the copy after the last reader of the slot's previous
-        # layer, and inside a capture it is what pulls the copy stream into the graph.
-        fork = torch.cuda.Event()
-        fork.record(compute)
-        if recorder is not None:
-            recorder.copy_issued(offload_index, compute)
-        self.copy_stream.wait_event(fork)
-        with torch.cuda.stream(self.copy_stream):
-            if recorder is not None:
-                recorder.copy_began(offload_index, self.copy_stream)
-            destination.copy_(source, non_blocking=True)
-            if recorder is not None:
-                recorder.copy_ended(offload_index, self.copy_stream)
-            done = torch.cuda.Event()
-            done.record(self.copy_stream)
-        self._in_flight[offload_index] = _InFlight(done, torch.cuda.is_current_stream_capturing())
+        if self._capture is not None and offload_index in self._capture.deferred:
+            return  # issued eagerly after each replay, so the next forward's copy overlaps the host's work
+        self._copy_in(layer)
 
     def wait(self, offload_index: int) -> None:
         """Make the compute stream wait until the layer is resident in its slot."""
-        layer = self.layers[offload_index]
+        if self._trace is not None:
+            self._trace.append(("wait", offload_index))
+        layer = self.offloaded[offload_index]
         missed = self._slot_owner[layer.slot] != offload_index
         if missed:
-            self.start(offload_index)
+            self._count_miss(layer)
+            self._copy_in(layer)
         if self.recorder is None:
             self._wait_for_copy(offload_index)
             return
@@ -183,17 +252,65 @@ class PrefetchRuntime:
         copy = self._in_flight.pop(offload_index, None)
         if copy is None:
             return
-        if torch.cuda.is_current_stream_capturing() and not copy.in_capture:
-            # Issued before this capture began; whoever began the capture synchronised
-            # with it, and an event from outside the capture cannot be waited on inside.
-            return
+        if self._capture is not None and not copy.in_capture:
+            self._capture.consumed.add(offload_index)
         torch.cuda.current_stream(self.device).wait_event(copy.done)
 
+    def _copy_in(self, layer: LayerPlan) -> None:
+        self._slot_owner[layer.slot] = layer.offload_index
+        if self._capture is not None:
+            self._capture.copies += 1
+        else:
+            self.counters.copies += 1
+        destination, source = self.slots.block(layer), self.host.block(layer)
+        recorder, index = self.recorder, layer.offload_index
+        if not self._cuda:
+            if recorder is not None:
+                recorder.copy_issued(index, None)
+                recorder.copy_began(index, None)
+            destination.copy_(source)
+            if recorder is not None:
+                recorder.copy_ended(index, None)
+            return
+        compute = torch.cuda.current_stream(self.device)
+        capturing = torch.cuda.is_current_stream_capturing()
+        # The fork event orders the copy after the last reader of the slot's previous
+        # layer, and inside a capture it is what pulls the copy stream into the graph.
+        fork = torch.cuda.Event()
+        fork.record(compute)
+        if recorder is not None:
+            recorder.copy_issued(index, compute)
+        self.copy_stream.wait_event(fork)
+        done = torch.cuda.Event() if capturing else self._ready[layer.offload_index]
+        with torch.cuda.stream(self.copy_stream):
+            if recorder is not None:
+                recorder.copy_began(index, self.copy_stream)
+            destination.copy_(source, non_blocking=True)
+            if recorder is not None:
+                recorder.copy_ended(index, self.copy_stream)
+            done.record(self.copy_stream)
+        self._in_flight[layer.offload_index] = _InFlight(done, capturing)
+
+    def _count_miss(self, layer: LayerPlan) -> None:
+        counters = self.counters
+        counters.ensure_misses += 1
+        graph = self.current_graph
+        counters.misses_by_graph[graph] = counters.misses_by_graph.get(graph, 0) + 1
+        if counters.misses_by_graph[graph] == 1:
+            log.warning(
+                "prefetch_compile: %s was not resident when %s read it; copied on the spot. A graph break "
+                "inside a block, an eager call of an offloaded block or a forward that raised does this; "
+                "elsewhere it is a planning bug (counted in runtime.counters.ensure_misses, warned once per graph)",
+                layer.name,
+                graph,
+            )
+
+    # ------------------------------------------------------------ the report
     def start_recording(self) -> CopyRecorder:
         """Record every copy and wait from now on, for :meth:`report` (a few microseconds per copy)."""
         from .report import CopyRecorder
 
-        self.recorder = CopyRecorder(self.layers, self.device)
+        self.recorder = CopyRecorder(self.offloaded, self.device)
         return self.recorder
 
     def report(self) -> CopyReport:
@@ -204,6 +321,39 @@ class PrefetchRuntime:
         if self.recorder is None:
             raise RuntimeError("nothing recorded: call runtime.start_recording() before the forwards to report on")
         return self.recorder.report()
+
+    # ------------------------------------------------------- stream discipline
+    @contextmanager
+    def serving(self, graph: str) -> Iterator[None]:
+        """Hold the runtime while one compiled graph or CUDA graph replay runs (see :meth:`acquire`)."""
+        self.acquire(graph)
+        try:
+            yield
+        finally:
+            self.release()
+
+    def acquire(self, graph: str) -> None:
+        """Take the lock for ``graph`` (a name for warnings), and order the compute stream after the last one used.
+
+        The stream order makes a caller on another stream safe: its copies never
+        overwrite a slot that work queued on the previous stream still reads.
+        """
+        self.lock.acquire()
+        self._graphs.append(graph)
+        if self._cuda and not torch.cuda.is_current_stream_capturing():
+            stream = torch.cuda.current_stream(self.device)
+            if self._compute_stream is not None and self._compute_stream != stream:
+                stream.wait_stream(self._compute_stream)
+            self._compute_stream = stream
+
+    def release(self) -> None:
+        self._graphs.pop()
+        self.lock.release()
+
+    @property
+    def current_graph(self) -> str:
+        """The graph (or eager block) whose ops run now, named in the ensure warning."""
+        return self._graphs[-1] if self._graphs else "eager code"
 
     def join_capture(self) -> None:
         """Before a capture ends, fold every copy it started back into the capturing stream."""
@@ -216,10 +366,71 @@ class PrefetchRuntime:
                 del self._in_flight[index]
 
     def synchronize_copies(self) -> None:
-        """Order all issued copies before later compute-stream work (before a capture or a weight update)."""
+        """Order all issued copies before later compute-stream work (before a weight update, say)."""
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
             self._in_flight.clear()
+
+    # ------------------------------------------------------ CUDA graph support
+    @contextmanager
+    def tracing_ops(self) -> Iterator[list[tuple[str, int]]]:
+        """Record the ``("start"|"wait", offload index)`` calls made inside the block (a warm-up call)."""
+        self._trace = trace = []
+        try:
+            yield trace
+        finally:
+            self._trace = None
+
+    def snapshot(self) -> SlotState:
+        return SlotState(tuple(self._slot_owner), dict(self._in_flight))
+
+    def begin_capture(self, deferred: frozenset[int]) -> None:
+        self._capture = _CaptureLog(deferred)
+
+    def end_capture(self, before: SlotState) -> tuple[SlotState, _CaptureLog]:
+        """Close a capture: return the state it ends in, and put back the state it began from.
+
+        Nothing captured has run yet, so the slots still hold what they held before
+        the capture; Python must say so too until the graph is replayed.
+        """
+        log_, self._capture = self._capture, None
+        after = self.snapshot()
+        self._slot_owner = list(before.owners)
+        self._in_flight = dict(before.in_flight)
+        assert log_ is not None
+        return after, log_
+
+    def restore_slots(self, owners: Sequence[int | None]) -> None:
+        """Before a replay: give every slot the layer the graph was captured with.
+
+        Python code run since the capture (an eager block call, a forward that
+        raised, another graph) may have left other layers there; the replay would
+        read them blindly. The restoring copies run on the compute stream, ahead
+        of the replay, after any copy still in flight.
+        """
+        stale = [
+            (slot, wanted)
+            for slot, wanted in enumerate(owners)
+            if wanted is not None and self._slot_owner[slot] != wanted
+        ]
+        if not stale:
+            return
+        self.synchronize_copies()
+        for slot, wanted in stale:
+            layer = self.offloaded[wanted]
+            self.slots.block(layer).copy_(self.host.block(layer), non_blocking=self._cuda)
+            self._slot_owner[slot] = wanted
+            self.counters.copies += 1
+            self.counters.restores += 1
+
+    def after_replay(self, end: SlotState, log_: _CaptureLog) -> None:
+        """After a replay: Python learns what the graph did, then issues the deferred prefetches."""
+        self._slot_owner = list(end.owners)
+        self.counters.copies += log_.copies
+        for index in log_.consumed:
+            self._in_flight.pop(index, None)
+        for index in sorted(log_.deferred):
+            self.start(index)
 
     # ----------------------------------------------------------- weights
     def load_weights(self, new_values: Mapping[str, torch.Tensor]) -> None:
@@ -237,17 +448,42 @@ class PrefetchRuntime:
                     f"load_weights: {name!r} expects shape {tuple(current.shape)} and dtype {current.dtype}, "
                     f"got {tuple(value.shape)} and {value.dtype}"
                 )
-        self.synchronize_copies()
-        placements = {p.name: (layer, p) for layer in self.layers for p in layer.params}
-        for name, value in new_values.items():
-            if name not in placements:
-                self.kept_tensors[name].data.copy_(value)
-                continue
-            layer, placement = placements[name]
-            param_view(self.host.block(layer), placement).copy_(value)
-            if self._slot_owner[layer.slot] == layer.offload_index:
-                # The slot already holds this layer: refresh it in place so the next read sees the update.
-                param_view(self.slots.block(layer), placement).copy_(value)
+        with self.lock:
+            self.synchronize_copies()
+            placements = {p.name: (layer, p) for layer in self.offloaded for p in layer.params}
+            for name, value in new_values.items():
+                if name not in placements:
+                    self.kept_tensors[name].data.copy_(value)
+                    continue
+                layer, placement = placements[name]
+                param_view(self.host.block(layer), placement).copy_(value)
+                if self._slot_owner[layer.slot] == layer.offload_index:
+                    # The slot already holds this layer: refresh it in place so the next read sees the update.
+                    param_view(self.slots.block(layer), placement).copy_(value)
+
+    def host_value(self, name: str) -> torch.Tensor:
+        """The true value of an offloaded parameter: its view in the host arena (the slot may hold another layer)."""
+        layer_index, _ = self._param_locations[id(self.offloaded_params[name])]
+        layer = self.offloaded[layer_index]
+        placement = next(p for p in layer.params if p.name == name)
+        return param_view(self.host.block(layer), placement)
+
+
+def runtime_of_tensor(tensor: object) -> PrefetchRuntime | None:
+    """The runtime that owns ``tensor`` as an offloaded parameter, if any.
+
+    The runtime is found through an attribute on the parameter itself, set by
+    :meth:`PrefetchRuntime.__init__`: the custom ops run inside compiled code and
+    receive nothing but tensors, and a process-wide table of runtimes would be
+    state that outlives its models.
+    """
+    runtime = getattr(tensor, OWNER_ATTRIBUTE, None)
+    if runtime is None or runtime.locate(tensor) is None:
+        return None  # a copy of an offloaded parameter (deepcopy, pickle) is not offloaded
+    return runtime
+
+
+OWNER_ATTRIBUTE = "_prefetch_compile_runtime"
 
 
 def describe(stats: OffloadStats, plan: OffloadPlan) -> str:

@@ -109,7 +109,7 @@ def test_two_models_in_one_process_have_their_own_runtimes():
     first_ref, second_ref = copy.deepcopy(first), copy.deepcopy(second)
     first_rt = prefetch_compile.offload(first, "cpu", group_size=1)
     second_rt = prefetch_compile.offload(second, "cpu", group_size=2, prefetch_step=2)
-    assert first_rt is not second_rt and first_rt.id != second_rt.id
+    assert first_rt is not second_rt
     compiled_first = torch.compile(first, backend="prefetch_offload")
     compiled_second = torch.compile(second, backend="prefetch_offload")
     with torch.no_grad():

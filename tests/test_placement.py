@@ -56,7 +56,7 @@ def test_byte_accounting_matches_the_model():
     assert stats.total_layers == 4 and stats.offloaded_layers == 2
     assert stats.offloaded_bytes == sizes[1] + sizes[3]
     # One slot, as large as the larger block; each parameter padded to the alignment.
-    blocks = [layer.nbytes for layer in runtime.layers]
+    blocks = [layer.nbytes for layer in runtime.offloaded]
     assert stats.slot_pool_bytes == max(blocks)
     assert runtime.host.nbytes == sum(blocks)
     assert all(block % ALIGNMENT == 0 for block in blocks)

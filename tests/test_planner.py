@@ -120,14 +120,14 @@ def test_offload_layers_picks_exactly_those_layers(caplog):
     options = prefetch_compile.PlanOptions(offload_layers=(0, 3, 7), prefetch_step=2)
     with caplog.at_level("INFO", logger="prefetch_compile"):
         runtime = offload_with_options(Model(layers=8), torch.device("cpu"), options)
-    assert [layer.index for layer in runtime.layers] == [0, 3, 7]
-    assert [layer.slot for layer in runtime.layers] == [0, 1, 0]
+    assert [layer.index for layer in runtime.offloaded] == [0, 3, 7]
+    assert [layer.slot for layer in runtime.offloaded] == [0, 1, 0]
     assert "offloaded 3/8 layers of 'layers' (offload_layers=[0, 3, 7])" in caplog.records[0].getMessage()
 
 
 def test_offload_takes_layer_indices_too():
     runtime = prefetch_compile.offload(Model(layers=8), "cpu", offload_layers=[2, 5])
-    assert [layer.index for layer in runtime.layers] == [2, 5]
+    assert [layer.index for layer in runtime.offloaded] == [2, 5]
 
 
 def test_offload_layers_out_of_range_is_refused():

@@ -24,9 +24,9 @@ def test_report_counts_every_copy_and_wait_per_layer():
         ("layers.1", 3, 3, 0),
         ("layers.3", 3, 3, 0),
     ]
-    assert [row.nbytes for row in report.layers] == [layer.nbytes for layer in runtime.layers]
+    assert [row.nbytes for row in report.layers] == [layer.nbytes for layer in runtime.offloaded]
     assert report.copies == 6 and report.misses == 0
-    assert report.copied_bytes == 3 * sum(layer.nbytes for layer in runtime.layers)
+    assert report.copied_bytes == 3 * sum(layer.nbytes for layer in runtime.offloaded)
     # Synchronous CPU copies are done before anyone waits: no stall; every copy but the first wait's had a window.
     assert all(row.stall_s < 1e-3 and row.window_s is not None for row in report.layers)
     rendered = report.render(compute_only_s=1.0, measured_s=2.0)

@@ -71,9 +71,10 @@ def test_static_outputs_are_overwritten_without_clone():
     model = _model()
     graphed = BreakableGraphed(model, clone_outputs=False)
     first_x, second_x = torch.randn(4, WIDTH, device="cuda"), torch.randn(4, WIDTH, device="cuda")
+    warmup = graphed(first_x)  # the first call of a signature runs eagerly: fresh tensors
     first = graphed(first_x)
     second = graphed(second_x)
-    assert first is second
+    assert first is second and warmup is not first
     _close(first, _eager(model, second_x))
 
 
@@ -170,10 +171,14 @@ def test_debug_detects_a_moved_static_input():
         graphed(x, moved)
     _close(graphed(x, weight), _project(x, weight))  # the error left the wrapper usable
 
-    # Without debug nothing checks, and the graph keeps reading the tensor it was captured with.
+    # Without debug, a static input at a new address gets its own capture, never a stale read.
     quiet = BreakableGraphed(_project, static_inputs=(1,))
-    quiet(x, weight)
-    _close(quiet(x, weight * 3.0), _project(x, weight))
+    for _ in range(3):
+        quiet(x, weight)
+    tripled = weight * 3.0
+    for _ in range(3):
+        _close(quiet(x, tripled), _project(x, tripled))
+    _close(quiet(x, weight), _project(x, weight))
 
 
 @eager_break
@@ -213,7 +218,7 @@ def test_on_segment_end_runs_once_per_segment_while_capturing():
 
     segment_ends = []
     graphed = BreakableGraphed(_model(), on_segment_end=lambda: segment_ends.append(1))
-    for rows in (4, 4, 4, 6):
+    for rows in (4, 4, 4, 6, 6):  # each shape: an eager warm-up call, then a capture at its second call
         graphed(torch.randn(rows, WIDTH, device="cuda"))
     assert len(segment_ends) == 2 * 2  # two segments per capture, two captures
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 import copy
 import gc
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +13,6 @@ import prefetch_compile
 from prefetch_compile.memory import HostArena
 from prefetch_compile.runtime import PrefetchRuntime
 
-pytestmark = [
-    pytest.mark.cuda,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-]
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 llama_like = pytest.importorskip("llama_like")
 
 DEVICE = "cuda"

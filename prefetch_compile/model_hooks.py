@@ -1,0 +1,157 @@
+"""What an offloaded model does when Python code, not a compiled graph, touches it.
+
+After offloading, an offloaded parameter is a view of a device slot that holds
+whichever layer was copied there last. Every path by which Python code reads or
+writes parameters must know that, or it returns or stores another layer's
+weights without a word. This module makes each path correct or refuses it:
+
+* **an eager call of a block** waits for the block's layer and prefetches the
+  next one (so the uncompiled model, and blocks Dynamo compiles one at a time,
+  compute right), under the runtime's lock; it refuses grad mode (a backward
+  would read weights overwritten since) and parameters moved out of their slot;
+* **state_dict()** returns each offloaded parameter's true value, its view in
+  the pinned host arena (a CPU tensor), not the slot's current content;
+* **load_state_dict()** writes offloaded values into the host arena (and the
+  slot when the layer sits there), cast to the parameter's dtype as PyTorch
+  does; ``assign=True`` is refused;
+* **copy.deepcopy / pickling** of the model, a block, or a module holding an
+  offloaded parameter is refused: the copy would hold one slot's content.
+
+While Dynamo traces, the block hooks only read the block's ``OFFLOADED_FLAG``:
+Dynamo guards on it, so one compiled graph never serves both an offloaded and a
+kept block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .plan import OffloadPlan
+from .runtime import PrefetchRuntime
+
+OFFLOADED_FLAG = "_prefetch_compile_offloaded"
+
+
+def install_model_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
+    _install_block_hooks(model, plan, runtime)
+    _install_state_dict_hooks(model, plan, runtime)
+    _refuse_copies(model, plan)
+
+
+def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
+    blocks = model.get_submodule(plan.layer_list_path) if plan.layer_list_path else model
+    for layer in plan.layers:
+        block = blocks[layer.index]
+        setattr(block, OFFLOADED_FLAG, layer.offloaded)
+        names = [placement.name for placement in layer.params]
+        offload_index = layer.offload_index if layer.offloaded else -1
+        following = plan.next_in_slot(offload_index) if layer.offloaded else -1
+
+        def before(module: nn.Module, args: object, names: list[str] = names, index: int = offload_index) -> None:
+            if not getattr(module, OFFLOADED_FLAG) or torch.compiler.is_compiling():
+                return
+            if torch.is_grad_enabled() and any(runtime.offloaded_params[name].requires_grad for name in names):
+                raise RuntimeError(
+                    f"{layer_name(plan, index)} is offloaded and grad mode is on: a backward would read weights that "
+                    "later layers have overwritten in the slot. Offloaded models are for inference: use torch.no_grad() or "
+                    "torch.inference_mode(), or call requires_grad_(False) on the model"
+                )
+            runtime.check_placement(names)
+            runtime.acquire(f"eager call of {layer_name(plan, index)}")
+            runtime.wait(index)
+
+        def after(module: nn.Module, args: object, output: object, following: int = following) -> None:
+            if not getattr(module, OFFLOADED_FLAG) or torch.compiler.is_compiling():
+                return
+            try:
+                runtime.start(following)
+            finally:
+                runtime.release()
+
+        block.register_forward_pre_hook(before)
+        # always_call: the lock taken before the block is released even when the block raises.
+        block.register_forward_hook(after, always_call=True)
+
+
+def layer_name(plan: OffloadPlan, offload_index: int) -> str:
+    return plan.offloaded[offload_index].name
+
+
+def _owners(model: nn.Module, plan: OffloadPlan) -> dict[nn.Module, dict[str, str]]:
+    """Each module that directly holds offloaded parameters: {attribute name: parameter name}."""
+    owners: dict[nn.Module, dict[str, str]] = {}
+    for layer in plan.offloaded:
+        for placement in layer.params:
+            module_path, _, attribute = placement.name.rpartition(".")
+            owners.setdefault(model.get_submodule(module_path), {})[attribute] = placement.name
+    return owners
+
+
+def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
+    """Hooks on the modules that own offloaded parameters, so any ``state_dict`` call that reaches them is right."""
+    for owner, attributes in _owners(model, plan).items():
+
+        def save(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, attributes=attributes) -> None:
+            for attribute, name in attributes.items():
+                key = prefix + attribute
+                if key in state_dict:
+                    state_dict[key] = runtime.host_value(name).detach()
+
+        def load(
+            module: nn.Module,
+            state_dict: dict,
+            prefix: str,
+            local_metadata: dict,
+            strict: bool,
+            missing_keys: list,
+            unexpected_keys: list,
+            error_msgs: list,
+            attributes=attributes,
+        ) -> None:
+            updates = {}
+            for attribute, name in attributes.items():
+                key = prefix + attribute
+                if key not in state_dict:
+                    continue
+                if local_metadata.get("assign_to_params_buffers", False):
+                    raise RuntimeError(
+                        f"load_state_dict(assign=True) would replace offloaded parameter {name} with a tensor "
+                        "outside its slot; load without assign=True (values are copied into the host arena)"
+                    )
+                value, param = state_dict[key], runtime.offloaded_params[name]
+                if tuple(value.shape) != tuple(param.shape):
+                    continue  # PyTorch reports the size mismatch itself and copies nothing
+                updates[name] = value.detach().to(param.dtype)
+                # PyTorch then copies the entry into the parameter: make that a copy of the slot onto itself.
+                state_dict[key] = param
+            if updates:
+                runtime.load_weights(updates)
+
+        owner.register_state_dict_post_hook(save)
+        owner.register_load_state_dict_pre_hook(load)
+
+
+def _refuse_copies(model: nn.Module, plan: OffloadPlan) -> None:
+    """deepcopy and pickle look ``__deepcopy__`` / ``__reduce_ex__`` up on the instance: make both refuse."""
+    modules = {model}
+    for layer in plan.offloaded:
+        modules.add(model.get_submodule(layer.name))
+    modules.update(_owners(model, plan))
+    for module in modules:
+        refusal = _refusal(type(module).__name__)
+        module.__dict__["__deepcopy__"] = refusal
+        module.__dict__["__reduce_ex__"] = refusal
+
+
+def _refusal(what: str) -> Callable[..., Any]:
+    def refuse(*args: Any) -> Any:
+        raise RuntimeError(
+            f"this {what} is offloaded by prefetch_compile: its offloaded parameters are views of a shared device "
+            "slot, so a copy or a pickle would hold whichever layer sits there now. Copy or save the model "
+            "before offloading, or save model.state_dict() (it returns the true offloaded values)"
+        )
+
+    return refuse
