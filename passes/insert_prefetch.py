@@ -12,6 +12,28 @@ Invariant established, for every offloaded layer L read in the graph:
 Two layers that share a slot must be read in disjoint stretches of the graph
 (both would otherwise need the one buffer at once); a graph that interleaves
 them is reported as an error.
+
+Before (three layers, one slot; ``w0``..``w2`` are offloaded parameters)::
+
+    mm = aten.mm(x, w0);      tanh = aten.tanh(mm)
+    mm_1 = aten.mm(tanh, w1); tanh_1 = aten.tanh(mm_1)
+    mm_2 = aten.mm(tanh_1, w2)
+
+After::
+
+    wait_prefetch([w0])
+    mm = aten.mm(x, w0)
+    start_prefetch([w0, w1], [mm])        # brings in layer 1 once layer 0 is read
+    tanh = aten.tanh(mm)
+    wait_prefetch([w1])
+    mm_1 = aten.mm(tanh, w1)
+    start_prefetch([w1, w2], [mm_1])
+    tanh_1 = aten.tanh(mm_1)
+    wait_prefetch([w2])
+    mm_2 = aten.mm(tanh_1, w2)
+    start_prefetch([w2, w0], [mm_2])      # the next forward's first layer
+
+``tests/test_prefetch_pass_graphs.py`` runs the pass on such ``make_fx`` graphs.
 """
 
 from __future__ import annotations

@@ -7,11 +7,24 @@ before it compute. Use it as a torch.compile backend::
     compiled = torch.compile(model, backend="prefetch_offload",
                              options={"group_size": 4, "num_in_group": 1, "prefetch_step": 1})
 
-or place a model that does not fit first with :func:`offload`.
+or place a model that does not fit first: :func:`load_checkpoint` fills a model
+built on the meta device straight from its checkpoint, :func:`offload` places a
+model already in memory.
 """
 
+from .checkpoint import CheckpointError
 from .config import OptionError, PlanOptions
+from .loading import load_checkpoint
 from .offload import offload, runtime_of
 from .runtime import OffloadStats, PrefetchRuntime
 
-__all__ = ["OffloadStats", "OptionError", "PlanOptions", "PrefetchRuntime", "offload", "runtime_of"]
+__all__ = [
+    "CheckpointError",
+    "OffloadStats",
+    "OptionError",
+    "PlanOptions",
+    "PrefetchRuntime",
+    "load_checkpoint",
+    "offload",
+    "runtime_of",
+]

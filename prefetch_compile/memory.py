@@ -9,6 +9,7 @@ can nearly double the host memory of a large model.
 
 from __future__ import annotations
 
+import mmap
 import weakref
 
 import torch
@@ -17,25 +18,73 @@ from .plan import LayerPlan, OffloadPlan, ParamPlacement
 
 
 class HostArena:
-    """All offloaded layers' blocks, back to back, in one host allocation (page-locked on CUDA)."""
+    """All offloaded layers' blocks, back to back, in one host allocation.
 
-    def __init__(self, plan: OffloadPlan, pin: bool) -> None:
+    The allocation is an anonymous mapping, so a page costs host memory only
+    once it is written: filling the arena while the source weights are freed
+    one by one never holds the model and the arena at once. It is page-locked
+    by :meth:`pin` once filled, because page-locking faults in every page.
+    """
+
+    def __init__(self, plan: OffloadPlan) -> None:
         self.block_offsets: dict[int, int] = {}
         total = 0
         for layer in plan.offloaded:
             self.block_offsets[layer.offload_index] = total
             total += layer.nbytes
         self.nbytes = total
-        self.buffer = torch.empty(total, dtype=torch.uint8)
+        self.buffer = lazy_host_buffer(total)
         self.pinned = False
-        if pin and total:
-            _register_pinned(self.buffer)
-            self.pinned = True
-            weakref.finalize(self, _unregister_pinned, self.buffer)
 
     def block(self, layer: LayerPlan) -> torch.Tensor:
         start = self.block_offsets[layer.offload_index]
         return self.buffer[start : start + layer.nbytes]
+
+    def pin(self) -> None:
+        """Page-lock the arena for asynchronous copies to a CUDA device (once, after filling it)."""
+        if self.nbytes and not self.pinned:
+            _register_pinned(self.buffer)
+            self.pinned = True
+            weakref.finalize(self, _unregister_pinned, self.buffer)
+
+
+def lazy_host_buffer(nbytes: int) -> torch.Tensor:
+    """``nbytes`` of host memory whose pages are committed only when first written.
+
+    An explicit private anonymous mapping makes this hold at any size;
+    ``torch.empty`` has it only when malloc happens to serve the request with
+    ``mmap``. The tensor keeps the mapping alive; it is unmapped when the
+    tensor's storage is freed.
+    """
+    if nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+class PinnedStaging:
+    """A few page-locked host buffers of ``nbytes`` each, through which bytes bound for a CUDA device pass.
+
+    Used as a context manager: the pages are locked on entry and unlocked and
+    unmapped on exit, so the staging memory lasts only as long as a load.
+    """
+
+    def __init__(self, nbytes: int, count: int) -> None:
+        self.buffers = [lazy_host_buffer(nbytes) for _ in range(count)]
+        self._registered: list[torch.Tensor] = []
+
+    def __enter__(self) -> list[torch.Tensor]:
+        for buffer in self.buffers:
+            _register_pinned(buffer)
+            self._registered.append(buffer)
+        return self.buffers
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Callers synchronise the copies that read the buffers before leaving the ``with`` block."""
+        for buffer in self._registered:
+            _unregister_pinned(buffer)
+        self._registered.clear()
+        self.buffers.clear()
 
 
 class SlotPool:

@@ -42,10 +42,18 @@ def offload(
 ) -> PrefetchRuntime | None:
     """Offload the last ``num_in_group`` of every ``group_size`` layers of ``model`` to pinned host memory.
 
-    ``offload_layers`` names the offloaded layers by index instead. ``model`` may live on the CPU (for a model larger than the device) or
-    already on ``device``. Returns the model's runtime; ``runtime.stats()``
+    ``offload_layers`` names the offloaded layers by index instead. ``model``
+    may live on the CPU (for a model larger than the device) or already on
+    ``device``. Returns the model's runtime; ``runtime.stats()``
     reports the bytes moved. Compile the model afterwards with
     ``torch.compile(model, backend="prefetch_offload")``.
+
+    Host memory: each offloaded parameter is copied into the arena and its old
+    storage freed before the next, and the arena commits pages only as they
+    are written, so a model on the host never needs more than its own size
+    plus its largest offloaded parameter while it is placed. (The source's
+    storage can only be freed if nothing else holds it.) To skip the host
+    copy altogether, use :func:`prefetch_compile.load_checkpoint`.
 
     With ``budget`` (bytes, or a string such as ``"24GiB"``) the planner chooses
     the layers, the parameters and ``prefetch_step`` instead (see
@@ -106,9 +114,24 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     device = _check_device(device)
     _check_not_offloaded(model)
     plan = build_plan(model, options)
-    host = HostArena(plan, pin=device.type == "cuda")
+    host = HostArena(plan)
     offloaded = _move_offloaded_to_host(model, plan, host)
     model.to(device)  # kept weights and buffers; the offloaded ones are empty placeholders by now
+    return assemble_runtime(model, plan, device, host, offloaded)
+
+
+def assemble_runtime(
+    model: nn.Module, plan: OffloadPlan, device: torch.device, host: HostArena, offloaded: dict[str, nn.Parameter]
+) -> PrefetchRuntime:
+    """Finish placing a model whose kept tensors are on ``device`` and whose offloaded ones fill ``host``.
+
+    Page-locks the arena, points the offloaded parameters at the slot pool,
+    and builds the runtime and the eager hooks. Shared by :func:`offload` and
+    :func:`prefetch_compile.load_checkpoint`, which differ only in where the
+    bytes come from.
+    """
+    if device.type == "cuda":
+        host.pin()
     slots = SlotPool(plan, device)
     for layer in plan.offloaded:
         block = slots.block(layer)

@@ -198,7 +198,7 @@ def test_weight_updates_reach_eager_and_graph_replays():
 def test_unpinned_host_storage_is_refused():
     model = llama_like.build(small_llama_shape(layers=2), device=DEVICE, dtype=torch.bfloat16, seed=0)
     runtime = prefetch_compile.offload(model, DEVICE, group_size=2)
-    pageable = HostArena(runtime.plan, pin=False)
+    pageable = HostArena(runtime.plan)  # never pinned
     with pytest.raises(ValueError, match="page-locked"):
         PrefetchRuntime(runtime.plan, runtime.device, pageable, runtime.slots, runtime.offloaded_params, runtime.kept_tensors)
     compiled = torch.compile(model, backend="prefetch_offload")

@@ -1,0 +1,121 @@
+"""Peak host memory of placing a model, measured in a fresh process (run by the memory tests).
+
+    python tests/memory_probe.py write DIR --width W --depth D   # a sharded safetensors checkpoint, a shard at a time
+    python tests/memory_probe.py load DIR DEVICE --width W --depth D  # load_checkpoint() it onto a meta model
+    python tests/memory_probe.py offload DEVICE --width W --depth D  # offload() a model built on the host
+
+The default shape is 16 float32 layers of 64 MiB: 1 GiB, of which
+``group_size=2`` offloads 512 MiB. ``load`` and ``offload`` print one JSON
+line: the resident memory right before placing (``baseline``), the process's
+peak resident memory after (``ru_maxrss``), and the runtime's byte counts. ``ru_maxrss`` is a peak over
+the process's life, so the baseline is taken after everything else (torch, the
+CUDA context, the model on the host) is already in memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import prefetch_compile
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_probe(*args: str) -> dict:
+    """Run this script in a fresh interpreter (the repository importable, installed or not); its JSON line."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
+
+
+class Wide(nn.Module):
+    """A stack of square bias-free linears: ``depth`` blocks of ``width**2`` parameters."""
+
+    def __init__(self, width: int, depth: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(depth))
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_resident_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def write(directory: str, width: int, depth: int) -> None:
+    """Two layers per shard, so the writer holds one shard, never the model."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for first in range(0, depth, 2):
+        shard = f"model-{first // 2:05d}.safetensors"
+        tensors = {f"layers.{i}.weight": torch.randn(width, width, generator=generator) for i in range(first, min(first + 2, depth))}
+        save_file(tensors, os.path.join(directory, shard))
+        weight_map.update(dict.fromkeys(tensors, shard))
+    with open(os.path.join(directory, "model.safetensors.index.json"), "w") as index:
+        json.dump({"metadata": {}, "weight_map": weight_map}, index)
+
+
+def place(mode: str, device: str, directory: str | None, width: int, depth: int) -> dict:
+    if device == "cuda":
+        torch.zeros(1, device=device)  # the CUDA context belongs to the baseline
+    if mode == "load":
+        with torch.device("meta"):
+            model = Wide(width, depth)
+    else:
+        model = Wide(width, depth).requires_grad_(False)  # real weights on the host: the source
+    largest = max(param.numel() * param.element_size() for param in model.parameters())
+    baseline = resident_bytes()
+    if mode == "load":
+        runtime = prefetch_compile.load_checkpoint(model, directory, device, group_size=2)
+    else:
+        runtime = prefetch_compile.offload(model, device, group_size=2)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    stats = runtime.stats()
+    return {
+        "baseline": baseline,
+        "ru_maxrss": peak_resident_bytes(),
+        "after": resident_bytes(),
+        "largest_param": largest,
+        "offloaded_bytes": stats.offloaded_bytes,
+        "host_bytes": runtime.host.nbytes,
+        "pinned": runtime.host.pinned,
+        "kept_device_bytes": stats.kept_device_bytes,
+        "slot_pool_bytes": stats.slot_pool_bytes,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["write", "load", "offload"])
+    parser.add_argument("args", nargs="+", help="write: DIR; load: DIR DEVICE; offload: DEVICE")
+    parser.add_argument("--width", type=int, default=4096)
+    parser.add_argument("--depth", type=int, default=16)
+    options = parser.parse_args()
+    if options.mode == "write":
+        write(options.args[0], options.width, options.depth)
+    elif options.mode == "load":
+        print(json.dumps(place("load", options.args[1], options.args[0], options.width, options.depth)))
+    else:
+        print(json.dumps(place("offload", options.args[0], None, options.width, options.depth)))
+
+
+if __name__ == "__main__":
+    main()
