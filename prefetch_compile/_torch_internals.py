@@ -169,3 +169,22 @@ def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_
         return aten_gm
 
     return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
+
+
+# The budget planner's meta-device trace (prefetch_compile/calibration.py): a dispatch mode that
+# sees every op's outputs, and pytree helpers to walk nested arguments.
+from torch.utils import _pytree as pytree  # noqa: E402, F401  (re-exported)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402, F401  (re-exported)
+
+
+def returns_new_memory(op: Callable) -> bool:
+    """Whether an ATen op's outputs are fresh tensors, not views or in-place results of its inputs.
+
+    Read from the schema's alias annotations: below autograd, where a dispatch
+    mode runs, a view does not say it is one. ``_unsafe_view`` is a view whose
+    schema claims a fresh tensor.
+    """
+    schema = getattr(op, "_schema", None)
+    if schema is None or schema.name == "aten::_unsafe_view":
+        return False
+    return all(ret.alias_info is None for ret in schema.returns)

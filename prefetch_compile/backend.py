@@ -24,12 +24,15 @@ from .config import BackendOptions, OptionError, PlanOptions, parse_backend_opti
 from .discovery import find_layer_list
 from .graphs import graphed
 from .leaves import InnerPath, get_inner
-from .offload import offload_with_options, runtime_of
+from .offload import offload_with_options, offload_within_budget, runtime_of
 from .ops import START, WAIT
 from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops, node_value
 from .runtime import PrefetchRuntime, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
+
+# Set on a model that a budget left resident (to that many bytes), so later graphs do not plan again.
+RESIDENT_FLAG = "_prefetch_compile_resident_within"
 
 
 def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
@@ -39,7 +42,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
             "torch._inductor.config.freezing is on: Inductor would fold the offloaded weights into constants "
             "and never read the slots; turn freezing off for prefetch_offload"
         )
-    runtime, offloaded_now = _runtime_for(example_inputs, parsed.plan)
+    runtime, offloaded_now = _runtime_for(example_inputs, parsed)
     if runtime is None:
         return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
     _check_inference(example_inputs)
@@ -217,8 +220,9 @@ def _pass_key(runtime: PrefetchRuntime, example_inputs: list[Any]) -> str:
     return repr(layout)
 
 
-def _runtime_for(example_inputs: list[Any], plan: PlanOptions | None) -> tuple[PrefetchRuntime | None, bool]:
+def _runtime_for(example_inputs: list[Any], parsed: BackendOptions) -> tuple[PrefetchRuntime | None, bool]:
     """The runtime owning these inputs' offloaded parameters, and whether the frame's model was offloaded just now."""
+    plan, budget = parsed.plan, parsed.budget
     runtimes = {id(rt): rt for value in example_inputs if (rt := runtime_of_tensor(value)) is not None}
     if len(runtimes) > 1:
         raise OptionError("one compiled graph reads the offloaded parameters of two different models")
@@ -236,11 +240,18 @@ def _runtime_for(example_inputs: list[Any], plan: PlanOptions | None) -> tuple[P
     for module in _torch_internals.frame_modules():
         if runtime_of(module) is not None:
             return None, False  # offloaded already, but this graph reads none of the offloaded parameters
+        if budget is not None and getattr(module, RESIDENT_FLAG, None) == budget.budget:
+            return None, False  # the budget planner left this model resident at an earlier graph
         if _layer_list_holds(module, params, plan):
             _check_inference(example_inputs)
             device = next(module.parameters()).device
+            if budget is not None:
+                runtime = offload_within_budget(module, device, budget, plan and plan.layers, parsed.compile.compiler)
+                if runtime is None:
+                    setattr(module, RESIDENT_FLAG, budget.budget)
+                return runtime, runtime is not None
             return offload_with_options(module, device, plan or PlanOptions()), True
-    if plan is not None:
+    if plan is not None or budget is not None:
         raise OptionError(
             "prefetch_offload could not find the nn.Module being compiled; "
             "call prefetch_compile.offload(model, ...) before torch.compile"

@@ -8,6 +8,7 @@ silent misconfiguration deep inside compilation.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,6 +28,9 @@ class PlanOptions:
     They keep the meaning of the reference offloader: of every ``group_size``
     consecutive layers the last ``num_in_group`` are offloaded, and
     ``prefetch_step`` offloaded layers are in flight (one GPU slot each).
+    ``offload_layers``, when given, names the offloaded layers by index instead
+    of the group pattern: the budget planner spreads a number of offloaded
+    layers evenly, which no group pattern expresses unless it divides the stack.
     """
 
     group_size: int = 4
@@ -34,6 +38,7 @@ class PlanOptions:
     prefetch_step: int = 1
     offload_params: tuple[str, ...] = ()
     layers: str | None = None
+    offload_layers: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         _require_int("group_size", self.group_size, minimum=1)
@@ -56,6 +61,71 @@ class PlanOptions:
                 f"layers must be the dotted path of the model's block list (e.g. 'model.layers'), "
                 f"got {self.layers!r}"
             )
+        if self.offload_layers is not None and (
+            not isinstance(self.offload_layers, tuple)
+            or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.offload_layers)
+            or list(self.offload_layers) != sorted(set(self.offload_layers))
+        ):
+            raise OptionError(
+                f"offload_layers must be increasing, distinct layer indices >= 0 such as [3, 7, 11], "
+                f"got {self.offload_layers!r}"
+            )
+
+
+@dataclass(frozen=True, eq=False)  # example_inputs may hold tensors, which do not compare to a bool
+class BudgetOptions:
+    """A device-memory budget for the planner (see :mod:`prefetch_compile.budget`), instead of plan knobs.
+
+    The budget covers what ``torch.cuda.max_memory_allocated`` counts during a
+    forward: kept weights and buffers, the slot pool, and the activations of
+    ``example_inputs`` (only their shapes and dtypes are used) or
+    ``activation_bytes``. ``cost_table`` (a :class:`~prefetch_compile.cost_model.CostTable`
+    or the path of one saved as JSON) replaces every measurement; without it the
+    pinned bandwidth comes from the per-device cache and the per-layer compute
+    times from a short calibration on the device (``calibrate=True``) or from a
+    roofline estimate.
+    """
+
+    budget: int
+    example_inputs: tuple[Any, ...] | None = None
+    activation_bytes: int | None = None
+    cost_table: Any = None
+    calibrate: bool = True
+
+    def __post_init__(self) -> None:
+        if self.example_inputs is None and self.activation_bytes is None:
+            raise OptionError(
+                "budget needs the activations it must leave room for: pass example_inputs (the forward's "
+                "arguments, or tensors of their shapes on the meta device) or activation_bytes"
+            )
+        if self.activation_bytes is not None:
+            _require_int("activation_bytes", self.activation_bytes, minimum=0)
+        if not isinstance(self.calibrate, bool):
+            raise OptionError(f"calibrate must be True or False, got {self.calibrate!r}")
+
+
+def parse_bytes(value: Any, name: str = "budget") -> int:
+    """Bytes from an int or a string such as ``"24GiB"``, ``"500MB"``, ``"1.5 GiB"`` or ``"4096"``.
+
+    Binary units (KiB, MiB, GiB, TiB) are powers of 1024 and decimal ones (KB,
+    MB, GB, TB) powers of 1000, as on the labels of the tools that report them.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise OptionError(f"{name} must be a positive number of bytes, got {value}")
+        return value
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*", value) if isinstance(value, str) else None
+    if match is None:
+        raise OptionError(
+            f"{name} must be a number of bytes (int) or a string such as '24GiB', '500MB' or '1.5 GiB' "
+            f"(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {value!r}"
+        )
+    number, unit = float(match.group(1)), match.group(2) or "B"
+    scale = 1 if unit == "B" else (1024 if "i" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
+    nbytes = int(number * scale)
+    if nbytes <= 0:
+        raise OptionError(f"{name} must be a positive number of bytes, got {value!r}")
+    return nbytes
 
 
 @dataclass(frozen=True)
@@ -78,29 +148,40 @@ class BackendOptions:
     """All options of one ``torch.compile(..., backend="prefetch_offload", options=...)`` call.
 
     ``plan`` is None when the options name no plan knob, so that a model already
-    placed by :func:`prefetch_compile.offload` keeps its plan.
+    placed by :func:`prefetch_compile.offload` keeps its plan. ``budget`` is set
+    when the options ask the planner to choose the plan instead.
     """
 
     plan: PlanOptions | None
     compile: CompileOptions = field(default_factory=CompileOptions)
+    budget: BudgetOptions | None = None
 
 
 _PLAN_KEYS = tuple(f.name for f in fields(PlanOptions))
 _COMPILE_KEYS = tuple(f.name for f in fields(CompileOptions))
+_BUDGET_KEYS = tuple(f.name for f in fields(BudgetOptions))
 
 
 def parse_backend_options(options: Mapping[str, Any] | None) -> BackendOptions:
     """Validate the raw ``options`` dict handed to the backend by ``torch.compile``."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(_PLAN_KEYS) - set(_COMPILE_KEYS))
+    unknown = sorted(set(options) - set(_PLAN_KEYS) - set(_COMPILE_KEYS) - set(_BUDGET_KEYS))
     if unknown:
         raise OptionError(
-            f"unknown prefetch_offload option(s) {unknown}; allowed: {sorted(_PLAN_KEYS + _COMPILE_KEYS)}"
+            f"unknown prefetch_offload option(s) {unknown}; "
+            f"allowed: {sorted(_PLAN_KEYS + _COMPILE_KEYS + _BUDGET_KEYS)}"
         )
     plan_values = {key: options[key] for key in _PLAN_KEYS if key in options}
     if "offload_params" in plan_values:
         plan_values["offload_params"] = _as_name_tuple(plan_values["offload_params"])
+    if "offload_layers" in plan_values:
+        plan_values["offload_layers"] = _as_index_tuple(plan_values["offload_layers"])
     plan = PlanOptions(**plan_values) if plan_values else None
+    budget = parse_budget_options({key: options[key] for key in _BUDGET_KEYS if key in options})
+    if budget is not None and set(plan_values) - {"layers"}:
+        raise OptionError(
+            f"budget chooses the plan itself; drop {sorted(set(plan_values) - {'layers'})} or drop budget"
+        )
 
     dump_dir = options.get("dump_dir", os.environ.get(DUMP_DIR_ENV) or None)
     if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
@@ -110,7 +191,38 @@ def parse_backend_options(options: Mapping[str, Any] | None) -> BackendOptions:
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
         cuda_graphs=options.get("cuda_graphs", False),
     )
-    return BackendOptions(plan=plan, compile=compile_options)
+    return BackendOptions(plan=plan, compile=compile_options, budget=budget)
+
+
+def parse_budget_options(options: Mapping[str, Any]) -> BudgetOptions | None:
+    """The budget options of a backend or ``offload()`` call; None when no budget is asked for.
+
+    A value of None means "not given", so ``offload()`` can pass its keyword
+    arguments through unchanged.
+    """
+    options = dict(options)
+    if options.get("budget") is None:
+        stray = sorted(key for key, value in options.items() if key != "budget" and value is not None)
+        if stray:
+            raise OptionError(f"{stray} only apply with a budget; pass budget='24GiB' (say) as well")
+        return None
+    example_inputs = options.get("example_inputs")
+    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    return BudgetOptions(
+        budget=parse_bytes(options["budget"]),
+        example_inputs=tuple(example_inputs) if example_inputs is not None else None,
+        activation_bytes=options.get("activation_bytes"),
+        cost_table=options.get("cost_table"),
+        calibrate=True if options.get("calibrate") is None else options["calibrate"],
+    )
+
+
+def _as_index_tuple(value: Any) -> Any:
+    """Accept any iterable of layer indices (list, range, set), sorted; PlanOptions checks the values."""
+    if isinstance(value, (list, tuple, range, set, frozenset)):
+        return tuple(sorted(value)) if isinstance(value, (set, frozenset)) else tuple(value)
+    return value
 
 
 def _as_name_tuple(value: Any) -> Any:

@@ -11,11 +11,13 @@ through the parameters themselves.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
 
-from .config import OptionError, PlanOptions
+from .budget import plan_within_budget
+from .config import BudgetOptions, OptionError, PlanOptions, parse_budget_options
 from .leaves import get_inner, set_inner
 from .memory import HostArena, SlotPool, aliased_param_view, param_view
 from .plan import OffloadPlan, build_plan
@@ -33,11 +35,18 @@ def offload(
     prefetch_step: int = 1,
     offload_params: list[str] | tuple[str, ...] = (),
     layers: str | None = None,
-) -> PrefetchRuntime:
+    offload_layers: list[int] | tuple[int, ...] | None = None,
+    budget: int | str | None = None,
+    example_inputs: Any = None,
+    activation_bytes: int | None = None,
+    cost_table: Any = None,
+    calibrate: bool = True,
+) -> PrefetchRuntime | None:
     """Offload the last ``num_in_group`` of every ``group_size`` layers of ``model`` to pinned host memory.
 
-    ``model`` may live on the CPU (for a model larger than the device) or
-    already on ``device``. Returns the model's runtime; ``runtime.stats()``
+    ``offload_layers`` names the offloaded layers by index instead. ``model``
+    may live on the CPU (for a model larger than the device) or already on
+    ``device``. Returns the model's runtime; ``runtime.stats()``
     reports the bytes moved. Compile the model afterwards with
     ``torch.compile(model, backend="prefetch_offload")``.
 
@@ -47,6 +56,13 @@ def offload(
     plus its largest offloaded parameter while it is placed. (The source's
     storage can only be freed if nothing else holds it.) To skip the host
     copy altogether, use :func:`prefetch_compile.load_checkpoint`.
+
+    With ``budget`` (bytes, or a string such as ``"24GiB"``) the planner chooses
+    the layers, the parameters and ``prefetch_step`` instead (see
+    :mod:`prefetch_compile.budget`); ``example_inputs`` (or ``activation_bytes``)
+    states the activations to leave room for. A model that fits the budget whole
+    is moved to ``device`` and left resident, and None is returned: compile it
+    with a plain backend.
     """
     options = PlanOptions(
         group_size=group_size,
@@ -54,8 +70,37 @@ def offload(
         prefetch_step=prefetch_step,
         offload_params=tuple(offload_params),
         layers=layers,
+        offload_layers=None if offload_layers is None else tuple(offload_layers),
     )
-    return offload_with_options(model, torch.device(device), options)
+    budget_options = parse_budget_options(
+        {
+            "budget": budget,
+            "example_inputs": example_inputs,
+            "activation_bytes": activation_bytes,
+            "cost_table": cost_table,
+            "calibrate": None if calibrate is True else calibrate,  # the default counts as not given
+        }
+    )
+    if budget_options is None:
+        return offload_with_options(model, torch.device(device), options)
+    if options != PlanOptions(layers=layers):
+        raise OptionError(
+            "budget chooses group_size, num_in_group, prefetch_step, offload_params and offload_layers; pass either"
+        )
+    return offload_within_budget(model, torch.device(device), budget_options, layers)
+
+
+def offload_within_budget(
+    model: nn.Module, device: torch.device, budget: BudgetOptions, layers: str | None = None, compiler: str = "inductor"
+) -> PrefetchRuntime | None:
+    """Offload with the plan the budget planner chooses; None (and the model moved to ``device``) if it fits whole."""
+    device = _check_device(device)
+    _check_not_offloaded(model)  # before the planner's calibration, not after
+    chosen = plan_within_budget(model, device, budget, layers, compiler)
+    if chosen.options is None:
+        model.to(device)
+        return None
+    return offload_with_options(model, device, chosen.options)
 
 
 def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
@@ -69,8 +114,7 @@ def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
 
 def offload_with_options(model: nn.Module, device: torch.device, options: PlanOptions) -> PrefetchRuntime:
     device = _check_device(device)
-    if runtime_of(model) is not None:
-        raise OptionError(f"{type(model).__name__} is already offloaded; offload() a model once")
+    _check_not_offloaded(model)
     plan = build_plan(model, options)
     host = HostArena(plan)
     offloaded = _move_offloaded_to_host(model, plan, host)
@@ -107,6 +151,11 @@ def assemble_runtime(
     install_model_hooks(model, plan, runtime)
     log.info(describe(runtime.stats(), plan))
     return runtime
+
+
+def _check_not_offloaded(model: nn.Module) -> None:
+    if runtime_of(model) is not None:
+        raise OptionError(f"{type(model).__name__} is already offloaded; offload() a model once")
 
 
 def _check_device(device: torch.device) -> torch.device:

@@ -116,6 +116,11 @@ class OffloadPlan:
 def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
     """Decide, from the model's structure and the knobs alone, what is offloaded and where it goes."""
     path, blocks = find_layer_list(model, options.layers)
+    if options.offload_layers and options.offload_layers[-1] >= len(blocks):
+        raise OptionError(
+            f"offload_layers={list(options.offload_layers)} names layer {options.offload_layers[-1]}, "
+            f"but '{path}' has {len(blocks)} layers (indices 0-{len(blocks) - 1})"
+        )
     shared = _shared_parameter_ids(model)
     layers: list[LayerPlan] = []
     offload_count = 0
@@ -124,7 +129,7 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
         chosen: list[tuple[str, nn.Parameter]] = []
         kept_bytes = 0
         for local_name, param in block.named_parameters():
-            wanted = is_offloaded_layer(index, options.group_size, options.num_in_group) and matches_offload_params(
+            wanted = _offloads_layer(options, index) and matches_offload_params(
                 f"{prefix}.{local_name}", options.offload_params
             )
             if wanted and not can_offload(param):
@@ -156,6 +161,13 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
         )
         offload_count += 1
     return OffloadPlan(options=options, layer_list_path=path, layers=tuple(layers))
+
+
+def _offloads_layer(options: PlanOptions, index: int) -> bool:
+    """Whether layer ``index`` is offloaded (its parameters are still filtered by ``offload_params``)."""
+    if options.offload_layers is not None:
+        return index in options.offload_layers
+    return is_offloaded_layer(index, options.group_size, options.num_in_group)
 
 
 def _pack(named_params: list[tuple[str, nn.Parameter]]) -> tuple[ParamPlacement, ...]:

@@ -36,13 +36,16 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
 
 import torch
 
 from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan
+
+if TYPE_CHECKING:
+    from .report import CopyRecorder, CopyReport
 
 log = logging.getLogger("prefetch_compile")
 
@@ -174,6 +177,7 @@ class PrefetchRuntime:
         self._compute_stream: torch.cuda.Stream | None = None
         self._capture: _CaptureLog | None = None
         self._trace: list[tuple[str, int]] | None = None
+        self.recorder: CopyRecorder | None = None  # set by start_recording(); told of every copy and wait
         for tensor in self._leaves:
             setattr(tensor, OWNER_ATTRIBUTE, self)
 
@@ -239,9 +243,19 @@ class PrefetchRuntime:
         if self._trace is not None:
             self._trace.append(("wait", offload_index))
         layer = self.offloaded[offload_index]
-        if self._slot_owner[layer.slot] != offload_index:
+        missed = self._slot_owner[layer.slot] != offload_index
+        if missed:
             self._count_miss(layer)
             self._copy_in(layer)
+        if self.recorder is None:
+            self._wait_for_copy(offload_index)
+            return
+        compute = torch.cuda.current_stream(self.device) if self._cuda else None
+        self.recorder.wait_began(offload_index, compute, missed)
+        self._wait_for_copy(offload_index)
+        self.recorder.wait_ended(offload_index, compute)
+
+    def _wait_for_copy(self, offload_index: int) -> None:
         copy = self._in_flight.pop(offload_index, None)
         if copy is None:
             return
@@ -256,8 +270,14 @@ class PrefetchRuntime:
         else:
             self.counters.copies += 1
         destination, source = self.slots.block(layer), self.host.block(layer)
+        recorder, index = self.recorder, layer.offload_index
         if not self._cuda:
+            if recorder is not None:
+                recorder.copy_issued(index, None)
+                recorder.copy_began(index, None)
             destination.copy_(source)
+            if recorder is not None:
+                recorder.copy_ended(index, None)
             return
         compute = torch.cuda.current_stream(self.device)
         capturing = torch.cuda.is_current_stream_capturing()
@@ -265,10 +285,16 @@ class PrefetchRuntime:
         # layer, and inside a capture it is what pulls the copy stream into the graph.
         fork = torch.cuda.Event()
         fork.record(compute)
+        if recorder is not None:
+            recorder.copy_issued(index, compute)
         self.copy_stream.wait_event(fork)
         done = torch.cuda.Event() if capturing else self._ready[layer.offload_index]
         with torch.cuda.stream(self.copy_stream):
+            if recorder is not None:
+                recorder.copy_began(index, self.copy_stream)
             destination.copy_(source, non_blocking=True)
+            if recorder is not None:
+                recorder.copy_ended(index, self.copy_stream)
             done.record(self.copy_stream)
         self._in_flight[layer.offload_index] = _InFlight(done, capturing)
 
@@ -285,6 +311,23 @@ class PrefetchRuntime:
                 layer.name,
                 graph,
             )
+
+    # ------------------------------------------------------------ the report
+    def start_recording(self) -> CopyRecorder:
+        """Record every copy and wait from now on, for :meth:`report` (a few microseconds per copy)."""
+        from .report import CopyRecorder
+
+        self.recorder = CopyRecorder(self.offloaded, self.device)
+        return self.recorder
+
+    def report(self) -> CopyReport:
+        """Per offloaded layer: bytes, copy time, the window that hid it, the stall; and totals.
+
+        Covers the forwards since :meth:`start_recording`; ``print(report.render())`` shows it.
+        """
+        if self.recorder is None:
+            raise RuntimeError("nothing recorded: call runtime.start_recording() before the forwards to report on")
+        return self.recorder.report()
 
     # ------------------------------------------------------- stream discipline
     @contextmanager
@@ -467,10 +510,16 @@ def describe(stats: OffloadStats, plan: OffloadPlan) -> str:
     """The one log line of an offload."""
     return (
         f"prefetch_compile: offloaded {stats.offloaded_layers}/{stats.total_layers} layers of "
-        f"'{plan.layer_list_path}' (group_size={plan.options.group_size}, num_in_group={plan.options.num_in_group}), "
+        f"'{plan.layer_list_path}' ({_pattern(plan)}), "
         f"{format_bytes(stats.offloaded_bytes)} to host, slot pool {plan.num_slots} slot(s) = {format_bytes(stats.slot_pool_bytes)}, "
         f"device bytes saved {format_bytes(stats.device_bytes_saved)}"
     )
+
+
+def _pattern(plan: OffloadPlan) -> str:
+    if plan.options.offload_layers is not None:
+        return f"offload_layers={list(plan.options.offload_layers)}"
+    return f"group_size={plan.options.group_size}, num_in_group={plan.options.num_in_group}"
 
 
 def format_bytes(nbytes: int) -> str:

@@ -1,0 +1,413 @@
+"""Where the cost table's numbers come from: the device's copy and compute speeds, and the model's forward.
+
+* :func:`device_profile` measures pinned host-to-device bandwidth at a few copy
+  sizes, matmul throughput and device memory bandwidth, once per device: the
+  result is cached as JSON under ``~/.cache/prefetch_compile/`` (or
+  ``$PREFETCH_COMPILE_CACHE_DIR``), since a bandwidth sweep costs seconds and
+  the link does not change between runs.
+* :func:`trace_forward` runs the forward once on the meta device (no memory,
+  no compute): it records the peak of live activation bytes, the FLOPs inside
+  and outside each layer, and each layer's inputs, for the planner's memory
+  accounting, the roofline and the calibration.
+* :func:`calibrate_layers` compiles a copy of one layer per distinct kind and
+  times it on the device with inputs of the traced shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import statistics
+import time
+import weakref
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from ._torch_internals import TorchDispatchMode, pytree, returns_new_memory
+from .cost_model import BandwidthCurve, CostTable
+from .discovery import find_layer_list, matches_offload_params
+from .planner import PARAM_FILTERS
+
+CACHE_ENV = "PREFETCH_COMPILE_CACHE_DIR"
+PROFILE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    """One device's speeds: the copy link as a curve, and the two roofline ceilings."""
+
+    device: str
+    h2d: BandwidthCurve
+    matmul_flops_per_s: float  # measured on a large matmul in the model dtype family (bf16 on CUDA, fp32 on CPU)
+    memory_bytes_per_s: float  # device memory read + write bandwidth of a large copy
+
+    def roofline_seconds(self, flops: float, nbytes: float) -> float:
+        """The slower of doing the math and moving the bytes: a lower bound that large kernels approach."""
+        return max(flops / self.matmul_flops_per_s, nbytes / self.memory_bytes_per_s)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's geometry, recorded where the tensor itself must not be kept alive."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One ATen op inside a layer, in the order the forward ran them."""
+
+    flops: int
+    nbytes: int  # parameter bytes it reads and bytes it creates
+    reads: frozenset[str]  # dotted names of the parameters it reads (directly or through views)
+
+
+@dataclass(frozen=True)
+class ForwardTrace:
+    """What one forward at the traced shapes does, per layer of the layer list and outside it."""
+
+    layer_list_path: str
+    activation_bytes: int  # peak live bytes of inputs and everything the forward allocates
+    layer_flops: tuple[int, ...]
+    layer_param_bytes: tuple[int, ...]
+    layer_written_bytes: tuple[int, ...]  # bytes of the tensors each layer creates (eager, unfused)
+    outside_flops: int
+    outside_param_bytes: int
+    outside_written_bytes: int
+    layer_inputs: tuple[tuple[tuple, dict], ...]  # each layer's (args, kwargs), tensors replaced by TensorSpecs
+    layer_ops: tuple[tuple[OpCost, ...], ...]  # where in each layer its parameters are read
+
+
+def device_profile(device: torch.device, cache_dir: str | Path | None = None, refresh: bool = False) -> DeviceProfile:
+    """The device's profile from the cache, measured and written there on first use (or with ``refresh``)."""
+    name = _device_name(device)
+    path = _cache_dir(cache_dir) / f"device-{re.sub(r'[^A-Za-z0-9]+', '-', name).strip('-')}.json"
+    if not refresh and path.exists():
+        raw = json.loads(path.read_text())
+        if raw.get("version") == PROFILE_VERSION and raw.get("device") == name:
+            return DeviceProfile(
+                name,
+                BandwidthCurve(tuple(raw["h2d"]["sizes"]), tuple(raw["h2d"]["bytes_per_s"])),
+                raw["matmul_flops_per_s"],
+                raw["memory_bytes_per_s"],
+            )
+    profile = measure_device(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(f".{os.getpid()}.tmp")
+    temporary.write_text(json.dumps({"version": PROFILE_VERSION, **asdict(profile)}, indent=1))
+    temporary.replace(path)  # atomic: two processes measuring at once each write a whole file
+    return profile
+
+
+def measure_device(device: torch.device) -> DeviceProfile:
+    """Measure the copy curve and the roofline ceilings (a few seconds on a GPU)."""
+    cuda = device.type == "cuda"
+    sizes = [2**p for p in range(20, 31, 2)] if cuda else [2**p for p in range(16, 27, 2)]
+    bandwidths = [size / seconds for size, seconds in zip(sizes, _copy_seconds(sizes, device, cuda))]
+    target, other = (torch.empty(sizes[-1], dtype=torch.uint8, device=device) for _ in range(2))
+    memory = 2 * sizes[-1] / _median_seconds(lambda: other.copy_(target), device, reps=5)
+    side, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    a = torch.randn(side, side, dtype=dtype, device=device)
+    b = torch.randn(side, side, dtype=dtype, device=device)
+    matmul = 2 * side**3 / _median_seconds(lambda: torch.mm(a, b), device, reps=5)
+    return DeviceProfile(_device_name(device), BandwidthCurve(tuple(sizes), tuple(bandwidths)), matmul, memory)
+
+
+def _copy_seconds(sizes: list[int], device: torch.device, pinned: bool) -> list[float]:
+    """Median seconds of one host-to-device copy of each size, from one pinned buffer of the largest."""
+    host = torch.empty(sizes[-1], dtype=torch.uint8, pin_memory=pinned).fill_(1)
+    target = torch.empty(sizes[-1], dtype=torch.uint8, device=device)
+    return [
+        _median_seconds(lambda size=size: target[:size].copy_(host[:size], non_blocking=pinned), device, reps=5)
+        for size in sizes
+    ]
+
+
+def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str | None = None) -> ForwardTrace:
+    """Run ``model(*example_inputs)`` on the meta device and record what each layer does.
+
+    Parameters and buffers are swapped for meta tensors through
+    ``torch.func.functional_call``, so the model itself is not touched and the
+    trace costs no memory; only the inputs' shapes and dtypes matter.
+    """
+    path, blocks = find_layer_list(model, layers)
+    meta = {name: _to_meta(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    inputs = tuple(pytree.tree_map(_to_meta, tuple(example_inputs)))
+    recorder = _LiveBytes({id(tensor): name for name, tensor in meta.items()})
+    recorder.live = sum(_nbytes(t) for t in pytree.tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
+    recorder.peak = recorder.live
+    layer_inputs: list[tuple[tuple, dict] | None] = [None] * len(blocks)
+    handles = []
+    for index, block in enumerate(blocks):
+        def before(module: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
+            layer_inputs[index] = pytree.tree_map(_spec, (args, kwargs))  # geometry only: holding tensors would keep them live
+            recorder.layer = index
+
+        def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            recorder.layer = None
+
+        handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
+        handles.append(block.register_forward_hook(after, with_kwargs=True))
+    try:
+        with torch.no_grad(), _FusedAttention(recorder), FlopCounterMode(display=False) as flops, recorder:
+            torch.func.functional_call(model, meta, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = [index for index, recorded in enumerate(layer_inputs) if recorded is None]
+    if missing:
+        raise ValueError(f"the traced forward never called layers {missing} of '{path}'")
+    counts = {name: sum(per_op.values()) for name, per_op in flops.get_flop_counts().items()}
+    prefix = type(model).__name__ + (f".{path}" if path else "")
+    layer_flops = tuple(
+        counts.get(f"{prefix}.{index}", 0) + recorder.attention_flops.get(index, 0) for index in range(len(blocks))
+    )
+    layer_params = tuple(sum(_nbytes(p) for p in block.parameters()) for block in blocks)
+    all_params = sum(_nbytes(p) for p in {id(p): p for p in model.parameters()}.values())
+    return ForwardTrace(
+        layer_list_path=path,
+        activation_bytes=recorder.peak,
+        layer_flops=layer_flops,
+        layer_param_bytes=layer_params,
+        layer_written_bytes=tuple(recorder.written.get(index, 0) for index in range(len(blocks))),
+        outside_flops=counts.get("Global", 0) + sum(recorder.attention_flops.values()) - sum(layer_flops),
+        outside_param_bytes=all_params - sum(layer_params),
+        outside_written_bytes=recorder.written.get(None, 0),
+        layer_inputs=tuple(layer_inputs),
+        layer_ops=tuple(tuple(recorder.ops.get(index, ())) for index in range(len(blocks))),
+    )
+
+
+def roofline_cost_table(
+    trace: ForwardTrace, profile: DeviceProfile, filters: tuple[tuple[str, ...], ...] = PARAM_FILTERS
+) -> CostTable:
+    """Compute times from FLOPs and bytes alone: each layer reads its weights and writes and reads its tensors once."""
+    layers = tuple(
+        profile.roofline_seconds(flops, params + 2 * written)
+        for flops, params, written in zip(trace.layer_flops, trace.layer_param_bytes, trace.layer_written_bytes)
+    )
+    outside = profile.roofline_seconds(trace.outside_flops, trace.outside_param_bytes + 2 * trace.outside_written_bytes)
+    spans = {names: read_spans(trace, profile, layers, names) for names in filters}
+    return CostTable(profile.h2d, layers, outside, source="roofline", read_spans=spans)
+
+
+def calibrated_cost_table(
+    model: nn.Module,
+    trace: ForwardTrace,
+    profile: DeviceProfile,
+    device: torch.device,
+    compiler: str = "inductor",
+    filters: tuple[tuple[str, ...], ...] = PARAM_FILTERS,
+) -> CostTable:
+    """Measured compute time per layer; the compute outside the layer list from the roofline."""
+    roofline = roofline_cost_table(trace, profile)
+    layers = calibrate_layers(model, trace, device, compiler)
+    spans = {names: read_spans(trace, profile, layers, names) for names in filters}
+    return CostTable(profile.h2d, layers, roofline.outside_seconds, source="calibrated", read_spans=spans)
+
+
+def read_spans(
+    trace: ForwardTrace, profile: DeviceProfile, layer_seconds: Sequence[float], names: tuple[str, ...]
+) -> tuple[tuple[float, float], ...]:
+    """Per layer, the compute before the first and after the last read of the parameters ``names`` selects.
+
+    The layer's time is split between its ops in proportion to their roofline
+    times. An MLP-only plan's copy may still arrive while the attention runs,
+    and a whole layer's copy may start while its last elementwise ops run.
+    """
+    spans = []
+    for ops, seconds in zip(trace.layer_ops, layer_seconds):
+        costs = [profile.roofline_seconds(op.flops, op.nbytes) for op in ops]
+        reads = [i for i, op in enumerate(ops) if any(matches_offload_params(name, names) for name in op.reads)]
+        total = sum(costs)
+        if not reads or not total:
+            spans.append((0.0, 0.0))
+            continue
+        spans.append((seconds * sum(costs[: reads[0]]) / total, seconds * sum(costs[reads[-1] + 1 :]) / total))
+    return tuple(spans)
+
+
+def calibrate_layers(
+    model: nn.Module, trace: ForwardTrace, device: torch.device, compiler: str = "inductor", reps: int = 10
+) -> tuple[float, ...]:
+    """Seconds per layer: one compiled copy per distinct layer kind (class, parameter shapes, input shapes), timed.
+
+    A copy, so the model's own layers are neither moved nor compiled; layers of
+    one kind share the measurement, so a stack of identical blocks costs one
+    compile.
+    """
+    _, blocks = find_layer_list(model, trace.layer_list_path)
+    measured: dict[tuple, float] = {}
+    seconds = []
+    for block, inputs in zip(blocks, trace.layer_inputs):
+        kind = _layer_kind(block, inputs)
+        if kind not in measured:
+            replica = copy.deepcopy(block).to(device).eval()
+            args, kwargs = pytree.tree_map(lambda value: _materialise(value, device), inputs)
+            compiled = torch.compile(replica, backend=compiler, dynamic=False)
+            with torch.no_grad():
+                for _ in range(2):
+                    compiled(*args, **kwargs)
+                measured[kind] = _median_seconds(lambda: compiled(*args, **kwargs), device, reps)
+            del replica, compiled, args, kwargs
+        seconds.append(measured[kind])
+    return tuple(seconds)
+
+
+class _LiveBytes(TorchDispatchMode):
+    """Tracks the bytes of live tensors that ops create, their peak, what each layer wrote, and its ops.
+
+    A tensor counts from the op that creates it (views and in-place results are
+    not new memory) until it is freed, which a weak reference reports. Views of
+    a parameter are followed, so the op that reads a transposed weight counts
+    as reading the weight.
+    """
+
+    def __init__(self, parameters: dict[int, str]) -> None:
+        super().__init__()
+        self.live = 0
+        self.peak = 0
+        self.layer: int | None = None
+        self.written: dict[int | None, int] = {}
+        self.attention_flops: dict[int | None, int] = {}
+        self.ops: dict[int, list[OpCost]] = {}
+        self.parameters = parameters  # id of a parameter (or of a live view of one) -> its dotted name
+
+    def __torch_dispatch__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        inputs = [t for t in pytree.tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        reads = {self.parameters[id(t)]: t for t in inputs if id(t) in self.parameters}
+        outputs = [t for t in pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        fresh = returns_new_memory(func)
+        if not fresh and reads:
+            for tensor in outputs:  # a view of a parameter: its readers read the parameter
+                if id(tensor) not in self.parameters:
+                    self.parameters[id(tensor)] = next(iter(reads))
+                    weakref.finalize(tensor, self.parameters.pop, id(tensor), None)
+        created = sum(_nbytes(t) for t in outputs) if fresh else 0
+        if self.layer is not None:
+            flops = _matmul_flops(func, inputs, outputs)
+            param_bytes = sum(_nbytes(t) for t in reads.values())
+            self.ops.setdefault(self.layer, []).append(OpCost(flops, param_bytes + created, frozenset(reads)))
+        if not fresh:
+            return out
+        for tensor in outputs:
+            nbytes = _nbytes(tensor)
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            self.written[self.layer] = self.written.get(self.layer, 0) + nbytes
+            weakref.finalize(tensor, self._free, nbytes)
+        return out
+
+    def _free(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+
+class _FusedAttention(TorchFunctionMode):
+    """Scaled dot-product attention as a fused kernel runs it, not as the meta device's math fallback.
+
+    On the meta device attention decomposes into matmuls that materialise the
+    whole score matrix (gigabytes at long sequences), which no GPU kernel does.
+    Here it returns an empty output of the right shape and books the FLOPs of a
+    fused kernel (half of them skipped when causal) to the current layer.
+    """
+
+    def __init__(self, recorder: _LiveBytes) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        query, key, value = args[:3]
+        flops = 2 * query.shape[:-1].numel() * key.shape[-2] * (query.shape[-1] + value.shape[-1])
+        if kwargs.get("is_causal", args[5] if len(args) > 5 else False):
+            flops //= 2
+        layer = self.recorder.layer
+        self.recorder.attention_flops[layer] = self.recorder.attention_flops.get(layer, 0) + flops
+        if layer is not None:
+            moved = sum(_nbytes(t) for t in (query, key, value)) + _nbytes(query) // query.shape[-1] * value.shape[-1]
+            self.recorder.ops.setdefault(layer, []).append(OpCost(flops, moved, frozenset()))
+        return query.new_empty((*query.shape[:-1], value.shape[-1]))
+
+
+def _matmul_flops(func: Callable, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
+    """2 x multiply-adds of the matmul-like ATen ops a linear layer lowers to; 0 for the rest."""
+    name = getattr(getattr(func, "overloadpacket", None), "__name__", "")
+    if name not in ("mm", "addmm", "bmm", "baddbmm") or not outputs:
+        return 0
+    left = inputs[-2]  # (bias,) left, right
+    return 2 * outputs[0].numel() * left.shape[-1]
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    fn()
+    if device.type != "cuda":
+        times = []
+        for _ in range(reps):
+            began = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - began)
+        return statistics.median(times)
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    torch.cuda.synchronize(device)
+    for start, end in events:
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize(device)
+    return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
+
+
+def _layer_kind(block: nn.Module, inputs: tuple[tuple, dict]) -> tuple:
+    params = tuple((name, tuple(p.shape), p.dtype) for name, p in block.named_parameters())
+    leaves = tuple(leaf if isinstance(leaf, TensorSpec) else repr(leaf) for leaf in pytree.tree_flatten(inputs)[0])
+    return type(block), params, leaves
+
+
+def _spec(value: Any) -> Any:
+    return TensorSpec(tuple(value.shape), tuple(value.stride()), value.dtype) if isinstance(value, torch.Tensor) else value
+
+
+def _materialise(value: Any, device: torch.device) -> Any:
+    """A device tensor of a recorded geometry: random floats, zero integers (valid indices)."""
+    if not isinstance(value, TensorSpec):
+        return value
+    real = torch.empty_strided(value.shape, value.stride, dtype=value.dtype, device=device)
+    return real.normal_() if real.is_floating_point() else real.zero_()
+
+
+def _to_meta(value: Any) -> Any:
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+
+
+def _nbytes(tensor: torch.Tensor) -> int:
+    return tensor.numel() * tensor.element_size()
+
+
+def _cache_dir(explicit: str | Path | None) -> Path:
+    if explicit is not None:
+        return Path(explicit)
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "prefetch_compile")
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu-{platform.machine()}-{platform.processor() or 'unknown'}-{os.cpu_count()}"

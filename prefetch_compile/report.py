@@ -1,0 +1,207 @@
+"""What the copies actually did: per offloaded layer, bytes, copy time, the compute that hid it, and the stall.
+
+A :class:`CopyRecorder` is an object the runtime calls at four points (copy
+issued, copy begun, copy ended on the copy stream; wait begun and ended on the
+compute stream). On CUDA each point is a timing event on its stream, so the
+numbers are the device's timeline, not the host's; on the CPU, where copies are
+synchronous, they are wall-clock times. Events are only read when a report is
+asked for, so recording costs a few microseconds per copy and no
+synchronisation. Nothing is recorded inside a CUDA graph capture (a replay
+re-runs the captured copies without calling the runtime).
+
+The stall of a layer is how long the compute stream sat in ``wait`` for its
+copy: summed over a forward it is what offloading added to the forward's time,
+which is how the report is checked against the measured time minus the
+compute-only time.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from tabulate import tabulate
+
+from .plan import LayerPlan
+from .runtime import format_bytes
+
+
+@dataclass
+class _Copy:
+    issued: object  # compute-stream mark: the copy may start (its slot's previous layer has been read)
+    began: object | None = None  # copy-stream mark: the copy started
+    ended: object | None = None  # copy-stream mark: the copy finished
+
+
+@dataclass
+class _Wait:
+    began: object  # compute-stream mark: the layer is needed
+    ended: object | None = None  # compute-stream mark: the copy is in, compute goes on
+    missed: bool = False  # nobody prefetched the layer: the wait copied it on the spot
+    copy: _Copy | None = None  # the copy this wait waited for
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    offload_index: int
+    name: str
+    nbytes: int
+    copies: int
+    copy_s: float  # mean duration of one copy
+    window_s: float | None  # mean compute-stream time from the copy's issue to the layer's first read
+    stall_s: float  # mean time the compute stream waited for the copy, per wait
+    waits: int
+    misses: int
+
+
+@dataclass(frozen=True)
+class CopyReport:
+    """Recorded copies since the recorder was (re)started, per layer and in total."""
+
+    layers: tuple[LayerReport, ...]
+    forwards: int  # forwards recorded (waits of the first offloaded layer)
+
+    @property
+    def copies(self) -> int:
+        return sum(row.copies for row in self.layers)
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(row.nbytes * row.copies for row in self.layers)
+
+    @property
+    def copy_seconds(self) -> float:
+        return sum(row.copy_s * row.copies for row in self.layers)
+
+    @property
+    def misses(self) -> int:
+        return sum(row.misses for row in self.layers)
+
+    @property
+    def bandwidth(self) -> float | None:
+        """Bytes per second while a copy ran (None before any copy)."""
+        return self.copied_bytes / self.copy_seconds if self.copy_seconds else None
+
+    @property
+    def stall_per_forward(self) -> float:
+        """What offloading added to a forward: the compute stream's total wait, per forward."""
+        stall = sum(row.stall_s * row.waits for row in self.layers)
+        return stall / self.forwards if self.forwards else 0.0
+
+    def efficiency(self, compute_only_s: float, measured_s: float) -> float | None:
+        """limit / measured, limit = max(compute-only time, one forward's copies at the achieved bandwidth)."""
+        if not self.forwards or self.bandwidth is None:
+            return None
+        return max(compute_only_s, self.copied_bytes / self.forwards / self.bandwidth) / measured_s
+
+    def render(self, compute_only_s: float | None = None, measured_s: float | None = None) -> str:
+        rows = [
+            {
+                "layer": layer.name,
+                "bytes": f"{layer.nbytes:,}",
+                "copies": layer.copies,
+                "copy ms": f"{layer.copy_s * 1e3:.3f}",
+                "window ms": "-" if layer.window_s is None else f"{layer.window_s * 1e3:.3f}",
+                "stall ms": f"{layer.stall_s * 1e3:.3f}",
+                "misses": layer.misses,
+            }
+            for layer in self.layers
+        ]
+        bandwidth = "-" if self.bandwidth is None else f"{self.bandwidth / 1e9:.1f} GB/s"
+        totals = (
+            f"{self.forwards} forwards, {self.copies} copies, {format_bytes(self.copied_bytes)} copied, "
+            f"achieved bandwidth {bandwidth}, stall per forward {self.stall_per_forward * 1e3:.3f} ms, "
+            f"ensure-path misses {self.misses}"
+        )
+        if compute_only_s is not None and measured_s is not None:
+            efficiency = self.efficiency(compute_only_s, measured_s)
+            totals += f", overlap efficiency {'-' if efficiency is None else f'{efficiency:.2f}'}"
+        return tabulate(rows, headers="keys") + "\n" + totals
+
+
+class CopyRecorder:
+    """Collects the marks the runtime reports; :meth:`report` turns them into a :class:`CopyReport`."""
+
+    def __init__(self, layers: tuple[LayerPlan, ...], device: torch.device) -> None:
+        self.layers = layers
+        self.cuda = device.type == "cuda"
+        self.reset()
+
+    def reset(self) -> None:
+        self._pending: dict[int, _Copy] = {}  # copies issued and not yet waited for, by offload index
+        self._copies: list[tuple[int, _Copy]] = []
+        self._waits: list[tuple[int, _Wait]] = []
+
+    # ------------------------------------------------------------ called by the runtime
+    def copy_issued(self, offload_index: int, compute: torch.cuda.Stream | None) -> None:
+        if self._capturing():
+            return
+        copy = _Copy(issued=self._mark(compute))
+        self._pending[offload_index] = copy
+        self._copies.append((offload_index, copy))
+
+    def copy_began(self, offload_index: int, stream: torch.cuda.Stream | None) -> None:
+        if offload_index in self._pending and not self._capturing():
+            self._pending[offload_index].began = self._mark(stream)
+
+    def copy_ended(self, offload_index: int, stream: torch.cuda.Stream | None) -> None:
+        if offload_index in self._pending and not self._capturing():
+            self._pending[offload_index].ended = self._mark(stream)
+
+    def wait_began(self, offload_index: int, compute: torch.cuda.Stream | None, missed: bool) -> None:
+        if self._capturing():
+            return
+        copy = self._pending.pop(offload_index, None)
+        self._waits.append((offload_index, _Wait(began=self._mark(compute), missed=missed, copy=copy)))
+
+    def wait_ended(self, offload_index: int, compute: torch.cuda.Stream | None) -> None:
+        if self._capturing() or not self._waits or self._waits[-1][0] != offload_index:
+            return
+        self._waits[-1][1].ended = self._mark(compute)
+
+    # ------------------------------------------------------------ reading
+    def report(self) -> CopyReport:
+        """Per-layer means over everything recorded since :meth:`reset`."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        rows = []
+        for layer in self.layers:
+            index = layer.offload_index
+            copies = [c for i, c in self._copies if i == index and c.began is not None and c.ended is not None]
+            waits = [w for i, w in self._waits if i == index and w.ended is not None]
+            windows = [self._seconds(w.copy.issued, w.began) for w in waits if w.copy is not None and not w.missed]
+            rows.append(
+                LayerReport(
+                    offload_index=index,
+                    name=layer.name,
+                    nbytes=layer.nbytes,
+                    copies=len(copies),
+                    copy_s=_mean([self._seconds(c.began, c.ended) for c in copies]),
+                    window_s=_mean(windows) if windows else None,
+                    stall_s=_mean([self._seconds(w.began, w.ended) for w in waits]),
+                    waits=len(waits),
+                    misses=sum(w.missed for w in waits),
+                )
+            )
+        return CopyReport(tuple(rows), rows[0].waits if rows else 0)
+
+    # ------------------------------------------------------------ marks
+    def _mark(self, stream: torch.cuda.Stream | None) -> object:
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def _seconds(self, start: object, end: object) -> float:
+        if self.cuda:
+            return max(0.0, start.elapsed_time(end) / 1e3)
+        return max(0.0, end - start)
+
+    def _capturing(self) -> bool:
+        return self.cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
