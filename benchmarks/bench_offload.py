@@ -64,12 +64,12 @@ from offload_systems import (  # noqa: E402
     Skip,
     SystemSpec,
     destroy_process_group,
-    offloaded_indices,
     prepare,
 )
 
 add_repo_to_path()
 import llama_like  # noqa: E402  (examples/llama_like.py)
+from prefetch_compile.discovery import is_offloaded_layer  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -230,7 +230,10 @@ class Bench:
         return time.perf_counter() - self.started > self.args.budget_s
 
     def base_record(self, spec: SystemSpec, case: Case) -> dict:
-        indices = offloaded_indices(self.shape.layers, spec.group_size)
+        indices = [
+            index for index in range(self.shape.layers)
+            if spec.group_size is not None and is_offloaded_layer(index, spec.group_size, 1)
+        ]
         return {
             "system": spec.name, "kind": spec.kind, "label": spec.label,
             "fraction": spec.fraction, "fraction_label": spec.fraction_label, "group_size": spec.group_size,

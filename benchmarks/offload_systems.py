@@ -83,11 +83,14 @@ class Prepared:
     keep: list = field(default_factory=list)  # objects that must outlive the forward (runtimes, wrappers)
 
 
-def offloaded_indices(num_layers: int, group_size: int | None) -> list[int]:
-    """The last layer of every group of ``group_size`` (prefetch_compile's rule with num_in_group=1)."""
+def offloaded_indices(model: nn.Module, group_size: int | None) -> list[int]:
+    """The layers prefetch_compile's plan offloads at this group size (num_in_group=1): every peer gets the same ones."""
     if group_size is None:
         return []
-    return [index for index in range(num_layers) if index % group_size == group_size - 1]
+    from prefetch_compile import PlanOptions
+    from prefetch_compile.plan import build_plan
+
+    return [layer.index for layer in build_plan(model, PlanOptions(group_size=group_size)).offloaded]
 
 
 def param_bytes(module: nn.Module) -> int:
@@ -108,7 +111,7 @@ def prepare(
     ``compile_kwargs`` go to every ``torch.compile`` call (e.g. ``{"dynamic": False}``).
     """
     kw = dict(compile_kwargs or {})
-    indices = offloaded_indices(len(model.layers), spec.group_size)
+    indices = offloaded_indices(model, spec.group_size)
     if spec.group_size is not None and not indices:
         raise Skip(f"no layer is offloaded at {spec.fraction_label} with {len(model.layers)} layers")
     if spec.kind == "resident":
@@ -170,16 +173,18 @@ def _prepare_ours(spec: SystemSpec, model: nn.Module, device: torch.device, comp
 # --------------------------------------------------------------------- naive
 def _prepare_naive(model: nn.Module, layers: list[nn.Module], device: torch.device) -> Prepared:
     """One device buffer shared by all offloaded layers; a pre-hook copies each layer in before it runs."""
+    from prefetch_compile import PlanOptions
+    from prefetch_compile.plan import build_plan
+
     pin = device.type == "cuda"
-    align = 256
+    plan = build_plan(model, PlanOptions(group_size=1))  # every layer's packing, as ours packs it
+    packing = {layer.index: layer for layer in plan.offloaded}
+    params = dict(model.named_parameters())
     plans = []  # per layer: (host block, [(param, offset, nbytes)])
     for layer in layers:
-        offset, placed = 0, []
-        for param in layer.parameters():
-            nbytes = param.numel() * param.element_size()
-            placed.append((param, offset, nbytes))
-            offset = (offset + nbytes + align - 1) // align * align
-        plans.append((torch.empty(offset, dtype=torch.uint8, pin_memory=pin), placed))
+        packed = packing[list(model.layers).index(layer)]
+        placed = [(params[p.name], p.offset, p.nbytes) for p in packed.params]
+        plans.append((torch.empty(packed.nbytes, dtype=torch.uint8, pin_memory=pin), placed))
     buffer = torch.empty(max(host.numel() for host, _ in plans), dtype=torch.uint8, device=device)
 
     def view(block: torch.Tensor, param: torch.Tensor, offset: int, nbytes: int) -> torch.Tensor:
