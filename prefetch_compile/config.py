@@ -11,7 +11,9 @@ import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
+
+from torch import nn
 
 COMPILERS = ("inductor", "aot_eager", "eager")
 DUMP_DIR_ENV = "PREFETCH_COMPILE_DUMP_DIR"
@@ -31,6 +33,8 @@ class PlanOptions:
     ``offload_layers``, when given, names the offloaded layers by index instead
     of the group pattern: the budget planner spreads a number of offloaded
     layers evenly, which no group pattern expresses unless it divides the stack.
+    ``filter_fn(block, fqn)``, when given, decides per layer instead, as the
+    ``filter_fn`` of torchao's ``quantize_`` does per module.
     """
 
     group_size: int = 4
@@ -39,6 +43,7 @@ class PlanOptions:
     offload_params: tuple[str, ...] = ()
     layers: str | None = None
     offload_layers: tuple[int, ...] | None = None
+    filter_fn: Callable[[nn.Module, str], bool] | None = None
 
     def __post_init__(self) -> None:
         _require_int("group_size", self.group_size, minimum=1)
@@ -70,6 +75,10 @@ class PlanOptions:
                 f"offload_layers must be increasing, distinct layer indices >= 0 such as [3, 7, 11], "
                 f"got {self.offload_layers!r}"
             )
+        if self.filter_fn is not None and not callable(self.filter_fn):
+            raise OptionError(f"filter_fn must be a callable (block, fqn) -> bool, got {self.filter_fn!r}")
+        if self.filter_fn is not None and self.offload_layers is not None:
+            raise OptionError("pass offload_layers or filter_fn, not both: each one chooses the offloaded layers")
 
 
 @dataclass(frozen=True, eq=False)  # example_inputs may hold tensors, which do not compare to a bool

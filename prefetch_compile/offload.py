@@ -11,7 +11,7 @@ through the parameters themselves.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ def offload(
     offload_params: list[str] | tuple[str, ...] = (),
     layers: str | None = None,
     offload_layers: list[int] | tuple[int, ...] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
     budget: int | str | None = None,
     example_inputs: Any = None,
     activation_bytes: int | None = None,
@@ -44,7 +45,9 @@ def offload(
 ) -> PrefetchRuntime | None:
     """Offload the last ``num_in_group`` of every ``group_size`` layers of ``model`` to pinned host memory.
 
-    ``offload_layers`` names the offloaded layers by index instead. ``model``
+    ``offload_layers`` names the offloaded layers by index instead, and
+    ``filter_fn(block, fqn)`` decides for each block of the layer list (say,
+    ``lambda block, fqn: int(fqn.rsplit(".", 1)[1]) >= 16``). ``model``
     may live on the CPU (for a model larger than the device) or already on
     ``device``. Returns the model's runtime; ``runtime.stats()``
     reports the bytes moved. Compile the model afterwards with
@@ -71,6 +74,7 @@ def offload(
         offload_params=tuple(offload_params),
         layers=layers,
         offload_layers=None if offload_layers is None else tuple(offload_layers),
+        filter_fn=filter_fn,
     )
     budget_options = parse_budget_options(
         {

@@ -128,8 +128,9 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
         prefix = f"{path}.{index}" if path else str(index)
         chosen: list[tuple[str, nn.Parameter]] = []
         kept_bytes = 0
+        offloads = _offloads_layer(options, index, block, prefix)
         for local_name, param in block.named_parameters():
-            wanted = _offloads_layer(options, index) and matches_offload_params(
+            wanted = offloads and matches_offload_params(
                 f"{prefix}.{local_name}", options.offload_params
             )
             if wanted and not can_offload(param):
@@ -163,8 +164,10 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
     return OffloadPlan(options=options, layer_list_path=path, layers=tuple(layers))
 
 
-def _offloads_layer(options: PlanOptions, index: int) -> bool:
+def _offloads_layer(options: PlanOptions, index: int, block: nn.Module, fqn: str) -> bool:
     """Whether layer ``index`` is offloaded (its parameters are still filtered by ``offload_params``)."""
+    if options.filter_fn is not None:
+        return bool(options.filter_fn(block, fqn))
     if options.offload_layers is not None:
         return index in options.offload_layers
     return is_offloaded_layer(index, options.group_size, options.num_in_group)

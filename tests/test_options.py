@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
 
 import prefetch_compile
-from prefetch_compile.config import OptionError, parse_backend_options
+from prefetch_compile.config import OptionError, PlanOptions, parse_backend_options
 from toy_models import Stack
 
 
@@ -110,3 +112,29 @@ def test_inductor_freezing_is_refused():
     with torch._inductor.config.patch(freezing=True), torch.no_grad():
         with pytest.raises(Exception, match="freezing is on"):
             compiled(torch.randn(2, 16))
+
+
+def test_filter_fn_chooses_the_offloaded_blocks_like_quantize():
+    """``filter_fn(block, fqn)`` picks blocks, as torchao's ``quantize_(model, config, filter_fn)`` picks modules."""
+    model = Stack(["linear", "int8", "linear", "int8"])
+    reference = copy.deepcopy(model)
+    seen = []
+
+    def only_int8(block, fqn):
+        seen.append(fqn)
+        return type(block).__name__ == "Int8Block"
+
+    runtime = prefetch_compile.offload(model, "cpu", filter_fn=only_int8)
+    assert seen == ["layers.0", "layers.1", "layers.2", "layers.3"]
+    assert [layer.name for layer in runtime.offloaded] == ["layers.1", "layers.3"]
+    compiled = torch.compile(model, backend="prefetch_offload")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+
+
+def test_filter_fn_is_checked():
+    with pytest.raises(OptionError, match="filter_fn must be a callable"):
+        PlanOptions(filter_fn="layers.1")
+    with pytest.raises(OptionError, match="offload_layers or filter_fn, not both"):
+        PlanOptions(offload_layers=(1,), filter_fn=lambda block, fqn: True)
