@@ -25,7 +25,7 @@ from .discovery import find_layer_list
 from .graphs import graphed
 from .leaves import InnerPath, get_inner
 from .offload import offload_with_options, offload_within_budget, runtime_of
-from .ops import START, WAIT
+from .ops import OFFLOADED_BLOCK, START, WAIT
 from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops, node_value
 from .runtime import PrefetchRuntime, runtime_of_tensor
 
@@ -42,6 +42,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
             "torch._inductor.config.freezing is on: Inductor would fold the offloaded weights into constants "
             "and never read the slots; turn freezing off for prefetch_offload"
         )
+    _remove_tripwires(gm)
     runtime, offloaded_now = _runtime_for(example_inputs, parsed)
     if runtime is None:
         return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
@@ -190,6 +191,16 @@ def _dynamo_fakes(gm: fx.GraphModule, example_inputs: list[Any]) -> list[Any]:
     if len(placeholders) != len(example_inputs):
         return list(example_inputs)
     return [node.meta.get("example_value", value) for node, value in zip(placeholders, example_inputs)]
+
+
+def _remove_tripwires(gm: fx.GraphModule) -> None:
+    """Take out the ``offloaded_block`` ops that offloaded blocks' hooks put into Dynamo's graph (see ops.py)."""
+    tripwires = list(gm.graph.find_nodes(op="call_function", target=OFFLOADED_BLOCK))
+    for node in tripwires:
+        node.replace_all_uses_with(node.args[0])
+        gm.graph.erase_node(node)
+    if tripwires:
+        gm.recompile()
 
 
 def _op_node(graph: fx.Graph, target: Any, args: tuple) -> fx.Node:

@@ -17,9 +17,10 @@ weights without a word. This module makes each path correct or refuses it:
 * **copy.deepcopy / pickling** of the model, a block, or a module holding an
   offloaded parameter is refused: the copy would hold one slot's content.
 
-While Dynamo traces, the block hooks only read the block's ``OFFLOADED_FLAG``:
-Dynamo guards on it, so one compiled graph never serves both an offloaded and a
-kept block.
+While Dynamo traces, the block hooks read the block's ``OFFLOADED_FLAG`` (Dynamo
+guards on it, so one compiled graph never serves both an offloaded and a kept
+block) and put the ``offloaded_block`` tripwire on the block's input: the
+prefetch backend removes it, any other backend's graph raises.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .ops import OFFLOADED_BLOCK
 from .plan import OffloadPlan
 from .runtime import PrefetchRuntime
 
@@ -50,9 +52,13 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
         offload_index = layer.offload_index if layer.offloaded else -1
         following = plan.next_in_slot(offload_index) if layer.offloaded else -1
 
-        def before(module: nn.Module, args: object, names: list[str] = names, index: int = offload_index) -> None:
-            if not getattr(module, OFFLOADED_FLAG) or torch.compiler.is_compiling():
-                return
+        def before(module: nn.Module, args: tuple, names: list[str] = names, index: int = offload_index) -> tuple | None:
+            if not getattr(module, OFFLOADED_FLAG):
+                return None
+            if torch.compiler.is_compiling():
+                if args and isinstance(args[0], torch.Tensor):
+                    return (OFFLOADED_BLOCK(args[0]), *args[1:])  # the tripwire (see ops.py)
+                return None
             if torch.is_grad_enabled() and any(runtime.offloaded_params[name].requires_grad for name in names):
                 raise RuntimeError(
                     f"{layer_name(plan, index)} is offloaded and grad mode is on: a backward would read weights that "
@@ -62,6 +68,7 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
             runtime.check_placement(names)
             runtime.acquire(f"eager call of {layer_name(plan, index)}")
             runtime.wait(index)
+            return None
 
         def after(module: nn.Module, args: object, output: object, following: int = following) -> None:
             if not getattr(module, OFFLOADED_FLAG) or torch.compiler.is_compiling():

@@ -18,7 +18,12 @@ they are what the ops do to the tensors they are given:
   opaque op they must be materialised before it, so no fused kernel after the
   copy can re-read the slot.
 
-Neither op takes a layer number or a runtime handle: Dynamo reuses one compiled
+A third op, ``offloaded_block(hidden)``, is a tripwire: an offloaded block's hook
+puts it on the block's input whenever Dynamo traces the block. The backend
+removes it; a graph compiled by any other backend keeps it, and it raises at
+the first call, because such a graph would read the slots without waiting.
+
+Neither prefetch op takes a layer number or a runtime handle: Dynamo reuses one compiled
 graph for every block that runs the same code (each block's parameters are
 graph inputs), so a graph compiled for block 3 may well run block 7, or a kept
 block, for which the ops do nothing. The layer and its runtime are read off the
@@ -48,8 +53,20 @@ def start_prefetch(slot_params: list[torch.Tensor], live: list[torch.Tensor]) ->
         runtime.start(runtime.plan.next_in_slot(runtime.locate(slot_params[0])[0]))
 
 
+def offloaded_block(hidden: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError(
+        "an offloaded model ran inside a graph compiled by another torch.compile backend: its offloaded "
+        "weights would be read from slots that hold other layers. Compile it with "
+        'backend="prefetch_offload" (or do not offload it)'
+    )
+
+
 def _no_result(*args: object) -> None:
     return None
+
+
+def _same_as(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(hidden)
 
 
 # Registered with the plain library API rather than ``torch.library.custom_op``: the
@@ -60,10 +77,16 @@ def _no_result(*args: object) -> None:
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
 _LIBRARY.define("wait_prefetch(Tensor(a!)[] layer_params) -> ()")
 _LIBRARY.define("start_prefetch(Tensor(a!)[] slot_params, Tensor[] live) -> ()")
+_LIBRARY.define("offloaded_block(Tensor hidden) -> Tensor")
 _LIBRARY.impl("wait_prefetch", wait_prefetch, "CompositeExplicitAutograd")
 _LIBRARY.impl("start_prefetch", start_prefetch, "CompositeExplicitAutograd")
 torch.library.register_fake(f"{NAMESPACE}::wait_prefetch", _no_result, lib=_LIBRARY)
 torch.library.register_fake(f"{NAMESPACE}::start_prefetch", _no_result, lib=_LIBRARY)
+_LIBRARY.impl("offloaded_block", offloaded_block, "CompositeExplicitAutograd")
+torch.library.register_fake(f"{NAMESPACE}::offloaded_block", _same_as, lib=_LIBRARY)
 
 WAIT = torch.ops.prefetch_compile.wait_prefetch.default
 START = torch.ops.prefetch_compile.start_prefetch.default
+# Put by an offloaded block's hook into every graph Dynamo traces through the block; the
+# prefetch pass takes it out, and under any other backend it raises instead of computing.
+OFFLOADED_BLOCK = torch.ops.prefetch_compile.offloaded_block.default

@@ -241,3 +241,12 @@ def test_fx_graph_cache_serves_a_second_process(tmp_path: Path):
     first, second = (run.stdout.strip().splitlines()[-1] for run in runs)
     assert first.startswith("hits 0 misses ") and not first.endswith("misses 0"), first
     assert second.startswith("hits ") and not second.startswith("hits 0"), second
+
+
+@pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
+def test_an_offloaded_model_compiled_by_another_backend_refuses_to_run(backend):
+    """Stock torch.compile on an offloaded model read slots holding other layers (max error ~2.5, silently)."""
+    model, _, _ = _offloaded(["linear"] * 4, group_size=1)
+    compiled = torch.compile(model, backend=backend)
+    with torch.no_grad(), pytest.raises(RuntimeError, match='compiled by another torch.compile backend'):
+        compiled(torch.randn(3, 16))
