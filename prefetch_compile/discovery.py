@@ -3,22 +3,34 @@
 Offloading works at the granularity of the model's repeated blocks (decoder
 layers): they are what runs one after another, so one block's weights can be
 copied while the block before it computes.
+
+Models hold many ``nn.ModuleList``s, and the longest is not always the stack:
+a mixture-of-experts layer may hold a list of 8 to 128 experts, a T5 block a
+list of its 2 or 3 sub-layers, while the model has fewer layers than that.
+The stack that the forward iterates over is the list whose blocks hold the
+bulk of the weights, and it is never nested inside another such list.
 """
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from .config import OptionError
+
+log = logging.getLogger("prefetch_compile")
 
 
 def find_layer_list(model: nn.Module, path: str | None = None) -> tuple[str, list[nn.Module]]:
     """Return the dotted path and the blocks of the model's layer list.
 
     With ``path`` given, that attribute is used (an ``nn.ModuleList`` or
-    ``nn.Sequential``). Otherwise the longest ``nn.ModuleList`` whose blocks own
-    parameters is chosen (ties: the first in module order), which is the stack
-    of decoder layers in every transformer we know of.
+    ``nn.Sequential``). Otherwise, among the ``nn.ModuleList``s whose blocks all
+    own parameters, the outermost ones (not inside another such list) compete,
+    and the one whose blocks hold the most parameter bytes wins (ties: the first
+    in module order). Lists of two or more blocks are preferred to single-block
+    lists, which wrap a stack rather than form one.
     """
     if path is not None:
         try:
@@ -31,20 +43,45 @@ def find_layer_list(model: nn.Module, path: str | None = None) -> tuple[str, lis
             )
         return path, list(container)
 
-    best: tuple[str, nn.ModuleList] | None = None
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if not all(any(True for _ in block.parameters()) for block in module):
-            continue
-        if best is None or len(module) > len(best[1]):
-            best = (name, module)
-    if best is None:
+    candidates = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList)
+        and len(module) > 0
+        and all(any(True for _ in block.parameters()) for block in module)
+    ]
+    if not candidates:
         raise OptionError(
             f"found no nn.ModuleList of blocks with parameters in {type(model).__name__}; "
             "pass options={'layers': 'dotted.path.to.blocks'}"
         )
-    return best[0], list(best[1])
+    stacks = [(name, module) for name, module in candidates if len(module) > 1] or candidates
+    outermost = [(name, module) for name, module in stacks if not any(_inside(name, other) for other, _ in stacks)]
+    name, module = max(outermost, key=lambda item: parameter_bytes(item[1]))
+    return name, list(module)
+
+
+def describe_layer_list(model: nn.Module, path: str, blocks: list[nn.Module], given: bool) -> str:
+    """One log line: which block list the plan uses, how many blocks, and what share of the weights they hold."""
+    total = parameter_bytes(model)
+    held = parameter_bytes(*blocks)
+    share = f"{100 * held / total:.0f}%" if total else "0%"
+    how = "given by the layers option" if given else "found: the outermost nn.ModuleList holding the most parameters"
+    return f"prefetch_compile: layer list '{path}' with {len(blocks)} blocks holding {share} of the parameter bytes ({how})"
+
+
+def parameter_bytes(*modules: nn.Module) -> int:
+    """Bytes of the distinct parameters under ``modules`` (a tied weight counts once)."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for param in module.parameters():
+            seen[id(param)] = param.numel() * param.element_size()
+    return sum(seen.values())
+
+
+def _inside(name: str, other: str) -> bool:
+    """Whether the module at dotted path ``name`` lies strictly below the one at ``other``."""
+    return name != other and (other == "" or name.startswith(other + "."))
 
 
 def is_offloaded_layer(index: int, group_size: int, num_in_group: int) -> bool:

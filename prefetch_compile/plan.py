@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .config import OptionError, PlanOptions
-from .discovery import find_layer_list, is_offloaded_layer, matches_offload_params
+from .discovery import describe_layer_list, find_layer_list, is_offloaded_layer, matches_offload_params
 from .leaves import InnerPath, can_offload, leaf_bytes, leaf_name, tensor_leaves
 
 log = logging.getLogger("prefetch_compile")
@@ -121,6 +121,7 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
             f"offload_layers={list(options.offload_layers)} names layer {options.offload_layers[-1]}, "
             f"but '{path}' has {len(blocks)} layers (indices 0-{len(blocks) - 1})"
         )
+    log.info(describe_layer_list(model, path, blocks, given=options.layers is not None))
     shared = _shared_parameter_ids(model)
     layers: list[LayerPlan] = []
     offload_count = 0
@@ -161,6 +162,8 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
             )
         )
         offload_count += 1
+    if offload_count == 0:
+        log.warning(_nothing_offloaded(path, len(blocks), options))
     return OffloadPlan(options=options, layer_list_path=path, layers=tuple(layers))
 
 
@@ -171,6 +174,24 @@ def _offloads_layer(options: PlanOptions, index: int, block: nn.Module, fqn: str
     if options.offload_layers is not None:
         return index in options.offload_layers
     return is_offloaded_layer(index, options.group_size, options.num_in_group)
+
+
+def _nothing_offloaded(path: str, num_blocks: int, options: PlanOptions) -> str:
+    """Why a plan moves no bytes: a model runs as if not offloaded, which nobody should learn from a profile."""
+    picked = [index for index in range(num_blocks) if _offloads_layer(options, index)]
+    if not picked and options.offload_layers is not None:
+        why = f"offload_layers={list(options.offload_layers)} names none of its {num_blocks} blocks"
+    elif not picked:
+        why = (
+            f"its {num_blocks} blocks are fewer than group_size={options.group_size}, and only the last "
+            f"num_in_group={options.num_in_group} of each full group are offloaded; lower group_size"
+        )
+    else:
+        why = (
+            f"no parameter of blocks {picked} matches offload_params={list(options.offload_params)} "
+            "(or all are tied, or tensor subclasses that cannot move)"
+        )
+    return f"prefetch_compile: the plan offloads nothing from '{path}': {why}"
 
 
 def _pack(named_params: list[tuple[str, nn.Parameter]]) -> tuple[ParamPlacement, ...]:

@@ -66,11 +66,13 @@ def test_byte_accounting_matches_the_model():
     assert stats.device_bytes_saved == stats.offloaded_bytes - stats.slot_pool_bytes
 
 
-def test_offload_logs_one_line(caplog):
+def test_offload_logs_the_layer_list_and_what_moved(caplog):
     with caplog.at_level("INFO", logger="prefetch_compile"):
         prefetch_compile.offload(Stack(["linear"] * 4), "cpu", group_size=2)
     lines = [record.getMessage() for record in caplog.records]
-    assert len(lines) == 1 and "offloaded 2/4 layers of 'layers'" in lines[0]
+    assert len(lines) == 2
+    assert "layer list 'layers' with 4 blocks" in lines[0]
+    assert "offloaded 2/4 layers of 'layers'" in lines[1]
 
 
 def test_tied_parameters_stay_on_the_device():

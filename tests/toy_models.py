@@ -143,3 +143,61 @@ class SplitStack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return x
+
+
+class Expert(nn.Module):
+    """One feed-forward expert."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, 2 * width)
+        self.down = nn.Linear(2 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+class MoEBlock(nn.Module):
+    """A mixing projection, a top-2 router and a ModuleList of experts, as pre-fusion HF Mixtral held them.
+
+    ``sparse=False`` runs every expert on every token and masks the result (no
+    data-dependent control flow); ``sparse=True`` runs each expert only on the
+    tokens routed to it, found with ``nonzero`` as HF does, which makes Dynamo
+    break the graph at each expert.
+    """
+
+    def __init__(self, width: int, num_experts: int, sparse: bool = False) -> None:
+        super().__init__()
+        self.mix = nn.Linear(width, width)
+        self.router = nn.Linear(width, num_experts, bias=False)
+        self.experts = nn.ModuleList(Expert(width) for _ in range(num_experts))
+        self.sparse = sparse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = torch.tanh(self.mix(x)).reshape(-1, x.shape[-1])
+        weights, chosen = torch.softmax(self.router(hidden), dim=-1).topk(2, dim=-1)
+        out = torch.zeros_like(hidden)
+        for index, expert in enumerate(self.experts):
+            routed = chosen == index  # (tokens, 2)
+            if self.sparse:
+                tokens, position = torch.nonzero(routed, as_tuple=True)
+                out = out.index_add(0, tokens, expert(hidden[tokens]) * weights[tokens, position, None])
+            else:
+                out = out + expert(hidden) * (weights * routed).sum(-1, keepdim=True)
+        return x + out.reshape(x.shape)
+
+
+class MoEStack(nn.Module):
+    """Fewer layers than experts per layer: the experts list is the longest ModuleList."""
+
+    def __init__(self, layers: int = 4, num_experts: int = 8, width: int = 16, sparse: bool = False) -> None:
+        super().__init__()
+        self.embed = nn.Linear(width, width)
+        self.layers = nn.ModuleList(MoEBlock(width, num_experts, sparse) for _ in range(layers))
+        self.head = nn.Linear(width, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.embed(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
