@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError, FileReader, StoredTensor, few, read_che
 from .config import PlanOptions
 from .memory import HostArena, PinnedStaging, param_view
 from .offload import _check_device, assemble_runtime
-from .plan import OffloadPlan, build_plan
+from .plan import OffloadPlan, build_plan, log_plan_choice
 from .runtime import PrefetchRuntime, format_bytes
 
 log = logging.getLogger("prefetch_compile")
@@ -107,6 +107,7 @@ def load_checkpoint(
     device = _check_device(torch.device(device))
     targets = _targets(model)
     plan = build_plan(model, options)
+    log_plan_choice(model, plan)
     stored = None
     if isinstance(checkpoint, (str, os.PathLike)):
         stored = read_checkpoint_headers(checkpoint)

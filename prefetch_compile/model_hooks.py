@@ -59,28 +59,41 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
                 if args and isinstance(args[0], torch.Tensor):
                     return (OFFLOADED_BLOCK(args[0]), *args[1:])  # the tripwire (see ops.py)
                 return None
-            if torch.is_grad_enabled() and any(runtime.offloaded_params[name].requires_grad for name in names):
-                raise RuntimeError(
-                    f"{layer_name(plan, index)} is offloaded and grad mode is on: a backward would read weights that "
-                    "later layers have overwritten in the slot. Offloaded models are for inference: use torch.no_grad() or "
-                    "torch.inference_mode(), or call requires_grad_(False) on the model"
-                )
-            runtime.check_placement(names)
-            runtime.acquire(f"eager call of {layer_name(plan, index)}")
-            runtime.wait(index)
+            _enter_block(runtime, names, layer_name(plan, index), index)
             return None
 
         def after(module: nn.Module, args: object, output: object, following: int = following) -> None:
             if not getattr(module, OFFLOADED_FLAG) or torch.compiler.is_compiling():
                 return
-            try:
-                runtime.start(following)
-            finally:
-                runtime.release()
+            _leave_block(runtime, following)
 
         block.register_forward_pre_hook(before)
         # always_call: the lock taken before the block is released even when the block raises.
         block.register_forward_hook(after, always_call=True)
+
+
+# The eager halves of the block hooks, kept from Dynamo: called from eager code inside a
+# compiled region (after a graph break), they would otherwise be compiled as frames of their
+# own, guarded on the runtime's slot state, and recompiled at every call.
+@torch.compiler.disable
+def _enter_block(runtime: PrefetchRuntime, names: list[str], name: str, offload_index: int) -> None:
+    if torch.is_grad_enabled() and any(runtime.offloaded_params[param].requires_grad for param in names):
+        raise RuntimeError(
+            f"{name} is offloaded and grad mode is on: a backward would read weights that later layers have "
+            "overwritten in the slot. Offloaded models are for inference: use torch.no_grad() or "
+            "torch.inference_mode(), or call requires_grad_(False) on the model"
+        )
+    runtime.check_placement(names)
+    runtime.acquire(f"eager call of {name}")
+    runtime.wait(offload_index)
+
+
+@torch.compiler.disable
+def _leave_block(runtime: PrefetchRuntime, following: int) -> None:
+    try:
+        runtime.start(following)
+    finally:
+        runtime.release()
 
 
 def layer_name(plan: OffloadPlan, offload_index: int) -> str:

@@ -20,7 +20,7 @@ from .budget import plan_within_budget
 from .config import BudgetOptions, OptionError, PlanOptions, parse_budget_options
 from .leaves import get_inner, set_inner
 from .memory import HostArena, SlotPool, aliased_param_view, param_view
-from .plan import OffloadPlan, build_plan
+from .plan import OffloadPlan, build_plan, log_plan_choice
 from .model_hooks import install_model_hooks
 from .runtime import PrefetchRuntime, describe, runtime_of_tensor
 
@@ -120,6 +120,7 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     device = _check_device(device)
     _check_not_offloaded(model)
     plan = build_plan(model, options)
+    log_plan_choice(model, plan)
     host = HostArena(plan)
     offloaded = _move_offloaded_to_host(model, plan, host)
     _move_to_device(model, device)  # kept weights and buffers; the offloaded ones are empty placeholders by now

@@ -121,7 +121,6 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
             f"offload_layers={list(options.offload_layers)} names layer {options.offload_layers[-1]}, "
             f"but '{path}' has {len(blocks)} layers (indices 0-{len(blocks) - 1})"
         )
-    log.info(describe_layer_list(model, path, blocks, given=options.layers is not None))
     shared = _shared_parameter_ids(model)
     layers: list[LayerPlan] = []
     offload_count = 0
@@ -162,9 +161,19 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
             )
         )
         offload_count += 1
-    if offload_count == 0:
-        log.warning(_nothing_offloaded(path, len(blocks), options))
     return OffloadPlan(options=options, layer_list_path=path, layers=tuple(layers))
+
+
+def log_plan_choice(model: nn.Module, plan: OffloadPlan) -> None:
+    """Say which layer list the plan uses, and warn when it offloads nothing.
+
+    Called where a plan is put to use (``offload()``, ``load_checkpoint()``), not in
+    :func:`build_plan`, which the budget planner calls for every candidate.
+    """
+    blocks = list(model.get_submodule(plan.layer_list_path)) if plan.layer_list_path else list(model)
+    log.info(describe_layer_list(model, plan.layer_list_path, blocks, given=plan.options.layers is not None))
+    if not plan.offloaded:
+        log.warning(_nothing_offloaded(plan.layer_list_path, blocks, plan.options))
 
 
 def _offloads_layer(options: PlanOptions, index: int, block: nn.Module, fqn: str) -> bool:
@@ -176,10 +185,15 @@ def _offloads_layer(options: PlanOptions, index: int, block: nn.Module, fqn: str
     return is_offloaded_layer(index, options.group_size, options.num_in_group)
 
 
-def _nothing_offloaded(path: str, num_blocks: int, options: PlanOptions) -> str:
+def _nothing_offloaded(path: str, blocks: list[nn.Module], options: PlanOptions) -> str:
     """Why a plan moves no bytes: a model runs as if not offloaded, which nobody should learn from a profile."""
-    picked = [index for index in range(num_blocks) if _offloads_layer(options, index)]
-    if not picked and options.offload_layers is not None:
+    num_blocks = len(blocks)
+    picked = [
+        index for index, block in enumerate(blocks) if _offloads_layer(options, index, block, f"{path}.{index}")
+    ]
+    if not picked and options.filter_fn is not None:
+        why = f"filter_fn chose none of its {num_blocks} blocks"
+    elif not picked and options.offload_layers is not None:
         why = f"offload_layers={list(options.offload_layers)} names none of its {num_blocks} blocks"
     elif not picked:
         why = (
