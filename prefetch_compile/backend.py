@@ -248,20 +248,35 @@ def _runtime_for(example_inputs: list[Any], parsed: BackendOptions) -> tuple[Pre
     params = {id(value) for value in example_inputs if isinstance(value, nn.Parameter)}
     if not params:
         return None, False
-    for module in _torch_internals.frame_modules():
-        if runtime_of(module) is not None:
-            return None, False  # offloaded already, but this graph reads none of the offloaded parameters
-        if budget is not None and getattr(module, RESIDENT_FLAG, None) == budget.budget:
-            return None, False  # the budget planner left this model resident at an earlier graph
-        if _layer_list_holds(module, params, plan):
-            _check_inference(example_inputs)
-            device = next(module.parameters()).device
-            if budget is not None:
-                runtime = offload_within_budget(module, device, budget, plan and plan.layers, parsed.compile.compiler)
-                if runtime is None:
-                    setattr(module, RESIDENT_FLAG, budget.budget)
-                return runtime, runtime is not None
-            return offload_with_options(module, device, plan or PlanOptions()), True
+    modules = list(dict.fromkeys(_torch_internals.frame_modules()))  # innermost first, each once
+    if any(runtime_of(module) is not None for module in modules):
+        return None, False  # offloaded already, but this graph reads none of the offloaded parameters
+    if budget is not None and any(getattr(module, RESIDENT_FLAG, None) == budget.budget for module in modules):
+        return None, False  # the budget planner left this model resident at an earlier graph
+    # The outermost module (the one holding the most parameters) whose layer list holds the graph's
+    # parameters is the model: with a graph break inside a block, the block itself (say, one with a
+    # list of experts) is in scope too. torch.compile's wrapper of the model is not the model.
+    candidates = [
+        module for module in modules if not _torch_internals.is_compiled_wrapper(module) and _layer_list_holds(module, params, plan)
+    ]
+    if candidates:
+        module = max(candidates, key=lambda candidate: sum(1 for _ in candidate.parameters()))
+        _check_inference(example_inputs)
+        device = next(module.parameters()).device
+        if budget is not None:
+            runtime = offload_within_budget(module, device, budget, plan and plan.layers, parsed.compile.compiler)
+            if runtime is None:
+                setattr(module, RESIDENT_FLAG, budget.budget)
+            return runtime, runtime is not None
+        return offload_with_options(module, device, plan or PlanOptions()), True
+    if plan is None and budget is None:
+        log.warning(
+            "prefetch_compile: nothing offloaded for graph %s: none of %s has a block list (nn.ModuleList of "
+            "blocks with parameters) holding this graph's parameters; pass options={'layers': 'path.to.blocks'} "
+            "or call prefetch_compile.offload(model, layers=...) first",
+            _torch_internals.compile_id(),
+            sorted({type(module).__name__ for module in modules}) or "the modules in scope",
+        )
     if plan is not None or budget is not None:
         raise OptionError(
             "prefetch_offload could not find the nn.Module being compiled; "
