@@ -125,6 +125,7 @@ class _CaptureLog:
     deferred: frozenset[int]  # starts left out of the graph, issued eagerly after each replay
     consumed: set[int] = field(default_factory=set)  # eager copies the graph waits for
     copies: int = 0  # copies captured into the graph: each replay makes them again
+    freed: set[int] = field(default_factory=set)  # deferred starts whose slot-free point the graph records
 
 
 class PrefetchRuntime:
@@ -172,6 +173,9 @@ class PrefetchRuntime:
         # "external": a capture that waits on one records a wait node for the event itself, so a
         # replay waits for whatever copy last recorded it (the prefetch issued after the previous replay).
         self._ready = [torch.cuda.Event(external=True) for _ in self.offloaded] if self._cuda else []
+        # Recorded inside a capture where a deferred prefetch would have started: the point after which
+        # the layer's slot is free, for the copy issued after the replay to wait on.
+        self._freed = [torch.cuda.Event(external=True) for _ in self.offloaded] if self._cuda else []
         self._slot_owner: list[int | None] = [None] * plan.num_slots
         self._in_flight: dict[int, _InFlight] = {}
         self._compute_stream: torch.cuda.Stream | None = None
@@ -235,7 +239,12 @@ class PrefetchRuntime:
         if self._slot_owner[layer.slot] == offload_index:
             return
         if self._capture is not None and offload_index in self._capture.deferred:
-            return  # issued eagerly after each replay, so the next forward's copy overlaps the host's work
+            # Issued eagerly after each replay, so the next forward's copy overlaps the host's
+            # work; it waits for this point of the graph (an external event recorded here), not
+            # for the graph's end, so it also overlaps whatever the graph computes after it.
+            self._freed[offload_index].record(torch.cuda.current_stream(self.device))
+            self._capture.freed.add(offload_index)
+            return
         self._copy_in(layer)
 
     def wait(self, offload_index: int) -> None:
@@ -263,7 +272,7 @@ class PrefetchRuntime:
             self._capture.consumed.add(offload_index)
         torch.cuda.current_stream(self.device).wait_event(copy.done)
 
-    def _copy_in(self, layer: LayerPlan) -> None:
+    def _copy_in(self, layer: LayerPlan, after: torch.cuda.Event | None = None) -> None:
         self._slot_owner[layer.slot] = layer.offload_index
         if self._capture is not None:
             self._capture.copies += 1
@@ -283,8 +292,10 @@ class PrefetchRuntime:
         capturing = torch.cuda.is_current_stream_capturing()
         # The fork event orders the copy after the last reader of the slot's previous
         # layer, and inside a capture it is what pulls the copy stream into the graph.
-        fork = torch.cuda.Event()
-        fork.record(compute)
+        fork = after
+        if fork is None:
+            fork = torch.cuda.Event()
+            fork.record(compute)
         if recorder is not None:
             recorder.copy_issued(index, compute)
         self.copy_stream.wait_event(fork)
@@ -437,7 +448,9 @@ class PrefetchRuntime:
         for index in log_.consumed:
             self._in_flight.pop(index, None)
         for index in sorted(log_.deferred):
-            self.start(index)
+            layer = self.offloaded[index]
+            if self._slot_owner[layer.slot] != index:
+                self._copy_in(layer, after=self._freed[index] if index in log_.freed else None)
 
     # ----------------------------------------------------------- weights
     def load_weights(self, new_values: Mapping[str, torch.Tensor]) -> None:
