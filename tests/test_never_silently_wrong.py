@@ -250,3 +250,12 @@ def test_an_offloaded_model_compiled_by_another_backend_refuses_to_run(backend):
     compiled = torch.compile(model, backend=backend)
     with torch.no_grad(), pytest.raises(RuntimeError, match='compiled by another torch.compile backend'):
         compiled(torch.randn(3, 16))
+
+
+def test_a_model_without_a_block_list_says_nothing_was_offloaded(caplog):
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="prefetch_compile"):
+        compiled(torch.randn(2, 16))
+    assert any("nothing offloaded" in record.getMessage() and "Sequential" in record.getMessage() for record in caplog.records)
+    assert prefetch_compile.runtime_of(model) is None
