@@ -42,7 +42,8 @@ def _tokens(generator: torch.Generator, batch: int = 2, seq: int = 6) -> torch.T
     return torch.randint(0, VOCAB, (batch, seq), generator=generator)
 
 
-def _decoder_kwargs(**extra: Any) -> dict[str, Any]:
+def tiny_decoder_config(**extra: Any) -> dict[str, Any]:
+    """The tiny decoder shape every HF test uses (config keyword arguments); ``extra`` adds or overrides."""
     base = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -86,11 +87,11 @@ def _hf(config_cls: str, model_cls: str, **config: Any) -> Callable[[], nn.Modul
 # ``experts_implementation``: "grouped_mm" (default, no data-dependent control flow) or "eager"
 # (a Python loop over the experts that received tokens: data-dependent, Dynamo breaks the graph).
 MOE_CONFIGS = {
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM", _decoder_kwargs(num_local_experts=8, num_experts_per_tok=2)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", tiny_decoder_config(num_local_experts=8, num_experts_per_tok=2)),
     "qwen2_moe": (
         "Qwen2MoeConfig",
         "Qwen2MoeForCausalLM",
-        _decoder_kwargs(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
+        tiny_decoder_config(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
     ),
 }
 
@@ -105,12 +106,12 @@ MIXTRAL = moe("mixtral")
 QWEN2_MOE = moe("qwen2_moe")
 
 DECODERS = [
-    causal_lm("llama", "LlamaConfig", "LlamaForCausalLM", **_decoder_kwargs()),
-    causal_lm("mistral", "MistralConfig", "MistralForCausalLM", **_decoder_kwargs()),
-    causal_lm("qwen2", "Qwen2Config", "Qwen2ForCausalLM", **_decoder_kwargs()),
-    causal_lm("qwen3", "Qwen3Config", "Qwen3ForCausalLM", **_decoder_kwargs(head_dim=16)),
-    causal_lm("gemma2", "Gemma2Config", "Gemma2ForCausalLM", **_decoder_kwargs(head_dim=16)),
-    causal_lm("phi3", "Phi3Config", "Phi3ForCausalLM", **_decoder_kwargs(pad_token_id=0)),
+    causal_lm("llama", "LlamaConfig", "LlamaForCausalLM", **tiny_decoder_config()),
+    causal_lm("mistral", "MistralConfig", "MistralForCausalLM", **tiny_decoder_config()),
+    causal_lm("qwen2", "Qwen2Config", "Qwen2ForCausalLM", **tiny_decoder_config()),
+    causal_lm("qwen3", "Qwen3Config", "Qwen3ForCausalLM", **tiny_decoder_config(head_dim=16)),
+    causal_lm("gemma2", "Gemma2Config", "Gemma2ForCausalLM", **tiny_decoder_config(head_dim=16)),
+    causal_lm("phi3", "Phi3Config", "Phi3ForCausalLM", **tiny_decoder_config(pad_token_id=0)),
     ZooModel(
         name="gpt_neox",
         build=_hf(

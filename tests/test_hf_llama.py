@@ -8,20 +8,13 @@ import pytest
 import torch
 
 import prefetch_compile
+from model_zoo import tiny_decoder_config
 
 transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama():
-    config = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
+    config = transformers.LlamaConfig(**tiny_decoder_config())
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
 

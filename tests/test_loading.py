@@ -14,22 +14,14 @@ from torch import nn
 import prefetch_compile
 from prefetch_compile import CheckpointError
 from prefetch_compile.loading import _Progress
+from model_zoo import tiny_decoder_config
 
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 
 def llama_config(**overrides):
-    return transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **overrides,
-    )
+    return transformers.LlamaConfig(**tiny_decoder_config(**overrides))
 
 
 def original_llama(**overrides):

@@ -29,17 +29,6 @@ SLACK = 64 << 20  # the interpreter's and the CUDA driver's own host allocations
 MiB = 1 << 20
 
 
-@pytest.fixture(autouse=True)
-def _clean_cuda():
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-    yield
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
 def llama_config():
     return transformers.LlamaConfig(
         vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
