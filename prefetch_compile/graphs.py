@@ -37,14 +37,14 @@ from typing import Any, Callable, Iterator
 
 from . import _torch_internals
 from .breakable_graph import BreakableGraphed
-from .runtime import PrefetchRuntime, SlotState, _CaptureLog
+from .runtime import PrefetchRuntime, SlotState, CaptureLog
 
 
 @dataclass(frozen=True)
 class _CaptureToken:
     start: SlotState  # the slots the graph was captured against
     end: SlotState  # the slots a replay leaves
-    log: _CaptureLog
+    log: CaptureLog
 
 
 class SlotGuard:

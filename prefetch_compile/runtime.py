@@ -42,7 +42,7 @@ import torch
 
 from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, param_view
-from .plan import LayerPlan, OffloadPlan
+from .plan import LayerPlan, OffloadPlan, ParamPlacement
 
 if TYPE_CHECKING:
     from .report import CopyRecorder, CopyReport
@@ -119,7 +119,7 @@ class SlotState:
 
 
 @dataclass
-class _CaptureLog:
+class CaptureLog:
     """What the ops did while a CUDA graph was being captured."""
 
     deferred: frozenset[int]  # starts left out of the graph, issued eagerly after each replay
@@ -160,8 +160,11 @@ class PrefetchRuntime:
         # leaf tensors (what AOT's flattened graphs take, for a subclass parameter; see leaves.py).
         self._param_locations: dict[int, tuple[int, str]] = {}
         self._leaves: list[torch.Tensor] = []
+        # Parameter name -> its leaves' (layer, placement): one leaf for a dense parameter.
+        self._placements: dict[str, list[tuple[LayerPlan, ParamPlacement]]] = {}
         for layer in self.offloaded:
             for placement in layer.params:
+                self._placements.setdefault(placement.param_name, []).append((layer, placement))
                 param = self.offloaded_params[placement.param_name]
                 leaf = get_inner(param, placement.inner)
                 self._param_locations[id(param)] = (layer.offload_index, placement.param_name)
@@ -179,7 +182,7 @@ class PrefetchRuntime:
         self._slot_owner: list[int | None] = [None] * plan.num_slots
         self._in_flight: dict[int, _InFlight] = {}
         self._compute_stream: torch.cuda.Stream | None = None
-        self._capture: _CaptureLog | None = None
+        self._capture: CaptureLog | None = None
         self._trace: list[tuple[str, int]] | None = None
         self.recorder: CopyRecorder | None = None  # set by start_recording(); told of every copy and wait
         for tensor in self._leaves:
@@ -212,14 +215,11 @@ class PrefetchRuntime:
         storage; it would then keep the values of whatever layer sat in the slot at
         that moment. Raised at the next forward, before any number is computed.
         """
-        for layer in self.offloaded:
-            base = self.slots.block(layer).data_ptr()
-            for placement in layer.params:
-                if names is not None and placement.param_name not in names:
-                    continue
-                param = get_inner(self.offloaded_params[placement.param_name], placement.inner)
+        for name in self._placements if names is None else names:
+            for layer, placement in self._placements[name]:
+                param = get_inner(self.offloaded_params[name], placement.inner)
                 if (
-                    param.data_ptr() != base + placement.offset
+                    param.data_ptr() != self.slots.block(layer).data_ptr() + placement.offset
                     or param.dtype != placement.dtype
                     or tuple(param.shape) != placement.shape
                 ):
@@ -403,9 +403,9 @@ class PrefetchRuntime:
         return SlotState(tuple(self._slot_owner), dict(self._in_flight))
 
     def begin_capture(self, deferred: frozenset[int]) -> None:
-        self._capture = _CaptureLog(deferred)
+        self._capture = CaptureLog(deferred)
 
-    def end_capture(self, before: SlotState) -> tuple[SlotState, _CaptureLog]:
+    def end_capture(self, before: SlotState) -> tuple[SlotState, CaptureLog]:
         """Close a capture: return the state it ends in, and put back the state it began from.
 
         Nothing captured has run yet, so the slots still hold what they held before
@@ -441,7 +441,7 @@ class PrefetchRuntime:
             self.counters.copies += 1
             self.counters.restores += 1
 
-    def after_replay(self, end: SlotState, log_: _CaptureLog) -> None:
+    def after_replay(self, end: SlotState, log_: CaptureLog) -> None:
         """After a replay: Python learns what the graph did, then issues the deferred prefetches."""
         self._slot_owner = list(end.owners)
         self.counters.copies += log_.copies
@@ -470,15 +470,11 @@ class PrefetchRuntime:
                 )
         with self.lock:
             self.synchronize_copies()
-            placements: dict[str, list] = {}  # parameter name -> its leaves' (layer, placement)
-            for layer in self.offloaded:
-                for placement in layer.params:
-                    placements.setdefault(placement.param_name, []).append((layer, placement))
             for name, value in new_values.items():
-                if name not in placements:
+                if name not in self._placements:
                     self.kept_tensors[name].data.copy_(value)
                     continue
-                for layer, placement in placements[name]:
+                for layer, placement in self._placements[name]:
                     leaf = get_inner(value, placement.inner)
                     param_view(self.host.block(layer), placement).copy_(leaf)
                     if self._slot_owner[layer.slot] == layer.offload_index:
@@ -490,16 +486,13 @@ class PrefetchRuntime:
 
         A tensor-subclass parameter has several leaves and no single host view: refused.
         """
-        for layer in self.offloaded:
-            for placement in layer.params:
-                if placement.param_name == name:
-                    if placement.inner:
-                        raise RuntimeError(
-                            f"state_dict of offloaded tensor-subclass parameter {name} is not supported: its leaves "
-                            "live in the host arena separately; save the model before offloading"
-                        )
-                    return param_view(self.host.block(layer), placement)
-        raise KeyError(name)
+        ((layer, placement), *others) = self._placements[name]
+        if placement.inner or others:
+            raise RuntimeError(
+                f"state_dict of offloaded tensor-subclass parameter {name} is not supported: its leaves "
+                "live in the host arena separately; save the model before offloading"
+            )
+        return param_view(self.host.block(layer), placement)
 
 
 def runtime_of_tensor(tensor: object) -> PrefetchRuntime | None:
