@@ -44,6 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import (  # noqa: E402
+    bench_device,
+    bench_shape,
     add_repo_to_path,
     allocated_bytes,
     device_name,
@@ -168,11 +170,9 @@ def _csv(text: str) -> list[str]:
 class Bench:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.device = torch.device(args.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = bench_device(args.device)
         self.dtype = getattr(torch, args.dtype)
-        self.shape = llama_like.tiny_shape(args.layers) if args.tiny else llama_like.llama8b_shape(args.layers)
+        self.shape = bench_shape(args.layers, args.tiny)
         self.cases = [CASES[name] for name in _csv(args.cases)]
         self.plan = system_plan(args)
         self.out = Path(args.out)

@@ -27,6 +27,21 @@ def add_repo_to_path() -> None:
             sys.path.insert(0, str(path))
 
 
+def bench_device(name: str) -> torch.device:
+    """The device a benchmark runs on, with a CUDA index made explicit (the runtime keys streams by it)."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def bench_shape(layers: int, tiny: bool):
+    """The Llama-8B layer shape with ``layers`` layers, or ``llama_like.tiny_shape`` for CPU smoke tests."""
+    import llama_like  # examples/, on the path after add_repo_to_path()
+
+    return llama_like.tiny_shape(layers) if tiny else llama_like.llama8b_shape(layers)
+
+
 def log(message: str, started: float | None = None) -> None:
     stamp = f"[{time.perf_counter() - started:7.1f}s] " if started is not None else ""
     print(f"{stamp}{message}", flush=True)

@@ -66,6 +66,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import (  # noqa: E402
+    bench_device,
+    bench_shape,
     add_repo_to_path,
     device_name,
     git_commit,
@@ -160,11 +162,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 class PlannerGrid:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.device = torch.device(args.device)
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = bench_device(args.device)
         self.dtype = getattr(torch, args.dtype)
-        self.shape = llama_like.tiny_shape(args.layers) if args.tiny else llama_like.llama8b_shape(args.layers)
+        self.shape = bench_shape(args.layers, args.tiny)
         self.cases = [parse_case(name.strip()) for name in args.cases.split(",") if name.strip()]
         self.out = Path(args.out)
         self.out.mkdir(parents=True, exist_ok=True)
