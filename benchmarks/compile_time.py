@@ -9,7 +9,15 @@ timed too, so the backend's overhead beyond the pass shows. Both are timed
 with Inductor's whole-graph caches off and its kernel cache warmed by a
 2-layer compile first, so neither pays for building kernels the other reused.
 
+``--graph-cache`` instead keeps Inductor's FX graph cache (and AOT autograd's) on
+and warms nothing: run it twice in two processes with one fresh
+``TORCHINDUCTOR_CACHE_DIR`` for the cold and the warm start of a new process,
+which is what a server restart pays (``--llama8b``: the Llama-8B layer shape).
+
     PYTHONPATH=. python benchmarks/compile_time.py --out bench_out
+    export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
+    python benchmarks/compile_time.py --graph-cache --llama8b --layers 32 --out cold
+    python benchmarks/compile_time.py --graph-cache --llama8b --layers 32 --out warm
 """
 
 from __future__ import annotations
@@ -43,12 +51,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--cold", action="store_true", help="skip the kernel-cache warm-up (first compile pays kernel builds)")
     p.add_argument("--skip-resident", action="store_true", help="do not time plain Inductor for comparison")
+    p.add_argument("--graph-cache", action="store_true",
+                   help="keep Inductor's FX graph cache on and warm nothing (cold/warm start of a process)")
+    p.add_argument("--llama8b", action="store_true", help="the Llama-8B layer shape instead of the tiny one")
     p.add_argument("--commit", default=None)
     p.add_argument("--out", default=None, help="directory for compile_time.json")
     return p.parse_args(argv)
 
 
 def shape_for(args: argparse.Namespace) -> llama_like.LlamaShape:
+    if args.llama8b:
+        return llama_like.llama8b_shape(args.layers)
     shape = llama_like.tiny_shape(args.layers)
     if args.hidden:
         heads = max(1, args.hidden // 16)
@@ -76,15 +89,18 @@ def main(argv: list[str] | None = None) -> dict:
     report: dict = {
         "device": device_name(device), "torch": torch.__version__, "commit": git_commit(args.commit),
         "layers": shape.layers, "hidden": shape.hidden, "group_size": args.group_size,
-        "prefetch_step": args.prefetch_step,
+        "prefetch_step": args.prefetch_step, "graph_cache": args.graph_cache,
     }
 
     # Same footing for both compilers: no whole-graph caches (the prefetch pass opts out of them anyway),
     # and a warm kernel cache, filled by compiling a 2-layer model first (its kernels are the deep model's).
-    torch._inductor.config.fx_graph_cache = False
-    with contextlib.suppress(Exception):
-        torch._functorch.config.enable_autograd_cache = False
-    if not args.cold:
+    if args.graph_cache:
+        torch._inductor.config.fx_graph_cache = True
+    else:
+        torch._inductor.config.fx_graph_cache = False
+        with contextlib.suppress(Exception):
+            torch._functorch.config.enable_autograd_cache = False
+    if not args.cold and not args.graph_cache:
         began = time.perf_counter()
         warm_shape = dataclasses.replace(shape, layers=2)
         warm_model = llama_like.build(warm_shape, device, dtype)

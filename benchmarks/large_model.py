@@ -339,7 +339,7 @@ def check_placement(model, runtime, specs, dtype: torch.dtype, seed: int, device
     indices = {name: index for index, (name, _) in enumerate(specs)}
     sizes = dict(specs)
     matrices = [name for name, size in specs if len(size) == 2]
-    placements = {p.name: (layer, p) for layer in runtime.layers for p in layer.params}
+    placements = {p.name: (layer, p) for layer in runtime.offloaded for p in layer.params}
     offloaded = min((name for name in matrices if name in placements), key=lambda name: _numel(sizes[name]), default=None)
     kept = min((name for name in matrices if name not in placements), key=lambda name: _numel(sizes[name]))
     for name in filter(None, (offloaded, kept)):
