@@ -146,6 +146,11 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit(explicit: str | None) -> str:
+    """The commit measured: ``explicit``, else ``git rev-parse``, else ``$BENCH_COMMIT``.
+
+    The GPU machine gets a copy of the working tree without ``.git``; the command that
+    runs a benchmark there passes the commit in ``BENCH_COMMIT``.
+    """
     if explicit:
         return explicit
     try:
@@ -157,7 +162,7 @@ def git_commit(explicit: str | None) -> str:
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except Exception:
-        return "unknown"
+        return os.environ.get("BENCH_COMMIT", "unknown")
 
 
 def gib(nbytes: int | float | None) -> str:
