@@ -95,7 +95,6 @@ def probe_copies(reps: int) -> dict:
 
 def probe_disk(directory: Path, nbytes: int, block: int) -> dict:
     """Write ``nbytes`` once, then read them back with O_DIRECT and buffered (after DONTNEED)."""
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / "probe.bin"
     chunk = os.urandom(block)
     began = time.perf_counter()
@@ -146,6 +145,7 @@ def main() -> None:
         result["device"] = device_name(torch.device("cuda"))
         result["copies"] = probe_copies(args.reps)
     directory = Path(args.disk_dir) if args.disk_dir else Path(tempfile.mkdtemp(prefix="disk_probe_"))
+    directory.mkdir(parents=True, exist_ok=True)
     result["disk_free_bytes"] = shutil.disk_usage(directory).free
     result["disk"] = probe_disk(directory, int(args.disk_gib * 2**30) // (args.read_mib << 20) * (args.read_mib << 20), args.read_mib << 20)
     (out / "device_probe.json").write_text(json.dumps(result, indent=1))
