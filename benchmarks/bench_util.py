@@ -146,13 +146,13 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit(explicit: str | None) -> str:
-    """The commit measured: ``explicit``, else ``git rev-parse``, else ``$BENCH_COMMIT``.
+    """The commit measured: ``explicit``, else ``$BENCH_COMMIT``, else ``git rev-parse``.
 
-    The GPU machine gets a copy of the working tree without ``.git``; the command that
-    runs a benchmark there passes the commit in ``BENCH_COMMIT``.
+    The GPU machine gets a copy of the working tree whose ``.git`` may not match it;
+    the command that runs a benchmark there names the commit in ``BENCH_COMMIT``.
     """
-    if explicit:
-        return explicit
+    if explicit or os.environ.get("BENCH_COMMIT"):
+        return explicit or os.environ["BENCH_COMMIT"]
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10, check=True
@@ -162,7 +162,7 @@ def git_commit(explicit: str | None) -> str:
         ).stdout.strip()
         return commit + ("+dirty" if dirty else "")
     except Exception:
-        return os.environ.get("BENCH_COMMIT", "unknown")
+        return "unknown"
 
 
 def gib(nbytes: int | float | None) -> str:
