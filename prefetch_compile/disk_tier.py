@@ -106,6 +106,11 @@ class DiskTier:
         weakref.finalize(self, self._ring.close)
         self.direct = reader.direct
 
+    @property
+    def staging_buffers(self) -> tuple[torch.Tensor, ...]:
+        """The ring's host buffers (page-locked on a CUDA device)."""
+        return tuple(self._ring.buffers)
+
     def holds(self, offload_index: int) -> bool:
         return offload_index in self.layout.layers
 
@@ -147,7 +152,7 @@ class _Ring:
     ) -> None:
         self.layout = layout
         self.reader = reader
-        self._buffers = buffers
+        self.buffers = buffers
         self._schedule = schedule
         self._next = 0  # position in the schedule of the next layer to queue
         self._fills: deque[_Fill] = deque()
@@ -183,7 +188,7 @@ class _Ring:
                 self._fills.popleft()
                 self._queue_next(fill.buffer)  # the buffer holds nothing the next fill must wait for
                 raise fill.error
-        buffer = self._buffers[fill.buffer]
+        buffer = self.buffers[fill.buffer]
         layer = self.layout.layers[offload_index]
         pieces = tuple((buffer[p.staging_offset : p.staging_offset + p.nbytes], p.block_offset) for p in layer.pieces)
         return StagedLayer(pieces, self, fill)
@@ -204,7 +209,7 @@ class _Ring:
         later = [position for position, index in enumerate(self._schedule) if index > offload_index]
         self._next = later[0] if later else 0
         self._fills.append(_Fill(offload_index, 0))
-        for buffer in range(1, len(self._buffers)):
+        for buffer in range(1, len(self.buffers)):
             self._queue_next(buffer)
         self._cond.notify_all()
 
@@ -228,7 +233,7 @@ class _Ring:
             try:
                 if copied is not None:
                     copied.synchronize()  # the copy that reads this buffer has finished
-                self._read(self.layout.layers[fill.offload_index], self._buffers[fill.buffer])
+                self._read(self.layout.layers[fill.offload_index], self.buffers[fill.buffer])
             except BaseException as error:  # handed to the consumer, raised on its thread
                 fill.error = error
             with self._cond:
