@@ -23,7 +23,8 @@ Read-ahead. The runtime brings offloaded layers in in cyclic offload order
 first), so the reader reads the disk-resident layers in that order, as far
 ahead as the ring has free buffers: while the GPU computes and the copy stream
 copies host-resident layers, the disk reads the next disk-resident ones. A
-layer alone in its slot is copied once and stays, so it is not in that order.
+layer alone in its slot is copied once, when the model is placed, and stays:
+it is in the first pass over the layers only.
 A request that is not the next one (an ensure-path miss, an eager call of a
 single block, a forward that raised) restarts the ring at the requested layer:
 the layers read ahead are dropped (``discarded``), never handed out in place of
@@ -45,12 +46,13 @@ runtime's lifetime. ``O_DIRECT`` reads leave nothing in the page cache (see
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterator, Protocol
 
 import torch
 
@@ -100,9 +102,9 @@ class DiskTier:
         paths = [extent.path for layer in layout.layers.values() for extent in layer.extents]
         reader = DirectReader(paths)
         buffers = [lazy_host_buffer(layout.staging_bytes) for _ in range(layout.ring_buffers)]
-        # The order in which the runtime asks for disk-resident layers (see the module docstring).
+        # The order in which the runtime asks for disk-resident layers after the first pass (see the module docstring).
         schedule = [index for index in sorted(layout.layers) if plan.next_in_slot(index) != index]
-        self._ring = _Ring(layout, reader, buffers, schedule, pin=device.type == "cuda")
+        self._ring = _Ring(layout, reader, buffers, sorted(layout.layers), schedule, pin=device.type == "cuda")
         weakref.finalize(self, self._ring.close)
         self.direct = reader.direct
 
@@ -148,13 +150,19 @@ class _Ring:
     """
 
     def __init__(
-        self, layout: DiskLayout, reader: DirectReader, buffers: list[torch.Tensor], schedule: list[int], pin: bool
+        self,
+        layout: DiskLayout,
+        reader: DirectReader,
+        buffers: list[torch.Tensor],
+        first_pass: list[int],
+        schedule: list[int],
+        pin: bool,
     ) -> None:
         self.layout = layout
         self.reader = reader
         self.buffers = buffers
         self._schedule = schedule
-        self._next = 0  # position in the schedule of the next layer to queue
+        self._order: Iterator[int] = itertools.chain(first_pass, itertools.cycle(schedule))  # the layers to queue
         self._fills: deque[_Fill] = deque()
         self._copied: list[CopyDone | None] = [None] * len(buffers)  # what each buffer's next fill waits for
         self._reads = dict.fromkeys(layout.layers, 0)
@@ -206,18 +214,18 @@ class _Ring:
             self._cond.wait()  # a read in progress finishes into its buffer; nobody takes it
         self._discarded += sum(fill.state == "filled" and fill.error is None for fill in self._fills)
         self._fills.clear()
-        later = [position for position, index in enumerate(self._schedule) if index > offload_index]
-        self._next = later[0] if later else 0
+        later = [index for index in self._schedule if index > offload_index]
+        self._order = itertools.cycle(later + [index for index in self._schedule if index <= offload_index])
         self._fills.append(_Fill(offload_index, 0))
         for buffer in range(1, len(self.buffers)):
             self._queue_next(buffer)
         self._cond.notify_all()
 
     def _queue_next(self, buffer: int) -> None:
-        if not self._schedule:
-            return  # nothing is read ahead; every request restarts the ring
-        self._fills.append(_Fill(self._schedule[self._next], buffer))
-        self._next = (self._next + 1) % len(self._schedule)
+        index = next(self._order, None)
+        if index is None:
+            return  # nothing more to read ahead (only layers alone in their slots): a request restarts the ring
+        self._fills.append(_Fill(index, buffer))
         self._cond.notify_all()
 
     # ---------------------------------------------------------------- reader side

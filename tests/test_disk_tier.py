@@ -123,6 +123,20 @@ def test_every_offloaded_layer_is_read_once_per_forward(checkpoint, original):
     assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
 
 
+def test_layers_alone_in_their_slots_are_read_once(checkpoint, original):
+    """8 offloaded layers, 6 slots: layers 2-5 are alone in theirs, copied when placed and never again."""
+    model, runtime = load(checkpoint, host_layers=0, prefetch_step=6)
+    lone = [index for index in range(LAYERS) if runtime.plan.next_in_slot(index) == index]
+    assert lone == [2, 3, 4, 5] and set(lone) <= set(runtime.disk.layout.layers)
+    tokens = torch.randint(0, 128, (1, 5))
+    for _ in range(3):
+        assert torch.equal(logits(model, tokens), logits(original, tokens))
+    reads = runtime.disk.reads
+    assert all(reads[index] == 1 for index in lone)
+    assert all(reads[index] >= 4 for index in reads if index not in lone)  # placed, then once per forward
+    assert runtime.disk.discarded == 0 and runtime.counters.ensure_misses == 0
+
+
 def test_generate_with_a_dynamic_cache_gives_the_original_tokens(checkpoint, original):
     model, runtime = load(checkpoint, host_layers=3)
     model.forward = torch.compile(model.forward, backend="prefetch_offload", options={"compiler": "aot_eager"})
