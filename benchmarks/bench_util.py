@@ -145,6 +145,21 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
+def run_meta(device: torch.device, args, **extra: object) -> dict:
+    """What a benchmark's JSON records about its run: the device, the versions, the commit, the arguments."""
+    import platform
+
+    return {
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "commit": git_commit(args.commit),
+        "args": vars(args),
+        **extra,
+    }
+
+
 def git_commit(explicit: str | None) -> str:
     """The commit measured: ``explicit``, else ``$BENCH_COMMIT``, else ``git rev-parse``.
 

@@ -36,7 +36,6 @@ import argparse
 import ctypes
 import json
 import logging
-import platform
 import resource
 import shutil
 import statistics
@@ -50,13 +49,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import (  # noqa: E402
     add_repo_to_path,
-    device_name,
     gib,
-    git_commit,
     log,
     measure_h2d_bandwidth,
     release_memory,
+    run_meta,
     time_calls,
+    wall_time,
 )
 
 add_repo_to_path()
@@ -73,13 +72,7 @@ DISK_MARGIN = 2 << 30  # leave this much of the disk free when writing
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=48, help="decoder layers (48 of the 70B shape: 86 GB in bf16)")
-    p.add_argument("--hidden", type=int, default=8192)
-    p.add_argument("--intermediate", type=int, default=28672)
-    p.add_argument("--heads", type=int, default=64)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=128256)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_shape_arguments(p, llama_like.LlamaShape(vocab=128256, hidden=8192, intermediate=28672, heads=64, kv_heads=8, layers=48))
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--num-in-group", type=int, default=1)
     p.add_argument("--prefetch-step", type=int, default=2)
@@ -95,6 +88,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--commit", default=None, help="git commit to record (default: git rev-parse, if available)")
     p.add_argument("--out", default="large_model_out", help="output directory (large_model.json)")
     return p.parse_args(argv)
+
+
+def add_shape_arguments(p: argparse.ArgumentParser, default: llama_like.LlamaShape) -> None:
+    """``--layers``, ``--hidden``, ... ``--dtype``: the decoder a checkpoint benchmark writes (see :func:`shape_of`)."""
+    p.add_argument("--layers", type=int, default=default.layers, help=f"decoder layers (default {default.layers})")
+    p.add_argument("--hidden", type=int, default=default.hidden)
+    p.add_argument("--intermediate", type=int, default=default.intermediate)
+    p.add_argument("--heads", type=int, default=default.heads)
+    p.add_argument("--kv-heads", type=int, default=default.kv_heads)
+    p.add_argument("--vocab", type=int, default=default.vocab)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+
+
+def shape_of(args: argparse.Namespace) -> llama_like.LlamaShape:
+    return llama_like.LlamaShape(
+        vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers
+    )
 
 
 # ---------------------------------------------------------------- the checkpoint
@@ -190,12 +200,7 @@ def peak_resident_bytes() -> int:
 
 def time_case(compiled, tokens: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:
     with torch.inference_mode():
-        began = time.perf_counter()
-        for _ in range(args.warmup):
-            compiled(tokens)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        warmup_s = time.perf_counter() - began
+        warmup_s = wall_time(lambda: [compiled(tokens) for _ in range(args.warmup)], device)
         seconds = time_calls(lambda: compiled(tokens), args.iters, device)
     return {"tokens": list(tokens.shape), "warmup_s": warmup_s, "seconds": seconds, "ms_per_forward": statistics.median(seconds) * 1e3}
 
@@ -207,26 +212,20 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = getattr(torch, args.dtype)
-    shape = llama_like.LlamaShape(
-        vocab=args.vocab, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads, kv_heads=args.kv_heads, layers=args.layers
-    )
+    shape = shape_of(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     specs = tensor_specs(shape, dtype)
     model_bytes = sum(_numel(size) for _, size in specs) * dtype.itemsize
     result: dict = {
-        "meta": {
-            "device": device_name(device),
-            "torch": torch.__version__,
-            "cuda": torch.version.cuda,
-            "python": platform.python_version(),
-            "commit": git_commit(args.commit),
-            "args": vars(args),
-            "shape": {**shape.__dict__, "params": shape.num_params()},
-            "model_bytes": model_bytes,
-            "device_total_bytes": torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
-        }
+        "meta": run_meta(
+            device,
+            args,
+            shape={**shape.__dict__, "params": shape.num_params()},
+            model_bytes=model_bytes,
+            device_total_bytes=torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None,
+        )
     }
     log(f"model: {shape.layers} layers, hidden {shape.hidden}, {shape.num_params() / 1e9:.1f}B parameters, "
         f"{gib(model_bytes)} GiB in {args.dtype}; device {result['meta']['device']}"

@@ -48,6 +48,13 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
     _check_inference(example_inputs)
     runtime.check_placement([location[1] for value in example_inputs if (location := runtime.locate(value))])
+    if parsed.compile.cuda_graphs and runtime.disk is not None:
+        raise OptionError(
+            f"cuda_graphs=True cannot be used with a disk tier: {len(runtime.disk.layout.layers)} offloaded layers of "
+            "this model are read from the checkpoint files at every forward (load_checkpoint(host_budget=...)), "
+            "and a CUDA graph replay cannot read a file. Compile without cuda_graphs, or load with a host_budget "
+            "that holds every offloaded layer"
+        )
     graph_name = _torch_internals.compile_id()
     # Inductor and aot_eager hand the pass AOT's graph, in which each tensor-subclass input is
     # flattened into its inner tensors; eager hands it Dynamo's graph, one placeholder per input.

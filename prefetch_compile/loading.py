@@ -15,6 +15,12 @@ model keeps in a non-contiguous layout, and a second copy of a tied weight
 Nothing is attached to the model until every tensor has been placed and the
 checkpoint has matched the model in full: a checkpoint rejected half-way
 leaves the model's parameters on the meta device, unusable and saying so.
+
+With ``host_budget`` the arena holds only the offloaded layers that fit the
+budget next to the disk tier's staging ring; the others are not read at all
+while loading: they stay in the checkpoint files and are streamed from there
+at every forward (:mod:`prefetch_compile.disk_layout` says which ones and why
+from the files, :mod:`prefetch_compile.disk_tier` how).
 """
 
 from __future__ import annotations
@@ -31,7 +37,9 @@ import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, FileReader, StoredTensor, few, read_checkpoint_headers
-from .config import PlanOptions
+from .config import OptionError, PlanOptions, parse_bytes
+from .disk_layout import DiskLayout, plan_disk_tier
+from .disk_tier import DiskTier
 from .memory import HostArena, PinnedStaging, param_view
 from .offload import _check_device, assemble_runtime
 from .plan import OffloadPlan, build_plan, log_plan_choice
@@ -55,6 +63,7 @@ class _Target:
     meta: torch.Tensor  # the model's tensor on the meta device: shape, dtype, kind
     destination: torch.Tensor | None = None  # a view of the host arena, or a fresh tensor on the device
     offloaded: bool = False
+    on_disk: bool = False  # offloaded to the disk tier: left in the checkpoint file, nothing to place
     written: bool = False
 
 
@@ -69,6 +78,7 @@ def load_checkpoint(
     offload_params: list[str] | tuple[str, ...] = (),
     layers: str | None = None,
     init_buffers: Callable[[nn.Module], None] | None = None,
+    host_budget: int | str | None = None,
 ) -> PrefetchRuntime:
     """Load ``checkpoint`` into ``model`` (built on the meta device), offloaded as :func:`offload` would.
 
@@ -96,6 +106,12 @@ def load_checkpoint(
     default a Hugging Face model's own ``_init_weights``, which is what
     ``from_pretrained`` does for the same buffers. A buffer left uncomputed
     raises :class:`CheckpointError`.
+
+    ``host_budget`` (bytes, or a string such as ``"40GiB"``) bounds the host
+    memory of the offloaded layers, for a model larger than host memory: the
+    layers beyond it stay in the checkpoint's safetensors files and are read
+    from there, ahead of use, at every forward (see README, "A model larger
+    than host memory"). It needs a safetensors checkpoint, not an iterable.
     """
     options = PlanOptions(
         group_size=group_size,
@@ -112,19 +128,39 @@ def load_checkpoint(
     if isinstance(checkpoint, (str, os.PathLike)):
         stored = read_checkpoint_headers(checkpoint)
         _check_all(targets, stored)
+    layout = _disk_layout(plan, stored, host_budget)
     _materialise_buffers(model, targets, init_buffers)
 
-    host = HostArena(plan)
-    _assign_destinations(targets, plan, host, device)
-    total = sum(_nbytes(target.meta) for target in targets.values())
-    progress = _Progress(total, device)
+    host = HostArena(plan, on_disk=layout.layers if layout else ())
+    _assign_destinations(targets, plan, host, device, layout)
+    placed = [target for target in targets.values() if not target.on_disk]
+    progress = _Progress(sum(_nbytes(target.meta) for target in placed), device)
     if stored is not None:
         _place_files(targets, stored, device, progress)
     else:
         _place_iterable(targets, checkpoint.items() if isinstance(checkpoint, Mapping) else checkpoint, progress)
-    progress.finish(len(targets), _describe(checkpoint, stored))
+    progress.finish(len(placed), _describe(checkpoint, stored))
     offloaded = _attach(model, targets, device)
-    return assemble_runtime(model, plan, device, host, offloaded)
+    disk = DiskTier(layout, plan, device) if layout else None
+    return assemble_runtime(model, plan, device, host, offloaded, disk)
+
+
+def _disk_layout(plan: OffloadPlan, stored: dict[str, StoredTensor] | None, host_budget: int | str | None) -> DiskLayout | None:
+    if host_budget is None:
+        return None
+    budget = parse_bytes(host_budget, "host_budget")
+    if stored is None:
+        raise OptionError(
+            "host_budget needs a safetensors checkpoint (a file or a directory) to read the layers beyond the budget "
+            "back from at every forward; an iterable of tensors can be read only once"
+        )
+    layout = plan_disk_tier(plan, stored, budget)
+    if layout is None:
+        log.info(
+            f"prefetch_compile: host_budget={format_bytes(budget)} holds all {len(plan.offloaded)} offloaded layers "
+            f"({format_bytes(sum(layer.nbytes for layer in plan.offloaded))}); nothing is read from disk"
+        )
+    return layout
 
 
 # ------------------------------------------------------------------ what to fill
@@ -227,14 +263,17 @@ def _holds_sentinel(buffer: torch.Tensor) -> bool:
 
 
 # ------------------------------------------------------------------ placing bytes
-def _assign_destinations(targets: dict[int, _Target], plan: OffloadPlan, host: HostArena, device: torch.device) -> None:
+def _assign_destinations(
+    targets: dict[int, _Target], plan: OffloadPlan, host: HostArena, device: torch.device, layout: DiskLayout | None
+) -> None:
     placements = {placement.name: (layer, placement) for layer in plan.offloaded for placement in layer.params}
     for target in targets.values():
         found = next((placements[name] for name in target.names if name in placements), None)
         if found is not None:
             layer, placement = found
-            target.destination = param_view(host.block(layer), placement)
             target.offloaded = True
+            target.on_disk = layout is not None and layer.offload_index in layout.layers
+            target.destination = None if target.on_disk else param_view(host.block(layer), placement)
         else:
             target.destination = torch.empty(target.meta.shape, dtype=target.meta.dtype, device=device)
 
@@ -242,7 +281,10 @@ def _assign_destinations(targets: dict[int, _Target], plan: OffloadPlan, host: H
 def _place_files(targets: dict[int, _Target], stored: dict[str, StoredTensor], device: torch.device, progress: _Progress) -> None:
     """Read each stored tensor into its destination, file by file in byte order, so reads stay sequential."""
     by_name = {name: target for target in targets.values() for name in target.names}
-    ordered = sorted(stored.values(), key=lambda entry: (str(entry.path), entry.offset))
+    ordered = sorted(
+        (entry for entry in stored.values() if not by_name[entry.name].on_disk),
+        key=lambda entry: (str(entry.path), entry.offset),
+    )
     staging_buffers = PinnedStaging(STAGING_BYTES, 2) if device.type == "cuda" else contextlib.nullcontext([])
     with FileReader() as reader, staging_buffers as staging:
         try:

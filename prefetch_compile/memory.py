@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import weakref
+from typing import Collection
 
 import torch
 
@@ -18,7 +19,10 @@ from .plan import LayerPlan, OffloadPlan, ParamPlacement
 
 
 class HostArena:
-    """All offloaded layers' blocks, back to back, in one host allocation.
+    """All host-resident offloaded layers' blocks, back to back, in one host allocation.
+
+    Host-resident means all offloaded layers unless a disk tier keeps some
+    (``on_disk``, offload indices) in the checkpoint files instead.
 
     The allocation is an anonymous mapping, so a page costs host memory only
     once it is written: filling the arena while the source weights are freed
@@ -26,10 +30,12 @@ class HostArena:
     by :meth:`pin` once filled, because page-locking faults in every page.
     """
 
-    def __init__(self, plan: OffloadPlan) -> None:
+    def __init__(self, plan: OffloadPlan, on_disk: Collection[int] = ()) -> None:
         self.block_offsets: dict[int, int] = {}
         total = 0
         for layer in plan.offloaded:
+            if layer.offload_index in on_disk:
+                continue  # the disk tier's (see disk_tier.py): no block here
             self.block_offsets[layer.offload_index] = total
             total += layer.nbytes
         self.nbytes = total
@@ -43,9 +49,9 @@ class HostArena:
     def pin(self) -> None:
         """Page-lock the arena for asynchronous copies to a CUDA device (once, after filling it)."""
         if self.nbytes and not self.pinned:
-            _register_pinned(self.buffer)
+            register_pinned(self.buffer)
             self.pinned = True
-            weakref.finalize(self, _unregister_pinned, self.buffer)
+            weakref.finalize(self, unregister_pinned, self.buffer)
 
 
 def lazy_host_buffer(nbytes: int) -> torch.Tensor:
@@ -75,14 +81,14 @@ class PinnedStaging:
 
     def __enter__(self) -> list[torch.Tensor]:
         for buffer in self.buffers:
-            _register_pinned(buffer)
+            register_pinned(buffer)
             self._registered.append(buffer)
         return self.buffers
 
     def __exit__(self, *exc_info: object) -> None:
         """Callers synchronise the copies that read the buffers before leaving the ``with`` block."""
         for buffer in self._registered:
-            _unregister_pinned(buffer)
+            unregister_pinned(buffer)
         self._registered.clear()
         self.buffers.clear()
 
@@ -124,7 +130,7 @@ def aliased_param_view(block: torch.Tensor, placement: ParamPlacement) -> torch.
     return raw.view(placement.dtype).as_strided(placement.shape, placement.stride)
 
 
-def _register_pinned(buffer: torch.Tensor) -> None:
+def register_pinned(buffer: torch.Tensor) -> None:
     cudart = torch.cuda.cudart()
     status = cudart.cudaHostRegister(buffer.data_ptr(), buffer.numel(), 0)
     if int(status) != 0:
@@ -134,5 +140,5 @@ def _register_pinned(buffer: torch.Tensor) -> None:
         )
 
 
-def _unregister_pinned(buffer: torch.Tensor) -> None:
+def unregister_pinned(buffer: torch.Tensor) -> None:
     torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())

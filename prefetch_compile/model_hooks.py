@@ -13,7 +13,8 @@ weights without a word. This module makes each path correct or refuses it:
   the pinned host arena (a CPU tensor), not the slot's current content;
 * **load_state_dict()** writes offloaded values into the host arena (and the
   slot when the layer sits there), cast to the parameter's dtype as PyTorch
-  does; ``assign=True`` is refused;
+  does; ``assign=True`` is refused, and so is a value for a disk-resident
+  parameter (its checkpoint file is never written), before any module loads;
 * **copy.deepcopy / pickling** of the model, a block, or a module holding an
   offloaded parameter is refused: the copy would hold one slot's content.
 
@@ -40,6 +41,7 @@ OFFLOADED_FLAG = "_prefetch_compile_offloaded"
 def install_model_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
     _install_block_hooks(model, plan, runtime)
     _install_state_dict_hooks(model, plan, runtime)
+    _refuse_disk_loads(model, runtime)
     _refuse_copies(model, plan)
 
 
@@ -152,6 +154,31 @@ def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: Pref
 
         owner.register_state_dict_post_hook(save)
         owner.register_load_state_dict_pre_hook(load)
+
+
+def _refuse_disk_loads(model: nn.Module, runtime: PrefetchRuntime) -> None:
+    """A load_state_dict holding a disk-resident parameter raises before any module has loaded anything.
+
+    PyTorch runs a module's load pre-hooks before it loads the module's own
+    tensors and its children's, so a hook on every module above a
+    disk-resident parameter (the model itself included) sees the whole state
+    dict of whichever module ``load_state_dict`` was called on, first.
+    """
+    if runtime.disk is None:
+        return
+    under: dict[str, list[tuple[str, str]]] = {}  # module path -> (name relative to it, full name)
+    for name in runtime.disk.layout.sources:
+        parts = name.split(".")
+        for depth in range(len(parts)):
+            under.setdefault(".".join(parts[:depth]), []).append((".".join(parts[depth:]), name))
+    for path, names in under.items():
+
+        def check(module: nn.Module, state_dict: dict, prefix: str, *args: Any, names=names) -> None:
+            for relative, name in names:
+                if prefix + relative in state_dict:
+                    runtime.refuse_disk_write(name, "load_state_dict")
+
+        model.get_submodule(path).register_load_state_dict_pre_hook(check)
 
 
 def _refuse_copies(model: nn.Module, plan: OffloadPlan) -> None:

@@ -11,7 +11,7 @@ through the parameters themselves.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
@@ -23,6 +23,9 @@ from .memory import HostArena, SlotPool, aliased_param_view, param_view
 from .plan import OffloadPlan, build_plan, log_plan_choice
 from .model_hooks import install_model_hooks
 from .runtime import PrefetchRuntime, describe, runtime_of_tensor
+
+if TYPE_CHECKING:
+    from .disk_tier import DiskTier
 
 log = logging.getLogger("prefetch_compile")
 
@@ -128,14 +131,19 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
 
 
 def assemble_runtime(
-    model: nn.Module, plan: OffloadPlan, device: torch.device, host: HostArena, offloaded: dict[str, nn.Parameter]
+    model: nn.Module,
+    plan: OffloadPlan,
+    device: torch.device,
+    host: HostArena,
+    offloaded: dict[str, nn.Parameter],
+    disk: DiskTier | None = None,
 ) -> PrefetchRuntime:
     """Finish placing a model whose kept tensors are on ``device`` and whose offloaded ones fill ``host``.
 
     Page-locks the arena, points the offloaded parameters at the slot pool,
     and builds the runtime and the eager hooks. Shared by :func:`offload` and
     :func:`prefetch_compile.load_checkpoint`, which differ only in where the
-    bytes come from.
+    bytes come from (``disk``: the layers that the checkpoint files hold instead of ``host``).
     """
     if device.type == "cuda":
         host.pin()
@@ -150,7 +158,7 @@ def assemble_runtime(
         for name, tensor in [*model.named_parameters(), *model.named_buffers()]
         if name not in offloaded
     }
-    runtime = PrefetchRuntime(plan, device, host, slots, offloaded, kept)
+    runtime = PrefetchRuntime(plan, device, host, slots, offloaded, kept, disk)
     for offload_index in range(plan.num_slots):
         runtime.start(offload_index)
     install_model_hooks(model, plan, runtime)

@@ -45,6 +45,7 @@ from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan, ParamPlacement
 
 if TYPE_CHECKING:
+    from .disk_tier import DiskTier, StagedLayer
     from .report import CopyRecorder, CopyReport
 
 log = logging.getLogger("prefetch_compile")
@@ -60,6 +61,9 @@ class OffloadStats:
     host_pinned_bytes: int  # the host arena (blocks are padded to the plan's alignment)
     slot_pool_bytes: int  # device memory spent on the slots
     kept_device_bytes: int  # parameters and buffers that stay on the device
+    disk_layers: int = 0  # offloaded layers read from the checkpoint files at every forward (the disk tier)
+    disk_bytes: int = 0  # their parameter bytes: what each forward reads from disk
+    staging_bytes: int = 0  # the disk tier's staging ring (host memory, pinned on a GPU)
 
     @property
     def device_bytes_saved(self) -> int:
@@ -139,6 +143,7 @@ class PrefetchRuntime:
         slots: SlotPool,
         offloaded_params: Mapping[str, torch.nn.Parameter],
         kept_tensors: Mapping[str, torch.Tensor],
+        disk: DiskTier | None = None,
     ) -> None:
         if device.type == "cuda" and host.nbytes and not host.pinned:
             raise ValueError(
@@ -149,6 +154,7 @@ class PrefetchRuntime:
         self.device = device
         self.host = host
         self.slots = slots
+        self.disk = disk  # the offloaded layers read from disk instead of the host arena, if any
         self.offloaded: tuple[LayerPlan, ...] = plan.offloaded
         self.offloaded_params = dict(offloaded_params)
         self.kept_tensors = dict(kept_tensors)
@@ -194,6 +200,7 @@ class PrefetchRuntime:
         return self._param_locations.get(id(tensor))
 
     def stats(self) -> OffloadStats:
+        layout = self.disk.layout if self.disk is not None else None
         return OffloadStats(
             total_layers=len(self.plan.layers),
             offloaded_layers=len(self.offloaded),
@@ -201,6 +208,9 @@ class PrefetchRuntime:
             host_pinned_bytes=self.host.nbytes if self.host.pinned else 0,
             slot_pool_bytes=self.slots.nbytes,
             kept_device_bytes=sum(leaf_bytes(t) for t in self.kept_tensors.values()),
+            disk_layers=len(layout.layers) if layout else 0,
+            disk_bytes=layout.nbytes if layout else 0,
+            staging_bytes=layout.ring_bytes if layout else 0,
         )
 
     def record_compile(self, graph: str, layers_read: int, ops_inserted: int, seconds: float) -> CompileRecord:
@@ -273,18 +283,25 @@ class PrefetchRuntime:
         torch.cuda.current_stream(self.device).wait_event(copy.done)
 
     def _copy_in(self, layer: LayerPlan, after: torch.cuda.Event | None = None) -> None:
+        staged = self._staged(layer)  # before the owner changes: a failed disk read leaves the slot as it was
         self._slot_owner[layer.slot] = layer.offload_index
         if self._capture is not None:
             self._capture.copies += 1
         else:
             self.counters.copies += 1
-        destination, source = self.slots.block(layer), self.host.block(layer)
+        destination = self.slots.block(layer)
+        pieces = staged.pieces if staged is not None else ((self.host.block(layer), 0),)
         recorder, index = self.recorder, layer.offload_index
         if not self._cuda:
             if recorder is not None:
                 recorder.copy_issued(index, None)
                 recorder.copy_began(index, None)
-            destination.copy_(source)
+            try:
+                for source, offset in pieces:
+                    destination[offset : offset + source.numel()].copy_(source)
+            finally:
+                if staged is not None:
+                    staged.release(None)  # synchronous copies: done
             if recorder is not None:
                 recorder.copy_ended(index, None)
             return
@@ -303,11 +320,29 @@ class PrefetchRuntime:
         with torch.cuda.stream(self.copy_stream):
             if recorder is not None:
                 recorder.copy_began(index, self.copy_stream)
-            destination.copy_(source, non_blocking=True)
+            try:
+                for source, offset in pieces:
+                    destination[offset : offset + source.numel()].copy_(source, non_blocking=True)
+            finally:
+                if staged is not None:
+                    copied = torch.cuda.Event()  # the staging buffer's own: _ready is re-recorded by later copies
+                    copied.record(self.copy_stream)
+                    staged.release(copied)
             if recorder is not None:
                 recorder.copy_ended(index, self.copy_stream)
             done.record(self.copy_stream)
         self._in_flight[layer.offload_index] = _InFlight(done, capturing)
+
+    def _staged(self, layer: LayerPlan) -> StagedLayer | None:
+        """A disk-resident layer read into a staging buffer (blocks until it is); None for the host arena's."""
+        if self.disk is None or not self.disk.holds(layer.offload_index):
+            return None
+        if self._cuda and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"{layer.name} is read from disk, which a CUDA graph cannot replay; the backend refuses "
+                "cuda_graphs=True for a model with a disk tier"
+            )
+        return self.disk.take(layer.offload_index)
 
     def _count_miss(self, layer: LayerPlan) -> None:
         counters = self.counters
@@ -463,6 +498,7 @@ class PrefetchRuntime:
             current = self.offloaded_params.get(name, self.kept_tensors.get(name))
             if current is None:
                 raise KeyError(f"load_weights: {name!r} is not a parameter or buffer of the offloaded model")
+            self.refuse_disk_write(name, "load_weights")
             if tuple(value.shape) != tuple(current.shape) or value.dtype != current.dtype:
                 raise ValueError(
                     f"load_weights: {name!r} expects shape {tuple(current.shape)} and dtype {current.dtype}, "
@@ -481,10 +517,21 @@ class PrefetchRuntime:
                         # The slot already holds this layer: refresh it in place so the next read sees the update.
                         param_view(self.slots.block(layer), placement).copy_(leaf)
 
-    def host_value(self, name: str) -> torch.Tensor:
-        """The true value of a dense offloaded parameter: its view in the host arena (the slot may hold another layer).
+    def refuse_disk_write(self, name: str, caller: str) -> None:
+        """Raise if ``name`` is a disk-resident parameter: its value lives in the checkpoint files, read-only."""
+        if self.disk is not None and name in self.disk.layout.sources:
+            raise ValueError(
+                f"{caller}: {name} is read from the checkpoint files at every forward (the disk tier of "
+                f"load_checkpoint(host_budget=...)), which are never written; nothing was written. Load the model "
+                "with a host_budget that keeps its layer in host memory, or save a new checkpoint and load that"
+            )
 
-        A tensor-subclass parameter has several leaves and no single host view: refused.
+    def host_value(self, name: str) -> torch.Tensor:
+        """The true value of a dense offloaded parameter (the slot may hold another layer).
+
+        That is its view in the host arena, or, for a disk-resident parameter, a
+        fresh CPU tensor read from the checkpoint file. A tensor-subclass
+        parameter has several leaves and no single host view: refused.
         """
         ((layer, placement), *others) = self._placements[name]
         if placement.inner or others:
@@ -492,6 +539,8 @@ class PrefetchRuntime:
                 f"state_dict of offloaded tensor-subclass parameter {name} is not supported: its leaves "
                 "live in the host arena separately; save the model before offloading"
             )
+        if self.disk is not None and self.disk.holds(layer.offload_index):
+            return self.disk.read_tensor(name)
         return param_view(self.host.block(layer), placement)
 
 
@@ -514,11 +563,17 @@ OWNER_ATTRIBUTE = "_prefetch_compile_runtime"
 
 def describe(stats: OffloadStats, plan: OffloadPlan) -> str:
     """The one log line of an offload."""
+    where = f"{format_bytes(stats.offloaded_bytes)} to host"
+    if stats.disk_layers:
+        where = (
+            f"{format_bytes(stats.offloaded_bytes)} off the device: {format_bytes(stats.offloaded_bytes - stats.disk_bytes)} in host memory, "
+            f"{stats.disk_layers} layers ({format_bytes(stats.disk_bytes)}) read from disk at every forward through a "
+            f"{format_bytes(stats.staging_bytes)} staging ring"
+        )
     return (
         f"prefetch_compile: offloaded {stats.offloaded_layers}/{stats.total_layers} layers of "
-        f"'{plan.layer_list_path}' ({_pattern(plan)}), "
-        f"{format_bytes(stats.offloaded_bytes)} to host, slot pool {plan.num_slots} slot(s) = {format_bytes(stats.slot_pool_bytes)}, "
-        f"device bytes saved {format_bytes(stats.device_bytes_saved)}"
+        f"'{plan.layer_list_path}' ({_pattern(plan)}), {where}, slot pool {plan.num_slots} slot(s) = "
+        f"{format_bytes(stats.slot_pool_bytes)}, device bytes saved {format_bytes(stats.device_bytes_saved)}"
     )
 
 

@@ -2,6 +2,7 @@
 
     python tests/memory_probe.py write DIR --width W --depth D   # a sharded safetensors checkpoint, a shard at a time
     python tests/memory_probe.py load DIR DEVICE --width W --depth D  # load_checkpoint() it onto a meta model
+    python tests/memory_probe.py load DIR DEVICE --host-budget B --forwards N  # ... with a disk tier, then N forwards
     python tests/memory_probe.py offload DEVICE --width W --depth D  # offload() a model built on the host
 
 The default shape is 16 float32 layers of 64 MiB: 1 GiB, of which
@@ -9,7 +10,9 @@ The default shape is 16 float32 layers of 64 MiB: 1 GiB, of which
 line: the resident memory right before placing (``baseline``), the process's
 peak resident memory after (``ru_maxrss``), and the runtime's byte counts. ``ru_maxrss`` is a peak over
 the process's life, so the baseline is taken after everything else (torch, the
-CUDA context, the model on the host) is already in memory.
+CUDA context, the model on the host) is already in memory. With ``--forwards``
+the blocks run eagerly that many times after placing (the disk tier reads its
+layers at every one) and ``ru_maxrss`` covers them too.
 """
 
 from __future__ import annotations
@@ -72,7 +75,9 @@ def write(directory: str, width: int, depth: int) -> None:
         json.dump({"metadata": {}, "weight_map": weight_map}, index)
 
 
-def place(mode: str, device: str, directory: str | None, width: int, depth: int) -> dict:
+def place(
+    mode: str, device: str, directory: str | None, width: int, depth: int, host_budget: int | None = None, forwards: int = 0
+) -> dict:
     if device == "cuda":
         torch.zeros(1, device=device)  # the CUDA context belongs to the baseline
     if mode == "load":
@@ -83,9 +88,14 @@ def place(mode: str, device: str, directory: str | None, width: int, depth: int)
     largest = max(param.numel() * param.element_size() for param in model.parameters())
     baseline = resident_bytes()
     if mode == "load":
-        runtime = prefetch_compile.load_checkpoint(model, directory, device, group_size=2)
+        runtime = prefetch_compile.load_checkpoint(model, directory, device, group_size=2, host_budget=host_budget)
     else:
         runtime = prefetch_compile.offload(model, device, group_size=2)
+    hidden = torch.ones(1, width, device=device)
+    with torch.no_grad():
+        for _ in range(forwards):
+            for block in model.layers:  # eagerly: the block hooks wait for each offloaded layer and start the next
+                hidden = block(hidden) / width
     if device == "cuda":
         torch.cuda.synchronize()
     stats = runtime.stats()
@@ -99,6 +109,11 @@ def place(mode: str, device: str, directory: str | None, width: int, depth: int)
         "pinned": runtime.host.pinned,
         "kept_device_bytes": stats.kept_device_bytes,
         "slot_pool_bytes": stats.slot_pool_bytes,
+        "disk_layers": stats.disk_layers,
+        "disk_bytes": stats.disk_bytes,
+        "staging_bytes": stats.staging_bytes,
+        "disk_reads": sum(runtime.disk.reads.values()) if runtime.disk is not None else 0,
+        "finite": bool(hidden.isfinite().all()),
     }
 
 
@@ -108,11 +123,15 @@ def main() -> None:
     parser.add_argument("args", nargs="+", help="write: DIR; load: DIR DEVICE; offload: DEVICE")
     parser.add_argument("--width", type=int, default=4096)
     parser.add_argument("--depth", type=int, default=16)
+    parser.add_argument("--host-budget", type=int, default=None, help="load: bytes of host memory for the offloaded layers")
+    parser.add_argument("--forwards", type=int, default=0, help="eager forwards after placing")
     options = parser.parse_args()
     if options.mode == "write":
         write(options.args[0], options.width, options.depth)
     elif options.mode == "load":
-        print(json.dumps(place("load", options.args[1], options.args[0], options.width, options.depth)))
+        print(json.dumps(place(
+            "load", options.args[1], options.args[0], options.width, options.depth, options.host_budget, options.forwards
+        )))
     else:
         print(json.dumps(place("offload", options.args[0], None, options.width, options.depth)))
 

@@ -29,6 +29,22 @@ def test_loading_a_checkpoint_holds_no_copy_of_the_model(tmp_path):
     assert grown <= placed + SLACK
 
 
+def test_a_host_budget_bounds_the_host_memory_of_loading_and_running(tmp_path):
+    """The disk tier: 7 of the 8 offloaded 64 MiB layers stay on disk, and the forwards read them from there."""
+    run_probe("write", str(tmp_path))
+    budget = 256 * MiB
+    result = run_probe("load", str(tmp_path), "cpu", "--host-budget", str(budget), "--forwards", "2")
+    grown = result["ru_maxrss"] - result["baseline"]
+    on_cpu_device = result["kept_device_bytes"] + result["slot_pool_bytes"]  # the "device" is host memory here
+    print(f"peak grew {grown / MiB:.1f} MiB: budget {budget / MiB:.0f} MiB (arena {result['host_bytes'] / MiB:.0f}, "
+          f"staging {result['staging_bytes'] / MiB:.1f}) + {on_cpu_device / MiB:.0f} MiB kept and slots")
+    assert (result["disk_layers"], result["host_bytes"]) == (7, 64 * MiB)
+    assert result["host_bytes"] + result["staging_bytes"] <= budget
+    assert result["disk_reads"] >= 2 * 7 and result["finite"]  # every disk-resident layer read at each forward
+    assert grown <= budget + on_cpu_device + SLACK
+    assert grown <= result["offloaded_bytes"] + on_cpu_device - 200 * MiB  # well below holding every offloaded layer
+
+
 def test_offloading_a_host_model_never_holds_model_and_arena():
     result = run_probe("offload", "cpu")
     grown = result["ru_maxrss"] - result["baseline"]

@@ -1,0 +1,396 @@
+"""The disk tier: load_checkpoint(host_budget=...) keeps the layers beyond the budget in the checkpoint files.
+
+CPU copies are synchronous, and the reader thread is a real thread: a consumer
+that copied a staging buffer before it was filled, or a reader that refilled
+one before its copy had finished, gives wrong numbers here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import prefetch_compile
+from prefetch_compile import CheckpointError, OptionError
+from prefetch_compile.checkpoint import read_checkpoint_headers
+from prefetch_compile.direct_io import ALIGNMENT, DirectReader
+from prefetch_compile.disk_layout import RING_BUFFERS, plan_disk_tier, read_layout, spread
+from prefetch_compile.disk_tier import DiskTier
+from prefetch_compile.plan import build_plan
+from prefetch_compile.config import PlanOptions
+from model_zoo import tiny_decoder_config
+
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+LAYERS = 8
+PLAN = {"group_size": 1, "num_in_group": 1}  # every layer offloaded
+LAYER_BYTES = 147_968  # one tiny Llama layer's packed block (float32)
+
+
+def llama_config(**overrides):
+    return transformers.LlamaConfig(**tiny_decoder_config(num_hidden_layers=LAYERS, **overrides))
+
+
+def original_llama():
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(llama_config()).eval()
+
+
+def meta_llama():
+    with torch.device("meta"):
+        return transformers.LlamaForCausalLM(llama_config()).eval()
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens, use_cache=False).logits
+
+
+@pytest.fixture(scope="module")
+def original():
+    return original_llama()
+
+
+@pytest.fixture
+def checkpoint(tmp_path, original):
+    original.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    return tmp_path
+
+
+def staging_bytes(checkpoint) -> int:
+    """One staging buffer: the largest layer's extents as read from ``checkpoint``."""
+    plan, stored = build_plan(meta_llama(), PlanOptions(**PLAN)), read_checkpoint_headers(checkpoint)
+    return max(read_layout(layer, stored).staging_bytes for layer in plan.offloaded)
+
+
+def budget_for(checkpoint, host_layers: int) -> int:
+    """A host budget that holds ``host_layers`` layers next to the staging ring (and less than one more)."""
+    return host_layers * LAYER_BYTES + RING_BUFFERS * staging_bytes(checkpoint) + ALIGNMENT
+
+
+def load(checkpoint, host_layers=2, **knobs):
+    model = meta_llama()
+    budget = budget_for(checkpoint, host_layers)
+    runtime = prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **{**PLAN, **knobs}, host_budget=budget)
+    return model, runtime
+
+
+@pytest.mark.parametrize("prefetch_step", [1, 2])
+def test_layers_beyond_the_budget_are_read_from_disk_and_give_the_original_logits(checkpoint, original, prefetch_step, caplog):
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"):
+        model, runtime = load(checkpoint, prefetch_step=prefetch_step)
+    stats = runtime.stats()
+    assert (stats.offloaded_layers, stats.disk_layers) == (LAYERS, LAYERS - 2)
+    assert sorted(runtime.disk.layout.layers) == [0, 2, 3, 4, 6, 7]  # spread evenly: 6 of 8
+    assert runtime.host.nbytes == 2 * LAYER_BYTES  # the arena holds the other two only
+    assert runtime.host.nbytes + stats.staging_bytes <= budget_for(checkpoint, 2)
+    assert stats.disk_bytes == sum(layer.nbytes for layer in runtime.disk.layout.layers.values())
+    assert (
+        f"1.13 MiB off the device: {(stats.offloaded_bytes - stats.disk_bytes) / 1024:.2f} KiB in host memory, 6 layers "
+        f"({stats.disk_bytes / 1024:.2f} KiB) read from disk at every forward through a {stats.staging_bytes / 1024:.2f} KiB staging ring"
+    ) in caplog.records[-1].getMessage()
+    tokens = torch.randint(0, 128, (2, 9))
+    want = logits(original, tokens)
+    assert torch.equal(logits(model, tokens), want)  # eager: the block hooks start and wait
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    assert torch.equal(logits(compiled, tokens), want)
+    assert torch.equal(logits(compiled, tokens), want)
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+
+
+def test_every_offloaded_layer_is_read_once_per_forward(checkpoint, original):
+    model, runtime = load(checkpoint, prefetch_step=2)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    tokens = torch.randint(0, 128, (1, 5))
+    logits(compiled, tokens)  # compiles
+    reads, copies = runtime.disk.reads, runtime.counters.copies
+    forwards = 3
+    for _ in range(forwards):
+        assert torch.equal(logits(compiled, tokens), logits(original, tokens))
+    after = runtime.disk.reads
+    assert {index: after[index] - reads[index] for index in after} == dict.fromkeys(runtime.disk.layout.layers, forwards)
+    assert runtime.counters.copies - copies == forwards * LAYERS  # host-resident and disk-resident alike
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+
+
+def test_layers_alone_in_their_slots_are_read_once(checkpoint, original):
+    """8 offloaded layers, 6 slots: layers 2-5 are alone in theirs, copied when placed and never again."""
+    model, runtime = load(checkpoint, host_layers=0, prefetch_step=6)
+    lone = [index for index in range(LAYERS) if runtime.plan.next_in_slot(index) == index]
+    assert lone == [2, 3, 4, 5] and set(lone) <= set(runtime.disk.layout.layers)
+    tokens = torch.randint(0, 128, (1, 5))
+    for _ in range(3):
+        assert torch.equal(logits(model, tokens), logits(original, tokens))
+    reads = runtime.disk.reads
+    assert all(reads[index] == 1 for index in lone)
+    assert all(reads[index] >= 4 for index in reads if index not in lone)  # placed, then once per forward
+    assert runtime.disk.discarded == 0 and runtime.counters.ensure_misses == 0
+
+
+def test_generate_with_a_dynamic_cache_gives_the_original_tokens(checkpoint, original):
+    model, runtime = load(checkpoint, host_layers=3)
+    model.forward = torch.compile(model.forward, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    prompt = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(1))
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        tokens = model.generate(prompt, **settings)
+        expected = original.generate(prompt, **settings)
+    assert tokens.shape == (2, 11) and torch.equal(tokens, expected)
+    assert runtime.stats().disk_layers == LAYERS - 3 and runtime.counters.ensure_misses == 0
+
+
+def write_out_of_order(directory: Path, state: dict[str, torch.Tensor]) -> None:
+    """Two shards with the layers in reverse order, and layer 5 split between them."""
+    names = sorted(state, key=lambda name: (-int(name.split(".")[2]) if ".layers." in name else 99, name))
+    split = next(i for i, name in enumerate(names) if ".layers.5.mlp" in name)
+    shards = {"a.safetensors": names[:split], "b.safetensors": names[split:]}
+    weight_map = {}
+    for shard, members in shards.items():
+        header, offset = {}, 0
+        for name in members:
+            tensor = state[name]
+            header[name] = {"dtype": "F32", "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.nbytes]}
+            offset += tensor.nbytes
+        encoded = json.dumps(header).encode()
+        encoded += b" " * (-len(encoded) % 8)
+        with open(directory / shard, "wb") as file:
+            file.write(len(encoded).to_bytes(8, "little") + encoded)
+            for name in members:  # in this order, whatever the header's
+                file.write(state[name].contiguous().numpy().tobytes())
+        weight_map.update(dict.fromkeys(members, shard))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_a_checkpoint_out_of_layer_order_with_a_layer_split_across_shards(tmp_path, original):
+    write_out_of_order(tmp_path, dict(original.state_dict()))
+    stored = read_checkpoint_headers(tmp_path)
+    assert stored["model.layers.7.self_attn.q_proj.weight"].offset < stored["model.layers.0.self_attn.q_proj.weight"].offset
+    model, runtime = load(tmp_path, host_layers=1)
+    split = runtime.disk.layout.layers[5]
+    assert [extent.path.name for extent in split.extents] == ["a.safetensors", "b.safetensors"]
+    assert all(len(layer.extents) == 1 for index, layer in runtime.disk.layout.layers.items() if index != 5)
+    tokens = torch.randint(0, 128, (2, 7))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
+
+
+def test_a_budget_that_holds_every_layer_needs_no_disk(checkpoint, caplog):
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"):
+        _, runtime = load(checkpoint, host_layers=LAYERS)
+    assert runtime.disk is None and runtime.stats().disk_layers == 0
+    assert any("holds all 8 offloaded layers" in record.getMessage() for record in caplog.records)
+
+
+def test_a_budget_too_small_for_the_staging_ring_is_refused(checkpoint):
+    model = meta_llama()
+    staging = staging_bytes(checkpoint)
+    assert LAYER_BYTES < staging <= LAYER_BYTES + 6 * ALIGNMENT  # a layer in up to three shards: a page at each end
+    with pytest.raises(OptionError) as error:
+        prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **PLAN, host_budget="300KB")
+    assert str(error.value).startswith(
+        f"host_budget=292.97 KiB is too small: with all 8 offloaded layers on disk, the staging ring alone needs "
+        f"2 x {staging / 1024:.2f} KiB = {2 * staging / 1024:.2f} KiB"
+    )
+    assert all(param.is_meta for param in model.parameters())
+    with pytest.raises(OptionError, match="host_budget must be a number of bytes"):
+        prefetch_compile.load_checkpoint(meta_llama(), checkpoint, "cpu", host_budget="lots")
+
+
+def test_an_iterable_checkpoint_cannot_have_a_disk_tier(original):
+    with pytest.raises(OptionError, match="^host_budget needs a safetensors checkpoint"):
+        prefetch_compile.load_checkpoint(meta_llama(), original.state_dict().items(), "cpu", host_budget="1MiB")
+
+
+def test_a_truncated_shard_is_refused_at_load(checkpoint):
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = checkpoint / weight_map["model.layers.6.mlp.up_proj.weight"]  # layer 6 would be read from disk
+    shard.write_bytes(shard.read_bytes()[:-100])
+    model = meta_llama()
+    with pytest.raises(CheckpointError, match=f"^{shard} is truncated or corrupt:"):
+        prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **PLAN, host_budget=budget_for(checkpoint, 2))
+    assert all(param.is_meta for param in model.parameters())
+
+
+def test_a_shard_that_shrinks_after_loading_raises_at_the_forward_naming_it(checkpoint, original):
+    model, runtime = load(checkpoint, prefetch_step=1)
+    tokens = torch.randint(0, 128, (1, 4))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
+    weight_map = json.loads((checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    shard = checkpoint / weight_map["model.layers.4.self_attn.q_proj.weight"]
+    with open(shard, "r+b") as file:
+        file.truncate(shard.stat().st_size - 64)
+    for _ in range(2):  # and again: the failed layer is never taken for read
+        with pytest.raises(CheckpointError, match=f"^{shard} changed since load_checkpoint\\(\\) opened it"):
+            logits(model, tokens)
+
+
+def test_a_slow_reader_is_waited_for(checkpoint, original, monkeypatch):
+    """A consumer that copied a staging buffer before its read finished would copy the previous layer's bytes."""
+    read = DirectReader.read
+
+    def slow_read(self, *args):
+        time.sleep(0.01)
+        return read(self, *args)
+
+    monkeypatch.setattr(DirectReader, "read", slow_read)
+    model, runtime = load(checkpoint, prefetch_step=2)
+    tokens = torch.randint(0, 128, (2, 6))
+    for _ in range(2):
+        assert torch.equal(logits(model, tokens), logits(original, tokens))
+    assert runtime.disk.discarded == 0
+
+
+class SlowCopy:
+    """A copy that runs on its own thread, a few bytes at a time, like a DMA: done once ``synchronize`` returns."""
+
+    def __init__(self, pieces, destination: torch.Tensor) -> None:
+        self._thread = threading.Thread(target=self._copy, args=(pieces, destination))
+        self._thread.start()
+
+    @staticmethod
+    def _copy(pieces, destination) -> None:
+        for source, offset in pieces:
+            for start in range(0, source.numel(), 8192):
+                end = min(start + 8192, source.numel())
+                destination[offset + start : offset + end].copy_(source[start:end])
+                time.sleep(0.001)
+
+    def synchronize(self) -> None:
+        self._thread.join()
+
+
+def test_a_staging_buffer_is_refilled_only_after_its_copy_has_finished(checkpoint, original):
+    """The reader must wait for the copy's event: refilling during the (slow, asynchronous) copy corrupts it."""
+    model = meta_llama()
+    plan = build_plan(model, PlanOptions(**PLAN, prefetch_step=2))
+    stored = read_checkpoint_headers(checkpoint)
+    layout = plan_disk_tier(plan, stored, budget_for(checkpoint, 2))
+    tier = DiskTier(layout, plan, torch.device("cpu"))
+    expected = {}
+    for layer in plan.offloaded:
+        if layer.offload_index in layout.layers:
+            block = torch.zeros(layer.nbytes, dtype=torch.uint8)
+            for placement in layer.params:
+                value = original.get_parameter(placement.name).detach().reshape(-1).view(torch.uint8)
+                block[placement.offset : placement.offset + value.numel()] = value
+            expected[layer.offload_index] = block
+    copies = []
+    for _ in range(3):
+        for index in sorted(layout.layers):  # the order the runtime asks in
+            staged = tier.take(index)
+            destination = torch.zeros(plan.offloaded[index].nbytes, dtype=torch.uint8)
+            copy = SlowCopy(staged.pieces, destination)
+            staged.release(copy)
+            copies.append((index, destination, copy))
+    for index, destination, copy in copies:
+        copy.synchronize()
+        assert torch.equal(destination, expected[index]), f"layer {index} was overwritten while it was being copied"
+    assert tier.discarded == 0
+    tier.close()
+
+
+def test_an_out_of_order_request_restarts_the_ring(checkpoint, original):
+    """An eager call of one block asks for a layer the ring did not read ahead: it is read, nothing stale is used."""
+    model, runtime = load(checkpoint, prefetch_step=1)
+    tokens = torch.randint(0, 128, (1, 4))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
+    hidden = torch.randn(1, 4, 64)
+    position = torch.arange(4)[None]
+    rotary = model.model.rotary_emb(hidden, position)
+    with torch.no_grad():
+        got = model.model.layers[4](hidden, position_embeddings=rotary)
+        want = original.model.layers[4](hidden, position_embeddings=rotary)
+    got, want = (value[0] if isinstance(value, tuple) else value for value in (got, want))
+    assert torch.equal(got, want)
+    assert runtime.counters.ensure_misses == 1 and runtime.disk.discarded >= 1
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
+
+
+def test_cuda_graphs_are_refused_with_a_disk_tier(checkpoint):
+    model, _ = load(checkpoint)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager", "cuda_graphs": True})
+    with pytest.raises(Exception, match="cuda_graphs=True cannot be used with a disk tier: 6 offloaded layers") as error:
+        logits(compiled, torch.randint(0, 128, (1, 4)))
+    assert isinstance(getattr(error.value, "inner_exception", error.value), OptionError)  # Dynamo wraps it
+
+
+def test_state_dict_reads_disk_resident_values_and_loads_into_them_are_refused(checkpoint, original):
+    model, runtime = load(checkpoint)
+    state = model.state_dict()
+    for name, value in original.state_dict().items():
+        assert torch.equal(state[name], value), name
+    on_disk = "model.layers.3.mlp.up_proj.weight"
+    in_host = "model.layers.1.mlp.up_proj.weight"
+    assert on_disk in runtime.disk.layout.sources and in_host not in runtime.disk.layout.sources
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    update = {"model.norm.weight": torch.zeros(64), in_host: torch.zeros(128, 64), on_disk: torch.zeros(128, 64)}
+    refusal = f"{on_disk} is read from the checkpoint files at every forward"
+    with pytest.raises(ValueError, match=f"^load_state_dict: {refusal}.*nothing was written"):
+        model.load_state_dict(update, strict=False)
+    with pytest.raises(ValueError, match=f"^load_state_dict: {refusal}"):
+        model.model.layers[3].load_state_dict({"mlp.up_proj.weight": torch.zeros(128, 64)}, strict=False)
+    with pytest.raises(ValueError, match=f"^load_weights: {refusal}"):
+        runtime.load_weights(update)
+    after = model.state_dict()
+    assert all(torch.equal(after[name], value) for name, value in before.items())
+    model.load_state_dict({in_host: torch.ones(128, 64)}, strict=False)  # host-resident: written as before
+    assert torch.equal(model.state_dict()[in_host], torch.ones(128, 64))
+
+
+def test_without_o_direct_reads_go_through_the_page_cache_and_are_dropped(checkpoint, original, monkeypatch, caplog):
+    open_file, advised = os.open, []
+
+    def no_direct(path, flags, *args):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return open_file(path, flags, *args)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, offset, length, advice: advised.append(advice))
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"):
+        model, runtime = load(checkpoint)
+    assert not runtime.disk.direct
+    fallbacks = [r.getMessage() for r in caplog.records if "read through the page cache" in r.getMessage()]
+    assert fallbacks and "(the filesystem refuses O_DIRECT at open)" in fallbacks[0]
+    tokens = torch.randint(0, 128, (1, 4))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
+    assert advised and set(advised) == {os.POSIX_FADV_DONTNEED}
+
+
+def test_spread_and_extents():
+    assert spread(8, 6) == [0, 2, 3, 4, 6, 7] and spread(8, 4) == [1, 3, 5, 7] and spread(5, 5) == [0, 1, 2, 3, 4]
+    assert spread(10, 1) == [5] and spread(3, 0) == []
+
+
+def test_a_layer_is_read_in_aligned_extents_and_copied_in_pieces(checkpoint):
+    model = meta_llama()
+    plan = build_plan(model, PlanOptions(**PLAN))
+    stored = read_checkpoint_headers(checkpoint)
+    layer = plan.offloaded[2]
+    reads = read_layout(layer, stored)
+    for extent in reads.extents:
+        assert extent.file_offset % ALIGNMENT == 0 and extent.nbytes % ALIGNMENT == 0 and extent.staging_offset % ALIGNMENT == 0
+        assert extent.needed <= extent.nbytes
+    # Tensors in one file that touch are one read: Hugging Face keeps a layer's tensors together.
+    assert len(reads.extents) == len({stored[p.name].path for p in layer.params})
+    assert sorted(piece.block_offset for piece in reads.pieces) == sorted(p.offset for p in layer.params)
+    assert reads.nbytes == sum(p.nbytes for p in layer.params)
+
+
+def test_a_non_contiguous_parameter_cannot_be_read_from_disk(checkpoint):
+    model = meta_llama()
+    weight = model.model.layers[3].mlp.up_proj.weight
+    model.model.layers[3].mlp.up_proj.weight = torch.nn.Parameter(torch.empty(64, 128, device="meta").t())
+    assert weight.shape == model.model.layers[3].mlp.up_proj.weight.shape
+    with pytest.raises(OptionError, match=r"^model.layers.3.mlp.up_proj.weight would be read from disk, but the model holds it with strides \(1, 128\)"):
+        prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **PLAN, host_budget=budget_for(checkpoint, 2))
