@@ -13,11 +13,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+T = TypeVar("T")
 
 
 def add_repo_to_path() -> None:
@@ -76,13 +77,18 @@ def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> li
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
-def wall_time(fn: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call takes, host and device both done."""
+def timed_call(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:
+    """Seconds one call takes, host and device both done, and what it returned."""
     synchronize(device)
     began = time.perf_counter()
-    fn()
+    result = fn()
     synchronize(device)
-    return time.perf_counter() - began
+    return time.perf_counter() - began, result
+
+
+def wall_time(fn: Callable[[], object], device: torch.device) -> float:
+    """Seconds one call takes, host and device both done."""
+    return timed_call(fn, device)[0]
 
 
 def measure_h2d_bandwidth(device: torch.device, nbytes: int, reps: int = 5) -> dict:
@@ -115,7 +121,11 @@ def release_memory(device: torch.device) -> None:
         torch._dynamo.reset()
     except Exception:  # pragma: no cover - best effort
         pass
-    gc.collect()
+    # One pass is not always enough: what it frees can release the last references to other cycles
+    # (seen after quantized models: an offloaded model's runtime, with its pinned arena, lived on).
+    for _ in range(4):
+        if not gc.collect():
+            break
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.empty_cache()
