@@ -92,8 +92,8 @@ def test_one_line_first_call_under_inductor(name, prefetch_step, no_recompiles):
     strict=True,
     raises=torch._dynamo.exc.BackendCompilerFailed,
     reason="issue 8 case 9 not fixed under Inductor: its reorder_for_locality pass, which runs before the prefetch "
-    "pass, moves a block's last matmul down next to its consumer in the next block, past that block's first read "
-    "(SlotConflictError); with reorder_for_locality off both pass",
+    "pass, leaves a matmul of one block after the next block's first read (SlotConflictError); with "
+    "torch._inductor.config.reorder_for_locality off both are exact",
 )
 @pytest.mark.parametrize("name", ["flux", "sd3"])
 def test_every_diffusion_block_through_one_slot_under_inductor(name):
