@@ -92,6 +92,22 @@ def compile_id() -> str:
     return str(current) if current is not None else "eager"
 
 
+def never_compiled_as_a_frame(fn: Callable) -> Callable:
+    """Keep Dynamo from compiling ``fn`` as a frame of its own, while it still inlines ``fn`` where it traces a call.
+
+    Eager code that runs inside a compiled region (after a graph break) has every
+    Python function it calls caught and compiled by Dynamo, module hooks included.
+    ``torch.compiler.disable`` would stop that, but also turn each traced call
+    of ``fn`` into a graph break. Skipping the code object only affects the
+    frame Dynamo is handed; inlining checks the function, not its code. The code
+    is shared by every closure made from one ``def``, so this covers them all.
+    """
+    from torch._dynamo.eval_frame import skip_code
+
+    skip_code(fn.__code__)
+    return fn
+
+
 def has_static_address(value: object) -> bool:
     """Whether Dynamo was told the tensor keeps its address (``torch._dynamo.mark_static_address``)."""
     return isinstance(value, torch.Tensor) and hasattr(value, "_dynamo_static_input_type")

@@ -21,7 +21,9 @@ weights without a word. This module makes each path correct or refuses it:
 While Dynamo traces, the block hooks read the block's ``OFFLOADED_FLAG`` (Dynamo
 guards on it, so one compiled graph never serves both an offloaded and a kept
 block) and put the ``offloaded_block`` tripwire on the block's input: the
-prefetch backend removes it, any other backend's graph raises.
+prefetch backend removes it, any other backend's graph raises. Dynamo never
+compiles a hook as a frame of its own (as it would when an offloaded block runs
+eagerly after a graph break): called from eager code, a hook runs eagerly.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import _torch_internals
 from .ops import OFFLOADED_BLOCK
 from .plan import OffloadPlan
 from .runtime import PrefetchRuntime
@@ -69,9 +72,12 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
                 return
             _leave_block(runtime, following)
 
-        block.register_forward_pre_hook(before)
+        # Called from eager code in a compiled region (a block run eagerly after a graph break), a hook is
+        # a frame Dynamo would compile: with is_compiling() true there, the eager halves below would never
+        # run and the tripwire would cost a graph of its own. Traced inside a block call, it is inlined.
+        block.register_forward_pre_hook(_torch_internals.never_compiled_as_a_frame(before))
         # always_call: the lock taken before the block is released even when the block raises.
-        block.register_forward_hook(after, always_call=True)
+        block.register_forward_hook(_torch_internals.never_compiled_as_a_frame(after), always_call=True)
 
 
 # The eager halves of the block hooks, kept from Dynamo: called from eager code inside a

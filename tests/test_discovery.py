@@ -7,9 +7,8 @@ import torch
 from torch import nn
 
 import prefetch_compile
-from prefetch_compile.config import OptionError, PlanOptions
+from prefetch_compile.config import OptionError
 from prefetch_compile.discovery import find_layer_list
-from prefetch_compile.plan import build_plan, log_plan_choice
 from toy_models import LinearBlock, MoEStack, Stack
 
 
@@ -77,8 +76,7 @@ def test_no_block_list_is_refused_with_a_hint():
 
 def test_the_chosen_list_is_logged_once_with_its_count(caplog):
     with caplog.at_level("INFO", logger="prefetch_compile"):
-        model = MoEStack(layers=4, num_experts=8)
-        log_plan_choice(model, build_plan(model, PlanOptions(group_size=2)))
+        prefetch_compile.offload(MoEStack(layers=4, num_experts=8), "cpu", group_size=2)
     lines = [record.getMessage() for record in caplog.records if "layer list" in record.getMessage()]
     assert len(lines) == 1
     assert "layer list 'layers' with 4 blocks holding 9" in lines[0]  # 4 MoE layers hold 9x% of the bytes
@@ -86,27 +84,24 @@ def test_the_chosen_list_is_logged_once_with_its_count(caplog):
 
 
 @pytest.mark.parametrize(
-    "options,reason",
+    "knobs,reason",
     [
-        (PlanOptions(), "its 2 blocks are fewer than group_size=4"),
-        (PlanOptions(group_size=1, offload_params=("attention",)), "no parameter of blocks [0, 1] matches"),
+        ({}, "its 2 blocks are fewer than group_size=4"),
+        ({"group_size": 1, "offload_params": ["attention"]}, "no parameter of blocks [0, 1] matches"),
     ],
     ids=["too-few-layers", "no-matching-param"],
 )
-def test_a_plan_that_offloads_nothing_warns(caplog, options, reason):
+def test_a_plan_that_offloads_nothing_warns(caplog, knobs, reason):
     with caplog.at_level("WARNING", logger="prefetch_compile"):
-        model = Stack(["linear"] * 2)
-        plan = build_plan(model, options)
-        log_plan_choice(model, plan)
-    assert plan.offloaded == ()
+        runtime = prefetch_compile.offload(Stack(["linear"] * 2), "cpu", **knobs)
+    assert runtime.plan.offloaded == ()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "the plan offloads nothing from 'layers'" in warnings[0] and reason in warnings[0]
 
 
 def test_a_plan_that_offloads_something_does_not_warn(caplog):
     with caplog.at_level("WARNING", logger="prefetch_compile"):
-        model = Stack(["linear"] * 4)
-        log_plan_choice(model, build_plan(model, PlanOptions()))
+        prefetch_compile.offload(Stack(["linear"] * 4), "cpu")
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
 
 

@@ -26,6 +26,22 @@ EXPERTS_ONLY = {"group_size": 2, "num_in_group": 1, "offload_params": ["experts"
 ROUTINGS = ["grouped_mm", "eager"]
 
 
+def unique_graphs() -> int:
+    """Graphs Dynamo has compiled in this process (a recompile adds one)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def graphs_per_call(calls: list) -> tuple[list[int], list[torch.Tensor]]:
+    """Run each call under no_grad; return how many graphs each one compiled, and what each returned."""
+    counts, outputs = [], []
+    with torch.no_grad():
+        for call in calls:
+            before = unique_graphs()
+            outputs.append(call())
+            counts.append(unique_graphs() - before)
+    return counts, outputs
+
+
 def assert_only_experts_offloaded(model: torch.nn.Module, layers_path: str) -> None:
     """Only experts left the device, from blocks 1 and 3 of the list at ``layers_path`` (relative to the root offloaded)."""
     runtime = prefetch_compile.runtime_of(model)
@@ -58,6 +74,40 @@ def test_hf_moe_experts_only_logits_and_greedy_tokens(name, routing):
     assert torch.equal(tokens, expected_tokens)
 
 
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_eager_experts_compile_no_more_graphs_than_without_offloading(name):
+    """A Python loop over the experts breaks the graph in every MoE layer, offloaded or not: the same graphs either way.
+
+    Offloaded blocks then run eagerly inside the compiled region, and Dynamo used to
+    compile their hooks as frames of their own: one graph more for the first forward.
+    """
+    entry = moe(name, experts_implementation="eager")
+    prompt = entry.inputs(torch.Generator().manual_seed(0))["input_ids"]
+    settings = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+
+    def calls(model: torch.nn.Module) -> list:
+        forward = lambda: model(input_ids=prompt).logits  # noqa: E731
+        return [forward, forward, lambda: model.generate(prompt, **settings)]
+
+    resident = entry.build()
+    resident.forward = torch.compile(resident.forward, backend="aot_eager")
+    expected_counts, expected = graphs_per_call(calls(resident))
+    torch._dynamo.reset()
+    model = entry.build()
+    model.forward = torch.compile(model.forward, backend="prefetch_offload", options={**EXPERTS_ONLY, "compiler": "aot_eager"})
+    counts, outputs = graphs_per_call(calls(model))
+    assert_only_experts_offloaded(model, "layers")
+    # first forward, second identical forward, generate
+    assert counts == expected_counts and counts[1] == 0
+    assert all(torch.equal(got, want) for got, want in zip(outputs, expected))
+    runtime = prefetch_compile.runtime_of(model)
+    before = runtime.counters.copies
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=prompt).logits, expected[0])
+    assert runtime.counters.copies - before == len(runtime.offloaded)  # two layers, one slot: each copied once
+    assert runtime.counters.ensure_misses == 0
+
+
 def test_hf_mixtral_experts_only_under_inductor():
     entry = moe("mixtral")
     model = entry.build()
@@ -80,11 +130,13 @@ def test_hf_mixtral_experts_only_under_inductor():
 def test_toy_moe_with_a_modulelist_of_experts(sparse):
     model = MoEStack(layers=4, num_experts=8, sparse=sparse).eval()
     reference = copy.deepcopy(model)
-    compiled = torch.compile(model, backend="prefetch_offload", options={**EXPERTS_ONLY, "compiler": "aot_eager"})
     x = torch.randn(2, 5, 16)
-    with torch.no_grad():
-        first = compiled(x)
-        second = compiled(x)
-        expected = reference(x)
+    resident = torch.compile(reference, backend="aot_eager")
+    expected_counts, (expected, _) = graphs_per_call([lambda: resident(x)] * 2)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="prefetch_offload", options={**EXPERTS_ONLY, "compiler": "aot_eager"})
+    counts, (first, second) = graphs_per_call([lambda: compiled(x)] * 2)
     assert_only_experts_offloaded(model, "layers")
+    assert counts == expected_counts and counts[1] == 0
     assert torch.equal(first, expected) and torch.equal(second, expected)
+    assert prefetch_compile.runtime_of(model).counters.ensure_misses == 0
