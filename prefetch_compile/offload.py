@@ -26,6 +26,13 @@ from .runtime import PrefetchRuntime, describe, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
 
+# Set on every module of an offloaded model, to the module's own id: a block (or any part) of the model
+# that Dynamo compiles on its own after a graph break is then known to belong to an offloaded model, even
+# when none of its own parameters is offloaded. An id rather than a flag: a copy of such a module (a kept
+# block may be copied) carries the original's id, not its own, so the copy is not taken for a part.
+PART_OF_OFFLOADED = "_prefetch_compile_part_of_offloaded"
+
+
 def offload(
     model: nn.Module,
     device: str | torch.device = "cuda",
@@ -107,6 +114,11 @@ def offload_within_budget(
     return offload_with_options(model, device, chosen.options)
 
 
+def is_part_of_offloaded(module: nn.Module) -> bool:
+    """Whether ``module`` is an offloaded model or one of its modules (kept blocks and their parts included)."""
+    return getattr(module, PART_OF_OFFLOADED, None) == id(module)
+
+
 def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
     """The runtime that owns this model's offloaded parameters, if it was offloaded."""
     for param in model.parameters():
@@ -153,6 +165,8 @@ def assemble_runtime(
     runtime = PrefetchRuntime(plan, device, host, slots, offloaded, kept)
     for offload_index in range(plan.num_slots):
         runtime.start(offload_index)
+    for module in model.modules():
+        setattr(module, PART_OF_OFFLOADED, id(module))
     install_model_hooks(model, plan, runtime)
     log.info(describe(runtime.stats(), plan))
     return runtime
