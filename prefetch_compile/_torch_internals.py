@@ -156,6 +156,23 @@ def inductor_freezing_enabled() -> bool:
     return bool(inductor_config.freezing)
 
 
+# The modules besides passes/ whose code decides what the pass writes into a graph.
+_PASS_MODULES = ("ops.py", "backend.py", "leaves.py", "_torch_internals.py")
+
+
+def pass_source_files() -> tuple[str, ...]:
+    """The files whose code the pass's output depends on, hashed into its FX-graph-cache key.
+
+    The passes package is found through its own ``__file__``: in a source
+    checkout (an editable install) it is ``passes/``, not below ``prefetch_compile/``.
+    """
+    from . import passes
+
+    package = Path(__file__).resolve().parent
+    files = [*Path(passes.__file__).resolve().parent.glob("*.py"), *(package / name for name in _PASS_MODULES)]
+    return tuple(sorted(str(path) for path in files))
+
+
 def compile_with_inductor(
     gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None], cache_key: str | None
 ) -> Callable:
@@ -171,8 +188,7 @@ def compile_with_inductor(
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     user_pass = inductor_config.post_grad_custom_post_pass
-    package = Path(__file__).resolve().parent
-    sources = tuple(sorted(str(path) for path in [*package.glob("passes/*.py"), package / "ops.py", package / "backend.py"]))
+    sources = pass_source_files()
 
     class ChainedPostGradPass(CustomGraphPass):
         """Inductor's post-grad hook: the user's own post pass, then ``graph_pass``, with one cache key for both."""

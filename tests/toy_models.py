@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prefetch_compile.breakable_graph import eager_break
+
 
 class LinearBlock(nn.Module):
     """Plain Linear + elementwise weight: direct reads, and a weight fused into a pointwise tail."""
@@ -208,3 +210,26 @@ class MoEStack(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(x)
+
+
+@eager_break
+def scale_by_positive_fraction(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Cannot be captured in a CUDA graph: nonzero synchronises with the host to size its result."""
+    kept = torch.nonzero(x > 0).shape[0]
+    torch.mul(x, kept / x.numel(), out=out)
+    return out
+
+
+class GatedMLP(nn.Module):
+    """Linear+GELU layers with the uncapturable gate in the middle, writing into a buffer it allocates first."""
+
+    def __init__(self, width: int = 16, depth: int = 2) -> None:
+        super().__init__()
+        self.first = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.GELU())])
+        self.second = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(width, width), nn.GELU())])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.first(x)
+        gated = torch.empty_like(h)
+        scale_by_positive_fraction(h, gated)
+        return self.second(gated)
