@@ -44,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import (  # noqa: E402
+    add_shape_arguments,
     bench_device,
     bench_shape,
     add_repo_to_path,
@@ -103,10 +104,7 @@ QUICK = {"cases": "decode1,prefill512", "fractions": "2", "prefetch_steps": "1",
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama 8B, fits resident on an H100)")
-    p.add_argument("--tiny", action="store_true", help="use llama_like.tiny_shape() (for CPU smoke tests)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_shape_arguments(p, "decoder layers (32 = Llama 8B, fits resident on an H100)")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma list from {list(CASES)}")
     p.add_argument("--systems", default=",".join(ALL_KINDS), help=f"comma list from {list(ALL_KINDS)}")
     p.add_argument("--fractions", default="2,8,4",

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import add_repo_to_path, device_name, measure_h2d_bandwidth, peak_bytes, reset_peak, time_calls  # noqa: E402
+from bench_util import add_repo_to_path, bench_shape, device_name, measure_h2d_bandwidth, peak_bytes, reset_peak, time_calls  # noqa: E402
 
 add_repo_to_path()
 import llama_like  # noqa: E402
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     mesh = tp_offload.init_distributed(args.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
-    shape = llama_like.tiny_shape(args.layers) if args.tiny else llama_like.llama8b_shape(args.layers)
+    shape = bench_shape(args.layers, args.tiny)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     cases = [(name, *map(int, size.split("x"))) for name, size in (item.split(":") for item in args.cases.split(","))]
 

@@ -6,6 +6,7 @@ so the harness can be smoke-tested on a machine without a GPU.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import os
 import statistics
@@ -28,12 +29,24 @@ def add_repo_to_path() -> None:
             sys.path.insert(0, str(path))
 
 
+add_repo_to_path()
+from prefetch_compile.calibration import time_calls  # noqa: E402, F401  (re-exported: the one timer)
+
+
 def bench_device(name: str) -> torch.device:
     """The device a benchmark runs on, with a CUDA index made explicit (the runtime keys streams by it)."""
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     return device
+
+
+def add_shape_arguments(parser: argparse.ArgumentParser, layers_help: str) -> None:
+    """--device, --layers, --tiny and --dtype: the Llama-shaped model a single-device benchmark runs (see bench_shape)."""
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--layers", type=int, default=32, help=layers_help)
+    parser.add_argument("--tiny", action="store_true", help="llama_like.tiny_shape() (CPU smoke tests)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
 
 def bench_shape(layers: int, tiny: bool):
@@ -51,30 +64,6 @@ def log(message: str, started: float | None = None) -> None:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
-    """Seconds per call of ``fn``, back to back, ``iters`` times.
-
-    On CUDA each call is bracketed by events on the current stream, so the
-    numbers are the device timeline, including any time the device waits for
-    the host (a hook that blocks on a copy shows up, as it should).
-    """
-    if device.type != "cuda":
-        times = []
-        for _ in range(iters):
-            began = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - began)
-        return times
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
-    synchronize(device)
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    synchronize(device)
-    return [start.elapsed_time(end) / 1e3 for start, end in events]
 
 
 def timed_call(fn: Callable[[], T], device: torch.device) -> tuple[float, T]:

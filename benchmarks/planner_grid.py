@@ -66,6 +66,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import (  # noqa: E402
+    add_shape_arguments,
     bench_device,
     bench_shape,
     add_repo_to_path,
@@ -137,10 +138,7 @@ class PlanKey:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--layers", type=int, default=32, help="decoder layers (32 = Llama 8B)")
-    p.add_argument("--tiny", action="store_true", help="llama_like.tiny_shape() (CPU smoke tests)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    add_shape_arguments(p, "decoder layers (32 = Llama 8B)")
     p.add_argument("--cases", default="decode1,decode64,prefill2048")
     p.add_argument("--budgets", default="0.25,0.5,0.75",
                    help="comma list: fractions (< 1) of the resident model's bytes, or sizes such as 6GiB")

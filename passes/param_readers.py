@@ -1,6 +1,6 @@
-"""Which nodes of an FX graph read which offloaded layer's weights.
+"""Which nodes of an FX graph read the weights of which offload index.
 
-A node *reads* layer L when it consumes one of L's parameters, a view of one,
+A node *reads* offload index L when it consumes one of L's parameters, a view of one,
 or the result of weight-only work on them (a cast, a dequantisation, a
 transposed copy: nodes whose inputs are all parameters or constants). Such
 weight-only results can be fused by Inductor into their consumers, which then
@@ -32,13 +32,13 @@ READ_CONSUMER = "consumer of weight-only work"
 class ParamInput:
     """A placeholder that holds one offloaded parameter."""
 
-    offload_index: int  # position of the parameter's layer among the offloaded layers
+    offload_index: int  # position of the parameter's layer among the offloaded layers (never its layer index)
     name: str  # the parameter's dotted name in the model
 
 
 @dataclass
-class LayerReads:
-    """Everything the pass needs to know about one offloaded layer inside one graph."""
+class OffloadReads:
+    """Everything the pass needs to know about one offload index inside one graph."""
 
     offload_index: int
     params: list[fx.Node] = field(default_factory=list)  # its parameter placeholders
@@ -51,10 +51,10 @@ class LayerReads:
 class GraphReads:
     """The result of :func:`analyze_param_reads`."""
 
-    offloaded: dict[int, LayerReads]  # by offload index
+    offloaded: dict[int, OffloadReads]  # by offload index
     order: dict[fx.Node, int]
-    depends_on: dict[fx.Node, int]  # bitmask over offload indices: which layers' weights flowed into the node
-    reads: dict[fx.Node, list[tuple[int, str, str]]]  # node -> [(layer, parameter name, how)] for annotation
+    depends_on: dict[fx.Node, int]  # bitmask over offload indices: whose weights flowed into the node
+    reads: dict[fx.Node, list[tuple[int, str, str]]]  # node -> [(offload index, parameter name, how)] for annotation
 
 
 def node_value(node: fx.Node) -> object:
@@ -65,7 +65,7 @@ def node_value(node: fx.Node) -> object:
 def analyze_param_reads(
     graph: fx.Graph, param_inputs: dict[fx.Node, ParamInput], static_inputs: set[fx.Node]
 ) -> GraphReads:
-    """Classify every node by the offloaded layers it reads.
+    """Classify every node by the offload indices whose weights it reads.
 
     ``static_inputs`` are the placeholders of all parameters (kept or offloaded):
     work whose inputs are all static is weight-only work.
@@ -76,7 +76,7 @@ def analyze_param_reads(
     depends_on: dict[fx.Node, int] = {}
     is_static: dict[fx.Node, bool] = {}
     param_of: dict[fx.Node, ParamInput] = {}  # aliases (views) of offloaded parameters
-    layers = {info.offload_index: LayerReads(info.offload_index) for info in param_inputs.values()}
+    by_offload = {info.offload_index: OffloadReads(info.offload_index) for info in param_inputs.values()}
     reads: dict[fx.Node, list[tuple[int, str, str]]] = {}
 
     for node in nodes:
@@ -87,7 +87,7 @@ def analyze_param_reads(
             is_static[node] = node in static_inputs
             if info:
                 param_of[node] = info
-                layers[info.offload_index].params.append(node)
+                by_offload[info.offload_index].params.append(node)
             continue
         depends_on[node] = 0
         for source in inputs:
@@ -97,25 +97,25 @@ def analyze_param_reads(
         for source in inputs:
             if source in param_of:
                 how = READ_DIRECT if source.op == "placeholder" else READ_VIEW
-                _record(layers, reads, node, param_of[source], how)
+                _record(by_offload, reads, node, param_of[source], how)
             elif is_static[source] and depends_on[source] and source.op != "placeholder":
-                for layer, name, _ in reads.get(source, ()):
+                for offload_index, name, _ in reads.get(source, ()):
                     how = READ_WEIGHT_ONLY if is_static[node] else READ_CONSUMER
-                    _record(layers, reads, node, ParamInput(layer, name), how)
+                    _record(by_offload, reads, node, ParamInput(offload_index, name), how)
 
         aliased = _aliased_param(node, inputs, param_of, slot_storages)
         if aliased is not None:
             param_of[node] = aliased
 
-    for layer in layers.values():
-        if layer.readers:
-            layer.first = min(layer.readers, key=order.__getitem__)
-            layer.last = max(layer.readers, key=order.__getitem__)
-    return GraphReads(layers, order, depends_on, reads)
+    for entry in by_offload.values():
+        if entry.readers:
+            entry.first = min(entry.readers, key=order.__getitem__)
+            entry.last = max(entry.readers, key=order.__getitem__)
+    return GraphReads(by_offload, order, depends_on, reads)
 
 
 def live_after(graph: fx.Graph, analysis: GraphReads, points: dict[fx.Node, list[int]]) -> dict[tuple[fx.Node, int], list[fx.Node]]:
-    """For each (point, layer): tensors depending on the layer, defined at or before the point, used after it.
+    """For each (point, offload index): tensors computed from its weights, defined at or before the point, used after it.
 
     One sweep over the graph keeps the set of live values; a tuple-valued value
     (say, a split) is represented by its tensor inputs, which is what must be
@@ -130,14 +130,14 @@ def live_after(graph: fx.Graph, analysis: GraphReads, points: dict[fx.Node, list
         live = {value for value in live if last_use[value] > position}
         if last_use[node] > position and node.op != "placeholder":
             live.add(node)
-        for layer in points.get(node, ()):
-            bit = 1 << layer
+        for offload_index in points.get(node, ()):
+            bit = 1 << offload_index
             chosen: dict[fx.Node, None] = {}
             for value in sorted(live, key=order.__getitem__):
                 if analysis.depends_on[value] & bit:
                     for tensor in _tensor_roots(value, bit, analysis):
                         chosen[tensor] = None
-            result[(node, layer)] = list(chosen)
+            result[(node, offload_index)] = list(chosen)
     return result
 
 
@@ -152,7 +152,7 @@ def _tensor_roots(node: fx.Node, bit: int, analysis: GraphReads) -> list[fx.Node
 
 
 def _record(
-    layers: dict[int, LayerReads],
+    by_offload: dict[int, OffloadReads],
     reads: dict[fx.Node, list[tuple[int, str, str]]],
     node: fx.Node,
     info: ParamInput,
@@ -162,7 +162,7 @@ def _record(
     node_reads = reads.setdefault(node, [])
     if entry not in node_reads:
         node_reads.append(entry)
-    layers[info.offload_index].readers.setdefault(node, how)
+    by_offload[info.offload_index].readers.setdefault(node, how)
 
 
 def _aliased_param(

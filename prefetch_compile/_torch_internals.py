@@ -6,31 +6,61 @@ change there should need an edit here only.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 
-def frame_modules() -> Iterator[nn.Module]:
-    """nn.Modules in scope of the code Dynamo is compiling, innermost first.
+def parameter_owners(gm: fx.GraphModule) -> list[nn.Module]:
+    """The modules Dynamo read the graph's parameters from, each once: the module the compiled frame runs on.
 
-    First the locals of the frame being compiled (``self`` of a forward), then
-    those of its callers: when Dynamo skips a model's forward (say, for a graph
-    break inside its layer loop) and compiles each block alone, the model itself
-    is only found in the caller's frame.
+    Dynamo records for every graph input its ``Source``, the access path from a
+    local or global of the frame being compiled, e.g.
+    ``L['self']._modules['layers']._modules['3']._parameters['weight']``, or
+    ``L['args'][0]._modules[...]`` when the frame is a decorator's wrapper of a
+    forward. The owner is the first ``nn.Module`` on that path, followed from the
+    frame's locals or globals as Dynamo holds them. A path that reaches no module
+    through locals, globals, items and attributes (a closure cell, say) names none.
     """
+    from torch._dynamo.source import AttrSource, DictGetItemSource, GetItemSource, GlobalSource, LocalSource
     from torch._dynamo.symbolic_convert import InstructionTranslator
+    from torch._guards import ChainedSource
 
     translator = InstructionTranslator.current_tx()
-    if translator is not None:
-        yield from (value for value in translator.f_locals.values() if isinstance(value, nn.Module))
-    frame = sys._getframe(1)
-    while frame is not None:
-        yield from (value for value in frame.f_locals.values() if isinstance(value, nn.Module))
-        frame = frame.f_back
+    if translator is None:
+        return []
+    owners: dict[int, nn.Module] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        arg = node.meta.get("grapharg")
+        if arg is None or arg.source is None or not isinstance(arg.example, nn.Parameter):
+            continue
+        path = [arg.source]
+        while isinstance(path[-1], ChainedSource):
+            path.append(path[-1].base)
+        root, steps = path[-1], reversed(path[:-1])
+        if isinstance(root, LocalSource) and root.local_name in translator.f_locals:
+            value = translator.f_locals[root.local_name]
+        elif isinstance(root, GlobalSource) and root.global_name in translator.f_globals:
+            value = translator.f_globals[root.global_name]
+        else:
+            continue
+        for step in steps:
+            if isinstance(value, nn.Module):
+                break
+            try:
+                if isinstance(step, (GetItemSource, DictGetItemSource)):
+                    value = value[step.index]
+                elif isinstance(step, AttrSource):
+                    value = getattr(value, step.member)
+                else:
+                    break
+            except (LookupError, AttributeError, TypeError):
+                break
+        if isinstance(value, nn.Module):
+            owners[id(value)] = value
+    return list(owners.values())
 
 
 def is_traceable_wrapper_subclass(value: object) -> bool:
@@ -75,13 +105,6 @@ def static_fake(tensor: torch.Tensor) -> torch.Tensor:
     from torch._guards import TracingContext
 
     return TracingContext.get().fake_mode.from_tensor(tensor.detach(), static_shapes=True)
-
-
-def is_compiled_wrapper(module: nn.Module) -> bool:
-    """Whether ``module`` is the ``OptimizedModule`` that ``torch.compile(model)`` returns around a model."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return isinstance(module, OptimizedModule)
 
 
 def compile_id() -> str:
@@ -149,6 +172,23 @@ def inductor_freezing_enabled() -> bool:
     return bool(inductor_config.freezing)
 
 
+# The modules besides passes/ whose code decides what the pass writes into a graph.
+_PASS_MODULES = ("ops.py", "backend.py", "leaves.py", "_torch_internals.py")
+
+
+def pass_source_files() -> tuple[str, ...]:
+    """The files whose code the pass's output depends on, hashed into its FX-graph-cache key.
+
+    The passes package is found through its own ``__file__``: in a source
+    checkout (an editable install) it is ``passes/``, not below ``prefetch_compile/``.
+    """
+    from . import passes
+
+    package = Path(__file__).resolve().parent
+    files = [*Path(passes.__file__).resolve().parent.glob("*.py"), *(package / name for name in _PASS_MODULES)]
+    return tuple(sorted(str(path) for path in files))
+
+
 def compile_with_inductor(
     gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None], cache_key: str | None
 ) -> Callable:
@@ -164,10 +204,11 @@ def compile_with_inductor(
     from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
     user_pass = inductor_config.post_grad_custom_post_pass
-    package = Path(__file__).resolve().parent
-    sources = tuple(sorted(str(path) for path in [*package.glob("passes/*.py"), package / "ops.py", package / "backend.py"]))
+    sources = pass_source_files()
 
-    class PrefetchPostGradPass(CustomGraphPass):
+    class ChainedPostGradPass(CustomGraphPass):
+        """Inductor's post-grad hook: the user's own post pass, then ``graph_pass``, with one cache key for both."""
+
         def __call__(self, graph: fx.Graph) -> None:
             if user_pass is not None:
                 user_pass(graph)
@@ -179,7 +220,7 @@ def compile_with_inductor(
                 return None  # the user's pass cannot be cached, so neither can the pair
             return (get_hash_for_files(sources).hex(), cache_key, user_uuid)
 
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": PrefetchPostGradPass()})
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": ChainedPostGradPass()})
 
 
 def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None]) -> Callable:

@@ -352,23 +352,35 @@ def _matmul_flops(func: Callable, inputs: list[torch.Tensor], outputs: list[torc
     return 2 * outputs[0].numel() * left.shape[-1]
 
 
-def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    fn()
+def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> list[float]:
+    """Seconds per call of ``fn``, back to back, ``iters`` times (the benchmarks time with it too).
+
+    On CUDA each call is bracketed by events on the current stream, so the
+    numbers are the device timeline, including any time the device waits for
+    the host (a hook that blocks on a copy shows up, as it should). On the CPU,
+    wall-clock time.
+    """
     if device.type != "cuda":
         times = []
-        for _ in range(reps):
+        for _ in range(iters):
             began = time.perf_counter()
             fn()
             times.append(time.perf_counter() - began)
-        return statistics.median(times)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        return times
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
     torch.cuda.synchronize(device)
     for start, end in events:
         start.record()
         fn()
         end.record()
     torch.cuda.synchronize(device)
-    return statistics.median(start.elapsed_time(end) / 1e3 for start, end in events)
+    return [start.elapsed_time(end) / 1e3 for start, end in events]
+
+
+def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """The median of ``reps`` timed calls, after one untimed warm-up call."""
+    fn()
+    return statistics.median(time_calls(fn, reps, device))
 
 
 def _layer_kind(block: nn.Module, inputs: tuple[tuple, dict]) -> tuple:

@@ -31,13 +31,13 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, FileReader, StoredTensor, few, read_checkpoint_headers
-from .config import OptionError, PlanOptions, parse_bytes
+from .config import OptionError, parse_bytes, plan_options
 from .disk_layout import DiskLayout, plan_disk_tier
 from .disk_tier import DiskTier
 from .memory import HostArena, PinnedStaging, param_view
@@ -72,20 +72,16 @@ def load_checkpoint(
     checkpoint: Checkpoint,
     device: str | torch.device = "cuda",
     *,
-    group_size: int = 4,
-    num_in_group: int = 1,
-    prefetch_step: int = 1,
-    offload_params: list[str] | tuple[str, ...] = (),
-    layers: str | None = None,
     init_buffers: Callable[[nn.Module], None] | None = None,
     host_budget: int | str | None = None,
+    **plan: Any,
 ) -> PrefetchRuntime:
     """Load ``checkpoint`` into ``model`` (built on the meta device), offloaded as :func:`offload` would.
 
     ``checkpoint`` is a safetensors file, a Hugging Face checkpoint directory
     (``model.safetensors`` or shards with ``model.safetensors.index.json``),
-    a mapping of names to tensors, or any iterable of ``(name, tensor)``. The plan knobs are those of
-    :func:`offload`. Every tensor is read once into its final place; the whole
+    a mapping of names to tensors, or any iterable of ``(name, tensor)``. ``plan`` are the plan
+    knobs of :func:`offload` (the fields of :class:`PlanOptions`; no budget). Every tensor is read once into its final place; the whole
     model is never in host memory (see the module docstring for the bound).
 
     Names, shapes and dtypes must match the model's state dict exactly (no
@@ -113,13 +109,7 @@ def load_checkpoint(
     from there, ahead of use, at every forward (see README, "A model larger
     than host memory"). It needs a safetensors checkpoint, not an iterable.
     """
-    options = PlanOptions(
-        group_size=group_size,
-        num_in_group=num_in_group,
-        prefetch_step=prefetch_step,
-        offload_params=tuple(offload_params),
-        layers=layers,
-    )
+    options = plan_options(plan)
     device = _check_device(torch.device(device))
     targets = _targets(model)
     plan = build_plan(model, options)

@@ -95,13 +95,13 @@ class CompileRecord:
     """What the prefetch pass did to one compiled graph."""
 
     graph: str  # Dynamo's compile id
-    layers_read: int  # offloaded layers the graph reads (one wait each)
+    waits: int  # one per offloaded layer the graph reads
     ops_inserted: int
     seconds: float  # time spent in the pass
 
     def __str__(self) -> str:
         return (
-            f"graph {self.graph}: {self.layers_read} offloaded layers read, "
+            f"graph {self.graph}: {self.waits} offloaded layers waited for, "
             f"{self.ops_inserted} ops inserted in {self.seconds * 1e3:.1f} ms"
         )
 
@@ -213,8 +213,8 @@ class PrefetchRuntime:
             staging_bytes=layout.ring_bytes if layout else 0,
         )
 
-    def record_compile(self, graph: str, layers_read: int, ops_inserted: int, seconds: float) -> CompileRecord:
-        record = CompileRecord(graph, layers_read, ops_inserted, seconds)
+    def record_compile(self, graph: str, waits: int, ops_inserted: int, seconds: float) -> CompileRecord:
+        record = CompileRecord(graph, waits, ops_inserted, seconds)
         self.compiles.append(record)
         return record
 

@@ -57,21 +57,6 @@ def tiny_decoder_config(**extra: Any) -> dict[str, Any]:
     return base
 
 
-def causal_lm(name: str, config_cls: str, model_cls: str, **config: Any) -> ZooModel:
-    def build() -> nn.Module:
-        import transformers
-
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
-
-    return ZooModel(
-        name=name,
-        build=_seeded(build),
-        inputs=lambda g: {"input_ids": _tokens(g)},
-        output=lambda out: out.logits,
-        layers_path="model.layers",
-    )
-
-
 def _hf(config_cls: str, model_cls: str, **config: Any) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
@@ -79,6 +64,16 @@ def _hf(config_cls: str, model_cls: str, **config: Any) -> Callable[[], nn.Modul
         return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
 
     return _seeded(build)
+
+
+def causal_lm(name: str, config_cls: str, model_cls: str, layers_path: str = "model.layers", **config: Any) -> ZooModel:
+    return ZooModel(
+        name=name,
+        build=_hf(config_cls, model_cls, **config),
+        inputs=lambda g: {"input_ids": _tokens(g)},
+        output=lambda out: out.logits,
+        layers_path=layers_path,
+    )
 
 
 # Mixture-of-experts decoders: 8 experts per layer, more than the 4 layers, so that a
@@ -112,28 +107,24 @@ DECODERS = [
     causal_lm("qwen3", "Qwen3Config", "Qwen3ForCausalLM", **tiny_decoder_config(head_dim=16)),
     causal_lm("gemma2", "Gemma2Config", "Gemma2ForCausalLM", **tiny_decoder_config(head_dim=16)),
     causal_lm("phi3", "Phi3Config", "Phi3ForCausalLM", **tiny_decoder_config(pad_token_id=0)),
-    ZooModel(
-        name="gpt_neox",
-        build=_hf(
-            "GPTNeoXConfig",
-            "GPTNeoXForCausalLM",
-            vocab_size=VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            max_position_embeddings=64,
-        ),
-        inputs=lambda g: {"input_ids": _tokens(g)},
-        output=lambda out: out.logits,
+    causal_lm(
+        "gpt_neox",
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
         layers_path="gpt_neox.layers",
+        # GPT-NeoX has no grouped key/value heads.
+        **{key: value for key, value in tiny_decoder_config().items() if key != "num_key_value_heads"},
     ),
-    ZooModel(
-        name="gpt2",
-        build=_hf("GPT2Config", "GPT2LMHeadModel", vocab_size=VOCAB, n_embd=64, n_layer=4, n_head=4, n_positions=64),
-        inputs=lambda g: {"input_ids": _tokens(g)},
-        output=lambda out: out.logits,
+    causal_lm(
+        "gpt2",
+        "GPT2Config",
+        "GPT2LMHeadModel",
         layers_path="transformer.h",
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=4,
+        n_head=4,
+        n_positions=64,
     ),
     MIXTRAL,
     QWEN2_MOE,

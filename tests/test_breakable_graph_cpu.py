@@ -2,36 +2,15 @@
 
 import pytest
 import torch
-from torch import nn
 
 from prefetch_compile.breakable_graph import BreakableCUDAGraph, BreakableGraphed, current_capture, eager_break
+from toy_models import GatedMLP, scale_by_positive_fraction
 
 
 @pytest.fixture
 def no_cuda(monkeypatch):
     """Behave as on a CPU-only machine even where a GPU is present."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-
-
-@eager_break
-def scale_by_positive_fraction(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """A host-synchronising op (nonzero) writing into a caller-provided buffer."""
-    kept = torch.nonzero(x > 0).shape[0]
-    torch.mul(x, kept / x.numel(), out=out)
-    return out
-
-
-class GatedMLP(nn.Module):
-    def __init__(self, width: int = 16) -> None:
-        super().__init__()
-        self.first = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, width), nn.GELU())
-        self.second = nn.Sequential(nn.Linear(width, width), nn.GELU())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.first(x)
-        gated = torch.empty_like(h)
-        scale_by_positive_fraction(h, gated)
-        return self.second(gated)
 
 
 def test_decorator_outside_capture_returns_the_result():

@@ -82,7 +82,7 @@ def test_each_offloaded_layer_is_waited_for_before_its_first_read_and_frees_its_
         start = body[reads[-1] + 1]
         assert _noted(start, f"prefetch {following.name} (offload {following.offload_index}, slot {layer.slot})")
         assert "start_prefetch" in start.code
-        assert f"last read of offloaded layer {layer.offload_index} (same slot)" in start.notes[0]
+        assert f"last read of offload {layer.offload_index} (same slot)" in start.notes[0]
 
 
 def test_kept_layers_have_no_annotations(dumped):

@@ -243,6 +243,19 @@ def test_fx_graph_cache_serves_a_second_process(tmp_path: Path):
     assert second.startswith("hits ") and not second.startswith("hits 0"), second
 
 
+def test_the_fx_graph_cache_key_covers_the_pass_code():
+    """Editing the pass must change the cache key, or a warm cache serves code the old pass wrote.
+
+    In a source checkout passes/ is not below prefetch_compile/: the key once hashed no pass file.
+    """
+    from prefetch_compile import _torch_internals, passes
+
+    files = {Path(name) for name in _torch_internals.pass_source_files()}
+    package = Path(passes.__file__).resolve().parent
+    assert {package / "prefetch.py", package / "param_readers.py", package / "sink_weight_only.py"} <= files
+    assert all(path.is_file() for path in files)
+
+
 @pytest.mark.parametrize("backend", ["inductor", "aot_eager"])
 def test_an_offloaded_model_compiled_by_another_backend_refuses_to_run(backend):
     """Stock torch.compile on an offloaded model read slots holding other layers (max error ~2.5, silently)."""

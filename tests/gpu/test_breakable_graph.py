@@ -9,6 +9,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from prefetch_compile.breakable_graph import BreakableCUDAGraph, BreakableGraphed, current_capture, eager_break
+from toy_models import GatedMLP
 
 pytestmark = [
     pytest.mark.cuda,
@@ -18,30 +19,8 @@ pytestmark = [
 WIDTH = 64
 
 
-@eager_break
-def scale_by_positive_fraction(x: torch.Tensor, out: torch.Tensor) -> None:
-    """Cannot be captured: nonzero synchronises with the host to size its result."""
-    kept = torch.nonzero(x > 0).shape[0]
-    torch.mul(x, kept / x.numel(), out=out)
-
-
-class GatedMLP(nn.Module):
-    """Linear+GELU layers with the uncapturable gate in the middle, writing into a buffer it allocates first."""
-
-    def __init__(self, depth: int = 3) -> None:
-        super().__init__()
-        self.first = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(WIDTH, WIDTH), nn.GELU())])
-        self.second = nn.Sequential(*[m for _ in range(depth) for m in (nn.Linear(WIDTH, WIDTH), nn.GELU())])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.first(x)
-        gated = torch.empty_like(h)
-        scale_by_positive_fraction(h, gated)
-        return self.second(gated)
-
-
 def _model() -> GatedMLP:
-    return GatedMLP().cuda().eval()
+    return GatedMLP(WIDTH, depth=3).cuda().eval()
 
 
 def _eager(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
