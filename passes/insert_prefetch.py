@@ -1,13 +1,17 @@
-"""Insert ``wait_prefetch`` and ``start_prefetch`` around each offloaded layer's readers.
+"""Insert ``wait_prefetch`` and ``start_prefetch`` around each offloaded layer's readers, chunk by chunk.
 
-Invariant established, for every offloaded layer L read in the graph:
+Invariant established, for every offloaded layer L read in the graph and every
+chunk C of it (a run of consecutive pieces of L's block; the whole layer when
+its copies are not chunked, see below):
 
-* ``wait_prefetch(L)`` stands before the first node that reads L's weights and
-  is declared to write them, so no reader can be scheduled before it;
-* ``start_prefetch(next)``, where ``next`` is the layer that uses L's slot after
-  L, stands after the last reader of L and is declared to write every parameter
-  that views that slot, and takes the still-needed values computed from L as
-  inputs. No reader of L, fused or not, can run after the slot is overwritten.
+* ``wait_prefetch(C)`` stands before the first node that reads a parameter of
+  C and is declared to write C's parameters, so no reader can be scheduled
+  before it;
+* ``start_prefetch(C, C')``, where ``C'`` is the same pieces of ``next``, the
+  layer that uses L's slot after L, stands after the last reader of C and is
+  declared to write C's and C''s parameters, and takes the still-needed values
+  computed from C as inputs. No reader of C, fused or not, can run after those
+  bytes of the slot are overwritten, and ``next``'s wait for C' comes after it.
 
 Two layers that share a slot must be read in disjoint stretches of the graph
 (both would otherwise need the one buffer at once); a graph that interleaves
@@ -19,19 +23,55 @@ Before (three layers, one slot; ``w0``..``w2`` are offloaded parameters)::
     mm_1 = aten.mm(tanh, w1); tanh_1 = aten.tanh(mm_1)
     mm_2 = aten.mm(tanh_1, w2)
 
-After::
+After, with whole-layer copies::
 
     wait_prefetch([w0])
     mm = aten.mm(x, w0)
-    start_prefetch([w0, w1], [mm])        # brings in layer 1 once layer 0 is read
+    start_prefetch([w0], [w1], [mm])      # brings in layer 1 once layer 0 is read
     tanh = aten.tanh(mm)
     wait_prefetch([w1])
     mm_1 = aten.mm(tanh, w1)
-    start_prefetch([w1, w2], [mm_1])
+    start_prefetch([w1], [w2], [mm_1])
     tanh_1 = aten.tanh(mm_1)
     wait_prefetch([w2])
     mm_2 = aten.mm(tanh_1, w2)
-    start_prefetch([w2, w0], [mm_2])      # the next forward's first layer
+    start_prefetch([w2], [w0], [mm_2])    # the next forward's first layer
+
+**Chunked copies.** With one slot, the copy of the next layer above waits for
+the whole current layer to be read, so the copy stream idles while each
+offloaded layer computes. When the plan cuts blocks into pieces (the byte
+offsets at which every offloaded layer starts a parameter, so piece *k* of the
+incoming layer overwrites piece *k* of the outgoing one and nothing else), a
+layer's copy can move chunk by chunk instead: each chunk as soon as the
+outgoing layer's last reader of the same pieces has run. Two layers of one
+slot, each a ``q`` and a ``k`` weight (pieces 0 and 1)::
+
+    mm = aten.mm(x, q0);  mm_1 = aten.mm(mm, k0)       # layer 0
+    mm_2 = aten.mm(mm_1, q1);  mm_3 = aten.mm(mm_2, k1)  # layer 1
+
+becomes::
+
+    wait_prefetch([q0])
+    mm = aten.mm(x, q0)
+    start_prefetch([q0], [q1], [mm])      # layer 1's q overwrites q0 while k0 is still read
+    wait_prefetch([k0])
+    mm_1 = aten.mm(mm, k0)
+    start_prefetch([k0], [k1], [mm_1])
+    wait_prefetch([q1])
+    mm_2 = aten.mm(mm_1, q1)
+    start_prefetch([q1], [q0], [mm_2])    # the next forward's layer 0, piece by piece too
+    wait_prefetch([k1])
+    mm_3 = aten.mm(mm_2, k1)
+    start_prefetch([k1], [k0], [mm_3])
+
+Chunks follow the order the graph reads the pieces (first reader first), not
+the order of the bytes, so the copy stream brings the next layer in the order
+its forward reads it whatever the parameters' registration order. A chunk
+merges pieces that are adjacent both in the block and in that order, up to a
+quarter of the layer's bytes, so a decoder block takes a handful of chunks (a
+norm weight rides along with the projection packed and read next to it) rather
+than one pair of ops per parameter. Layers alone in their slot (never copied) and blocks of one
+piece keep one wait and one start.
 
 ``tests/test_prefetch_pass_graphs.py`` runs the pass on such ``make_fx`` graphs.
 """
@@ -39,16 +79,31 @@ After::
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 from torch import fx
 
-from .param_readers import GraphReads, ParamInput, analyze_param_reads, live_after
+from .param_readers import GraphReads, LayerReads, ParamInput, PieceReads, analyze_param_reads, live_after
 from .sink_weight_only import sink_weight_only_work
+
+# A chunk grows by adjacent pieces while it stays within this share of its layer's bytes.
+CHUNKS_PER_LAYER = 4
 
 
 class SlotConflictError(RuntimeError):
     """Two offloaded layers that take turns in one slot are read interleaved."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A run of consecutive pieces of one offloaded layer: moved by one start, awaited by one wait."""
+
+    offload_index: int
+    pieces: range
+    params: tuple[fx.Node, ...]  # the layer's parameters in those pieces, in piece order (what the ops take)
+    first: fx.Node  # first and last reader of any of them
+    last: fx.Node
+    mask: int  # GraphReads.mask of those pieces: which values are computed from them
 
 
 @dataclass(frozen=True)
@@ -61,13 +116,15 @@ class InsertedOp:
     anchor: fx.Node  # the reader the op was placed against
     after: int | None  # for a start: the offload index whose last read frees the slot
     live: tuple[fx.Node, ...]  # for a start: values it forces to be computed first
+    pieces: range | None = None  # the pieces it moves or waits for, when its layer is moved in several chunks
 
     @property
     def reason(self) -> str:
+        part = "" if self.pieces is None else f" {_span(self.pieces)}"
         if self.kind == "wait":
-            return f"first read of offloaded layer {self.offload_index} is {self.anchor.name}"
+            return f"first read of offloaded layer {self.offload_index}{part} is {self.anchor.name}"
         return (
-            f"last read of offloaded layer {self.after} (same slot) is {self.anchor.name}; "
+            f"last read of offloaded layer {self.after}{part} (same slot) is {self.anchor.name}; "
             f"materialises {[node.name for node in self.live]}"
         )
 
@@ -85,40 +142,106 @@ def insert_prefetch_ops(
     *,
     next_in_slot: Callable[[int], int],
     slot_of: Callable[[int], int],
+    piece_bytes: Callable[[int], Sequence[int]],
     make_wait: Callable[[fx.Graph, list[fx.Node]], fx.Node],
-    make_start: Callable[[fx.Graph, list[fx.Node], list[fx.Node]], fx.Node],
+    make_start: Callable[[fx.Graph, list[fx.Node], list[fx.Node], list[fx.Node]], fx.Node],
 ) -> PrefetchPassResult:
-    """Rewrite ``graph`` in place; ``make_wait``/``make_start`` emit the op nodes at the current insert point."""
+    """Rewrite ``graph`` in place; ``make_wait``/``make_start`` emit the op nodes at the current insert point.
+
+    ``piece_bytes(i)`` gives the size of each piece of offloaded layer ``i``'s block
+    (one entry when its copies are not chunked); ``param_inputs`` say which piece
+    holds each parameter.
+    """
     sink_weight_only_work(graph, static_inputs)
     analysis = analyze_param_reads(graph, param_inputs, static_inputs)
     _check_slot_conflicts(analysis, slot_of)
     read_layers = [layer for layer in analysis.offloaded.values() if layer.first is not None]
-    live = live_after(graph, analysis, _group_by_node((layer.last, layer.offload_index) for layer in read_layers))
+    chunks = {
+        layer.offload_index: _chunks(
+            layer, analysis, piece_bytes(layer.offload_index), shared=next_in_slot(layer.offload_index) != layer.offload_index
+        )
+        for layer in read_layers
+    }
+    every_chunk = [chunk for layer in read_layers for chunk in chunks[layer.offload_index]]
+    live = live_after(graph, analysis, _group_by_node((chunk.last, chunk.mask) for chunk in every_chunk))
 
     inserted: list[InsertedOp] = []
     for layer in read_layers:
-        with graph.inserting_before(layer.first):
-            node = make_wait(graph, layer.params)
-        inserted.append(InsertedOp(node, "wait", layer.offload_index, layer.first, None, ()))
+        for chunk in chunks[layer.offload_index]:
+            with graph.inserting_before(chunk.first):
+                node = make_wait(graph, list(chunk.params))
+            inserted.append(InsertedOp(node, "wait", layer.offload_index, chunk.first, None, (), _part(chunk, chunks)))
 
-    # Starts go in reverse graph order so that two starts after the same reader keep layer order.
-    for layer in sorted(read_layers, key=lambda reads: analysis.order[reads.last], reverse=True):
-        incoming = next_in_slot(layer.offload_index)
-        slot_params = list(layer.params)
-        if incoming != layer.offload_index and incoming in analysis.offloaded:
-            slot_params += analysis.offloaded[incoming].params
-        values = live[(layer.last, layer.offload_index)]
-        with graph.inserting_after(layer.last):
-            node = make_start(graph, slot_params, values)
-        inserted.append(InsertedOp(node, "start", incoming, layer.last, layer.offload_index, tuple(values)))
+    # Starts go in reverse graph order so that two starts after the same reader keep layer and chunk order.
+    for chunk in sorted(every_chunk, key=lambda chunk: analysis.order[chunk.last], reverse=True):
+        outgoing = chunk.offload_index
+        incoming = next_in_slot(outgoing)
+        incoming_params: list[fx.Node] = []
+        if incoming != outgoing and incoming in analysis.offloaded:
+            incoming_params = _params_in(analysis.offloaded[incoming], chunk.pieces)
+        values = live[(chunk.last, chunk.mask)]
+        with graph.inserting_after(chunk.last):
+            node = make_start(graph, list(chunk.params), incoming_params, values)
+        inserted.append(InsertedOp(node, "start", incoming, chunk.last, outgoing, tuple(values), _part(chunk, chunks)))
     graph.lint()
     return PrefetchPassResult(analysis, inserted)
 
 
+def _chunks(layer: LayerReads, analysis: GraphReads, sizes: Sequence[int], *, shared: bool) -> list[Chunk]:
+    """Cut a layer's read pieces into chunks (one, for a layer alone in its slot: it is never copied)."""
+    order = analysis.order
+    read = sorted(
+        (piece for piece in layer.pieces.values() if piece.first is not None),
+        key=lambda piece: (order[piece.first], piece.piece),
+    )
+    groups = _runs(read, sizes) if shared else [sorted(read, key=lambda piece: piece.piece)]
+    return [
+        Chunk(
+            offload_index=layer.offload_index,
+            pieces=range(group[0].piece, group[-1].piece + 1),
+            params=tuple(node for piece in group for node in piece.params),
+            first=min((piece.first for piece in group), key=order.__getitem__),
+            last=max((piece.last for piece in group), key=order.__getitem__),
+            mask=analysis.mask(layer.offload_index, (piece.piece for piece in group)),
+        )
+        for group in groups
+    ]
+
+
+def _runs(read: list[PieceReads], sizes: Sequence[int]) -> list[list[PieceReads]]:
+    """Pieces in first-read order, cut into runs adjacent in the block, each of at most ``1 / CHUNKS_PER_LAYER``
+    of the read bytes (a piece larger than that is a run of its own)."""
+    target = sum(sizes[piece.piece] for piece in read) / CHUNKS_PER_LAYER
+    runs: list[list[PieceReads]] = []
+    for piece in read:
+        if (
+            runs
+            and piece.piece == runs[-1][-1].piece + 1
+            and sum(sizes[p.piece] for p in runs[-1]) + sizes[piece.piece] <= target
+        ):
+            runs[-1].append(piece)
+        else:
+            runs.append([piece])
+    return runs
+
+
+def _params_in(layer: LayerReads, pieces: range) -> list[fx.Node]:
+    """The layer's parameters in the graph that lie in ``pieces``, in piece order."""
+    return [node for piece in pieces if piece in layer.pieces for node in layer.pieces[piece].params]
+
+
+def _part(chunk: Chunk, chunks: dict[int, list[Chunk]]) -> range | None:
+    return chunk.pieces if len(chunks[chunk.offload_index]) > 1 else None
+
+
+def _span(pieces: range) -> str:
+    return f"piece {pieces.start}" if len(pieces) == 1 else f"pieces {pieces.start}-{pieces.stop - 1}"
+
+
 def _group_by_node(pairs) -> dict[fx.Node, list[int]]:
     grouped: dict[fx.Node, list[int]] = {}
-    for node, layer in pairs:
-        grouped.setdefault(node, []).append(layer)
+    for node, mask in pairs:
+        grouped.setdefault(node, []).append(mask)
     return grouped
 
 

@@ -68,6 +68,7 @@ def load_checkpoint(
     prefetch_step: int = 1,
     offload_params: list[str] | tuple[str, ...] = (),
     layers: str | None = None,
+    chunked_copies: bool | str = "auto",
     init_buffers: Callable[[nn.Module], None] | None = None,
 ) -> PrefetchRuntime:
     """Load ``checkpoint`` into ``model`` (built on the meta device), offloaded as :func:`offload` would.
@@ -103,6 +104,7 @@ def load_checkpoint(
         prefetch_step=prefetch_step,
         offload_params=tuple(offload_params),
         layers=layers,
+        chunked_copies=chunked_copies,
     )
     device = _check_device(torch.device(device))
     targets = _targets(model)

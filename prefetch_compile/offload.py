@@ -37,6 +37,7 @@ def offload(
     layers: str | None = None,
     offload_layers: list[int] | tuple[int, ...] | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    chunked_copies: bool | str = "auto",
     budget: int | str | None = None,
     example_inputs: Any = None,
     activation_bytes: int | None = None,
@@ -47,7 +48,10 @@ def offload(
 
     ``offload_layers`` names the offloaded layers by index instead, and
     ``filter_fn(block, fqn)`` decides for each block of the layer list (say,
-    ``lambda block, fqn: int(fqn.rsplit(".", 1)[1]) >= 16``). ``model``
+    ``lambda block, fqn: int(fqn.rsplit(".", 1)[1]) >= 16``). ``chunked_copies``
+    lets a layer's copy into a shared slot move by pieces, each once the slot's
+    previous layer has read the same bytes (``"auto"``: with one slot and blocks
+    of at least 16 MiB; see :class:`PlanOptions`). ``model``
     may live on the CPU (for a model larger than the device) or already on
     ``device``. Returns the model's runtime; ``runtime.stats()``
     reports the bytes moved. Compile the model afterwards with
@@ -75,6 +79,7 @@ def offload(
         layers=layers,
         offload_layers=None if offload_layers is None else tuple(offload_layers),
         filter_fn=filter_fn,
+        chunked_copies=chunked_copies,
     )
     budget_options = parse_budget_options(
         {
@@ -89,7 +94,8 @@ def offload(
         return offload_with_options(model, torch.device(device), options)
     if options != PlanOptions(layers=layers):
         raise OptionError(
-            "budget chooses group_size, num_in_group, prefetch_step, offload_params and offload_layers; pass either"
+            "budget chooses group_size, num_in_group, prefetch_step, offload_params and offload_layers (and leaves "
+            "chunked_copies at 'auto'); pass either"
         )
     return offload_within_budget(model, torch.device(device), budget_options, layers)
 

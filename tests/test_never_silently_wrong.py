@@ -199,17 +199,24 @@ def test_two_threads_get_right_answers():
 
 
 # ---------------------------------------------------------------- the ops
-def test_ops_pass_opcheck():
-    """The schemas say what the ops do: torch.library.opcheck runs them in every mode it knows."""
-    model, _, runtime = _offloaded(["linear"] * 4, group_size=2, prefetch_step=1)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ops_pass_opcheck(chunked):
+    """The schemas say what the ops do: torch.library.opcheck runs them in every mode it knows.
+
+    Chunked, each op takes one piece of a layer (its fc.weight, fc.bias or gain) and writes just that.
+    """
+    model, _, runtime = _offloaded(["linear"] * 4, group_size=2, prefetch_step=1, chunked_copies=chunked)
     first = [runtime.offloaded_params[p.name] for p in runtime.offloaded[0].params]
     second = [runtime.offloaded_params[p.name] for p in runtime.offloaded[1].params]
     live = [torch.randn(3, 16)]
+    assert len(runtime.plan.piece_starts) == (3 if chunked else 1)
+    chunks = [(first[piece : piece + 1], second[piece : piece + 1]) for piece in range(3)] if chunked else [(first, second)]
     with torch.no_grad():
-        torch.library.opcheck(WAIT, (second,))  # not resident: the wait copies it in (a real write)
-        torch.library.opcheck(WAIT, (first,))
-        torch.library.opcheck(START, (first, live))
-        torch.library.opcheck(START, (second + first, live))
+        for outgoing, incoming in chunks:
+            torch.library.opcheck(WAIT, (incoming,))  # not resident: the wait copies it in (a real write)
+            torch.library.opcheck(WAIT, (outgoing,))
+            torch.library.opcheck(START, (outgoing, [], live))
+            torch.library.opcheck(START, (incoming, outgoing, live))
 
 
 def test_fx_graph_cache_serves_a_second_process(tmp_path: Path):

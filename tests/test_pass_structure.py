@@ -145,7 +145,8 @@ def check_generated_code(code: str) -> int:
             readable.update(dict.fromkeys(names, True))
         elif "start_prefetch" in line:
             ops += 1
-            slot_part = line[line.index("[") : line.index("]")]
+            released, incoming = re.findall(r"\[[^\]]*\]", line)[:2]  # both lists of parameters it overwrites
+            slot_part = released + incoming
             readable.update(dict.fromkeys({alias_of.get(n, n) for n in SLOT_USE.findall(slot_part)}, False))
         else:
             stale = [name for name in names if readable.get(name) is False]
@@ -171,7 +172,7 @@ def test_inductor_schedule_keeps_reads_inside_windows(kinds, plan):
 def test_state_machine_catches_a_read_after_start():
     """The checker itself fails on a schedule that reads a slot after overwriting it."""
     bad = "def call(args):\n    torch.ops.prefetch_compile.wait_prefetch.default([arg0_1], 0)\n" \
-          "    torch.ops.prefetch_compile.start_prefetch.default([arg0_1], [buf1], 0)\n    kernel(arg0_1, buf2)\n"
+          "    torch.ops.prefetch_compile.start_prefetch.default([arg0_1], [], [buf1], 0)\n    kernel(arg0_1, buf2)\n"
     with pytest.raises(AssertionError, match="outside their wait..start window"):
         check_generated_code(bad)
 
