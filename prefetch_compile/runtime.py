@@ -619,6 +619,7 @@ def describe(stats: OffloadStats, plan: OffloadPlan) -> str:
         f"'{plan.layer_list_path}' ({_pattern(plan)}), "
         f"{format_bytes(stats.offloaded_bytes)} to host, slot pool {plan.num_slots} slot(s) = {format_bytes(stats.slot_pool_bytes)}, "
         f"device bytes saved {format_bytes(stats.device_bytes_saved)}"
+        + (f", copies chunked at {len(plan.piece_starts)} pieces per layer" if len(plan.piece_starts) > 1 else "")
     )
 
 

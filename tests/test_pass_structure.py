@@ -154,19 +154,22 @@ def check_generated_code(code: str) -> int:
     return ops
 
 
-@pytest.mark.parametrize("kinds,plan", [
-    (["linear", "int8", "cast", "transposed"], {"group_size": 1}),
-    (["packed", "linear"] * 2, {"group_size": 1, "prefetch_step": 2}),
-    (["linear"] * 6, {"group_size": 3, "num_in_group": 2}),
+@pytest.mark.parametrize("kinds,plan,chunks", [
+    (["linear", "int8", "cast", "transposed"], {"group_size": 1}, 1),
+    (["packed", "linear"] * 2, {"group_size": 1, "prefetch_step": 2}, 1),
+    (["linear"] * 6, {"group_size": 3, "num_in_group": 2}, 1),
+    (["linear"] * 4, {"group_size": 1, "chunked_copies": True}, 3),  # fc.weight, fc.bias, gain: a chunk each
+    (["packed"] * 4, {"group_size": 2, "num_in_group": 2, "chunked_copies": True}, 3),
 ])
-def test_inductor_schedule_keeps_reads_inside_windows(kinds, plan):
+def test_inductor_schedule_keeps_reads_inside_windows(kinds, plan, chunks):
+    """Inductor's final code, chunked or not: every slot read stands between its wait and the start that overwrites it."""
     model = Stack(kinds)
     prefetch_compile.offload(model, "cpu", **plan)
     compiled = torch.compile(model, backend="prefetch_offload")
     with torch.no_grad():
         _, codes = run_and_get_code(compiled, torch.randn(3, 16))
     offloaded = sum(1 for index in range(len(kinds)) if index % plan["group_size"] >= plan["group_size"] - plan.get("num_in_group", 1))
-    assert sum(check_generated_code(code) for code in codes) == 2 * offloaded
+    assert sum(check_generated_code(code) for code in codes) == 2 * offloaded * chunks
 
 
 def test_state_machine_catches_a_read_after_start():
@@ -189,9 +192,10 @@ class Interleaved(nn.Module):
         return self.layers[1](self.layers[0](x)) + early
 
 
-def test_interleaved_reads_of_one_slot_are_refused():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_interleaved_reads_of_one_slot_are_refused(chunked):
     model = Interleaved()
-    prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1)
+    prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1, chunked_copies=chunked)
     compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
     with torch.no_grad(), pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="share slot 0") as caught:
         compiled(torch.randn(2, 16))
