@@ -1,6 +1,6 @@
-"""Which nodes of an FX graph read which offloaded layer's weights.
+"""Which nodes of an FX graph read the weights of which offload index.
 
-A node *reads* layer L when it consumes one of L's parameters, a view of one,
+A node *reads* offload index L when it consumes one of L's parameters, a view of one,
 or the result of weight-only work on them (a cast, a dequantisation, a
 transposed copy: nodes whose inputs are all parameters or constants). Such
 weight-only results can be fused by Inductor into their consumers, which then
@@ -39,9 +39,9 @@ READ_CONSUMER = "consumer of weight-only work"
 class ParamInput:
     """A placeholder that holds one offloaded parameter."""
 
-    offload_index: int  # position of the parameter's layer among the offloaded layers
+    offload_index: int  # position of the parameter's layer among the offloaded layers (never its layer index)
     name: str  # the parameter's dotted name in the model
-    piece: int = 0  # the piece of the layer's block that holds it (plan.piece_of)
+    piece: int = 0  # the piece of its layer's block that holds it (plan.piece_of)
 
 
 @dataclass
@@ -55,8 +55,8 @@ class PieceReads:
 
 
 @dataclass
-class LayerReads:
-    """Everything the pass needs to know about one offloaded layer inside one graph."""
+class OffloadReads:
+    """Everything the pass needs to know about one offload index inside one graph."""
 
     offload_index: int
     params: list[fx.Node] = field(default_factory=list)  # its parameter placeholders
@@ -70,14 +70,14 @@ class LayerReads:
 class GraphReads:
     """The result of :func:`analyze_param_reads`."""
 
-    offloaded: dict[int, LayerReads]  # by offload index
+    offloaded: dict[int, OffloadReads]  # by offload index
     order: dict[fx.Node, int]
-    depends_on: dict[fx.Node, int]  # bitmask over (layer, piece) pairs (see mask()): whose weights flowed into the node
-    reads: dict[fx.Node, list[tuple[int, str, str]]]  # node -> [(layer, parameter name, how)] for annotation
+    depends_on: dict[fx.Node, int]  # bitmask over (offload index, piece) pairs (see mask()): whose weights flowed into the node
+    reads: dict[fx.Node, list[tuple[int, str, str]]]  # node -> [(offload index, parameter name, how)] for annotation
     bits: dict[tuple[int, int], int]  # (offload index, piece) -> its bit in depends_on
 
     def mask(self, offload_index: int, pieces: Iterable[int] | None = None) -> int:
-        """The depends_on bits of a layer's pieces (all of those in the graph by default)."""
+        """The depends_on bits of an offload index's pieces (all of those in the graph by default)."""
         if pieces is None:
             pieces = self.offloaded[offload_index].pieces
         return sum(1 << self.bits[(offload_index, piece)] for piece in pieces if (offload_index, piece) in self.bits)
@@ -91,7 +91,7 @@ def node_value(node: fx.Node) -> object:
 def analyze_param_reads(
     graph: fx.Graph, param_inputs: dict[fx.Node, ParamInput], static_inputs: set[fx.Node]
 ) -> GraphReads:
-    """Classify every node by the offloaded layers it reads.
+    """Classify every node by the offload indices whose weights it reads.
 
     ``static_inputs`` are the placeholders of all parameters (kept or offloaded):
     work whose inputs are all static is weight-only work.
@@ -102,7 +102,7 @@ def analyze_param_reads(
     depends_on: dict[fx.Node, int] = {}
     is_static: dict[fx.Node, bool] = {}
     param_of: dict[fx.Node, ParamInput] = {}  # aliases (views) of offloaded parameters
-    layers = {info.offload_index: LayerReads(info.offload_index) for info in param_inputs.values()}
+    by_offload = {info.offload_index: OffloadReads(info.offload_index) for info in param_inputs.values()}
     read_params: dict[fx.Node, dict[ParamInput, None]] = {}  # node -> the parameters it reads, in order
     bits = {key: bit for bit, key in enumerate(dict.fromkeys((i.offload_index, i.piece) for i in param_inputs.values()))}
     reads: dict[fx.Node, list[tuple[int, str, str]]] = {}
@@ -115,9 +115,9 @@ def analyze_param_reads(
             is_static[node] = node in static_inputs
             if info:
                 param_of[node] = info
-                layer = layers[info.offload_index]
-                layer.params.append(node)
-                layer.pieces.setdefault(info.piece, PieceReads(info.piece)).params.append(node)
+                entry = by_offload[info.offload_index]
+                entry.params.append(node)
+                entry.pieces.setdefault(info.piece, PieceReads(info.piece)).params.append(node)
             continue
         depends_on[node] = 0
         for source in inputs:
@@ -127,21 +127,21 @@ def analyze_param_reads(
         for source in inputs:
             if source in param_of:
                 how = READ_DIRECT if source.op == "placeholder" else READ_VIEW
-                _record(layers, reads, read_params, node, param_of[source], how)
+                _record(by_offload, reads, read_params, node, param_of[source], how)
             elif is_static[source] and depends_on[source] and source.op != "placeholder":
                 for info in read_params.get(source, ()):
                     how = READ_WEIGHT_ONLY if is_static[node] else READ_CONSUMER
-                    _record(layers, reads, read_params, node, info, how)
+                    _record(by_offload, reads, read_params, node, info, how)
 
         aliased = _aliased_param(node, inputs, param_of, slot_storages)
         if aliased is not None:
             param_of[node] = aliased
 
-    for layer in layers.values():
-        if layer.readers:
-            layer.first = min(layer.readers, key=order.__getitem__)
-            layer.last = max(layer.readers, key=order.__getitem__)
-    return GraphReads(layers, order, depends_on, reads, bits)
+    for entry in by_offload.values():
+        if entry.readers:
+            entry.first = min(entry.readers, key=order.__getitem__)
+            entry.last = max(entry.readers, key=order.__getitem__)
+    return GraphReads(by_offload, order, depends_on, reads, bits)
 
 
 def live_after(graph: fx.Graph, analysis: GraphReads, points: dict[fx.Node, list[int]]) -> dict[tuple[fx.Node, int], list[fx.Node]]:
@@ -182,7 +182,7 @@ def _tensor_roots(node: fx.Node, mask: int, analysis: GraphReads) -> list[fx.Nod
 
 
 def _record(
-    layers: dict[int, LayerReads],
+    by_offload: dict[int, OffloadReads],
     reads: dict[fx.Node, list[tuple[int, str, str]]],
     read_params: dict[fx.Node, dict[ParamInput, None]],
     node: fx.Node,
@@ -194,9 +194,9 @@ def _record(
     if entry not in node_reads:
         node_reads.append(entry)
     read_params.setdefault(node, {})[info] = None
-    layer = layers[info.offload_index]
-    layer.readers.setdefault(node, how)
-    piece = layer.pieces[info.piece]  # nodes come in graph order: the first record is the first read
+    entry = by_offload[info.offload_index]
+    entry.readers.setdefault(node, how)
+    piece = entry.pieces[info.piece]  # nodes come in graph order: the first record is the first read
     if piece.first is None:
         piece.first = node
     piece.last = node

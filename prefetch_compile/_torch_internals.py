@@ -151,7 +151,9 @@ def compile_with_inductor(
     package = Path(__file__).resolve().parent
     sources = tuple(sorted(str(path) for path in [*package.glob("passes/*.py"), package / "ops.py", package / "backend.py"]))
 
-    class PrefetchPostGradPass(CustomGraphPass):
+    class ChainedPostGradPass(CustomGraphPass):
+        """Inductor's post-grad hook: the user's own post pass, then ``graph_pass``, with one cache key for both."""
+
         def __call__(self, graph: fx.Graph) -> None:
             if user_pass is not None:
                 user_pass(graph)
@@ -163,7 +165,7 @@ def compile_with_inductor(
                 return None  # the user's pass cannot be cached, so neither can the pair
             return (get_hash_for_files(sources).hex(), cache_key, user_uuid)
 
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": PrefetchPostGradPass()})
+    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": ChainedPostGradPass()})
 
 
 def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None]) -> Callable:

@@ -26,7 +26,7 @@ from .graphs import graphed
 from .leaves import InnerPath, get_inner
 from .offload import offload_with_options, offload_within_budget, runtime_of
 from .ops import OFFLOADED_BLOCK, START, WAIT
-from .passes import ParamInput, PrefetchPassResult, insert_prefetch_ops, node_value
+from .passes import ParamInput, PrefetchPassResult, node_value, prefetch_pass
 from .runtime import PrefetchRuntime, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
@@ -55,10 +55,11 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     if parsed.compile.compiler != "eager":
         sources = _torch_internals.aot_placeholder_sources(_dynamo_fakes(gm, example_inputs))
 
-    def prefetch_pass(graph: fx.Graph) -> None:
+    def graph_pass(graph: fx.Graph) -> None:
+        """What the inner compiler runs on its graph: the prefetch pass, recorded on the runtime and dumped."""
         before = graph.python_code("self").src if parsed.compile.dump_dir is not None else ""
         began = time.perf_counter()
-        result = apply_prefetch_pass(graph, runtime, example_inputs, sources)
+        result = run_prefetch_pass(graph, runtime, example_inputs, sources)
         seconds = time.perf_counter() - began
         waits = sum(1 for op in result.inserted if op.kind == "wait")
         record = runtime.record_compile(graph_name, waits, len(result.inserted), seconds)
@@ -78,7 +79,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         ]
     # A dump needs the pass to run, so a graph compiled for one bypasses Inductor's FX graph cache.
     cache_key = _pass_key(runtime, example_inputs) if parsed.compile.dump_dir is None else None
-    compiled = _inner_compile(gm, compile_inputs, parsed, prefetch_pass, cache_key)
+    compiled = _inner_compile(gm, compile_inputs, parsed, graph_pass, cache_key)
 
     def run(*args: Any) -> Any:
         with runtime.serving(f"graph {graph_name}"):
@@ -91,14 +92,16 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     return run
 
 
-def apply_prefetch_pass(
+def run_prefetch_pass(
     graph: fx.Graph,
     runtime: PrefetchRuntime,
     example_inputs: list[Any],
     sources: list[tuple[int, InnerPath | None]] | None = None,
 ) -> PrefetchPassResult:
-    """Insert the runtime's ops into ``graph``.
+    """The prefetch pass on a graph compiled from Dynamo's ``example_inputs``, against ``runtime``'s plan.
 
+    Finds which placeholders are which offloaded parameters (by identity, through
+    the runtime), then runs :func:`prefetch_compile.passes.prefetch_pass`.
     ``sources`` maps each placeholder to the example input it comes from and the
     inner path of the leaf inside it (``aot_placeholder_sources``, for AOT's
     flattened graphs; ``None`` for a symbolic size); without it placeholders line
@@ -132,7 +135,7 @@ def apply_prefetch_pass(
 
     leaves = _LeafNodes(graph, subclass_params)
     plan = runtime.plan
-    return insert_prefetch_ops(
+    return prefetch_pass(
         graph,
         param_inputs,
         static_inputs,

@@ -39,7 +39,7 @@ class PlanOptions:
     ``chunked_copies`` cuts each layer's block into pieces at the parameter
     boundaries that every offloaded layer shares, so that a layer's copy into a
     shared slot can move piece by piece, each as soon as the previous occupant's
-    readers of those bytes have run (see ``passes/insert_prefetch.py``).
+    readers of those bytes have run (see ``passes/prefetch.py``).
     ``"auto"`` does so where it pays: one slot (``prefetch_step=1``) shared by
     several layers, each block at least ``plan.AUTO_CHUNK_MIN_BYTES``.
     """

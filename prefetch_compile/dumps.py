@@ -57,9 +57,12 @@ def emit_graph_dump(
         (dump_dir / f"{stem}_{suffix}").write_text(text)
 
 
-def annotated_code(graph: fx.Graph, result: PrefetchPassResult, layers: Sequence[LayerPlan], graph_name: str) -> str:
-    """FX's Python code of ``graph`` with a comment line above every node that reads or moves offloaded weights."""
-    notes = node_notes(result, layers)
+def annotated_code(graph: fx.Graph, result: PrefetchPassResult, offloaded: Sequence[LayerPlan], graph_name: str) -> str:
+    """FX's Python code of ``graph`` with a comment line above every node that reads or moves offloaded weights.
+
+    ``offloaded`` are the plan's offloaded layers, by offload index (``plan.offloaded``).
+    """
+    notes = node_notes(result, offloaded)
     lines = [
         f"# graph {graph_name} (Dynamo compile id) after the prefetch pass.",
         "# '# reads' lines: the offloaded layer (offload index, slot), its parameters, and how each is read.",
@@ -74,18 +77,18 @@ def annotated_code(graph: fx.Graph, result: PrefetchPassResult, layers: Sequence
     return "\n".join(lines) + "\n"
 
 
-def node_notes(result: PrefetchPassResult, layers: Sequence[LayerPlan]) -> dict[str, list[str]]:
+def node_notes(result: PrefetchPassResult, offloaded: Sequence[LayerPlan]) -> dict[str, list[str]]:
     """The comment lines for each node name: what it reads, or what the inserted op does and why there."""
     notes: dict[str, list[str]] = {}
     for node, reads in result.analysis.reads.items():
-        by_layer: dict[int, list[str]] = {}
-        for layer, name, how in reads:
-            by_layer.setdefault(layer, []).append(f"{name} ({how})")
-        for layer, params in by_layer.items():
-            notes.setdefault(node.name, []).append(f"reads {_describe(layers[layer])}: {', '.join(params)}")
+        by_offload: dict[int, list[str]] = {}
+        for offload_index, name, how in reads:
+            by_offload.setdefault(offload_index, []).append(f"{name} ({how})")
+        for offload_index, params in by_offload.items():
+            notes.setdefault(node.name, []).append(f"reads {_describe(offloaded[offload_index])}: {', '.join(params)}")
     for op in result.inserted:
         action = "wait for" if op.kind == "wait" else "prefetch"
-        notes.setdefault(op.node.name, []).append(f"{action} {_describe(layers[op.offload_index])}; why here: {op.reason}")
+        notes.setdefault(op.node.name, []).append(f"{action} {_describe(offloaded[op.offload_index])}; why here: {op.reason}")
     return notes
 
 

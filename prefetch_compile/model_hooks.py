@@ -52,14 +52,16 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
         offload_index = layer.offload_index if layer.offloaded else -1
         following = plan.next_in_slot(offload_index) if layer.offloaded else -1
 
-        def before(module: nn.Module, args: tuple, names: list[str] = names, index: int = offload_index) -> tuple | None:
+        def before(
+            module: nn.Module, args: tuple, names: list[str] = names, name: str = layer.name, offload_index: int = offload_index
+        ) -> tuple | None:
             if not getattr(module, OFFLOADED_FLAG):
                 return None
             if torch.compiler.is_compiling():
                 if args and isinstance(args[0], torch.Tensor):
                     return (OFFLOADED_BLOCK(args[0]), *args[1:])  # the tripwire (see ops.py)
                 return None
-            _enter_block(runtime, names, layer_name(plan, index), index)
+            _enter_block(runtime, names, name, offload_index)
             return None
 
         def after(module: nn.Module, args: object, output: object, following: int = following) -> None:
@@ -94,10 +96,6 @@ def _leave_block(runtime: PrefetchRuntime, following: int) -> None:
         runtime.start(following)
     finally:
         runtime.release()
-
-
-def layer_name(plan: OffloadPlan, offload_index: int) -> str:
-    return plan.offloaded[offload_index].name
 
 
 def _owners(model: nn.Module, plan: OffloadPlan) -> dict[nn.Module, dict[str, str]]:

@@ -47,8 +47,8 @@ def prefetch_spans(graph: fx.Graph, result: PrefetchPassResult) -> dict[int, Pre
     for op in sorted(result.inserted, key=lambda op: position[op.node]):
         (starts if op.kind == "start" else waits).setdefault(op.offload_index, op.node)
     spans = {}
-    for layer in starts.keys() | waits.keys():
-        start, wait = starts.get(layer), waits.get(layer)
+    for offload_index in starts.keys() | waits.keys():
+        start, wait = starts.get(offload_index), waits.get(offload_index)
         if start is None or wait is None:
             between = None
         elif position[start] < position[wait]:
@@ -57,7 +57,7 @@ def prefetch_spans(graph: fx.Graph, result: PrefetchPassResult) -> dict[int, Pre
             between = nodes[position[start] + 1 :] + nodes[: position[wait]]
         work = None if between is None else [node for node in between if _is_compute(node, inserted)]
         flops = None if work is None else [estimate_flops(node) for node in work]
-        spans[layer] = PrefetchSpan(
+        spans[offload_index] = PrefetchSpan(
             start=start.name if start is not None else NOT_IN_GRAPH,
             wait=wait.name if wait is not None else NOT_IN_GRAPH,
             for_next_call=between is not None and position[start] > position[wait],

@@ -101,13 +101,13 @@ class CompileRecord:
     """What the prefetch pass did to one compiled graph."""
 
     graph: str  # Dynamo's compile id
-    layers_read: int  # offloaded layers the graph reads (one wait each)
+    waits: int  # one per offloaded layer the graph reads
     ops_inserted: int
     seconds: float  # time spent in the pass
 
     def __str__(self) -> str:
         return (
-            f"graph {self.graph}: {self.layers_read} offloaded layers read, "
+            f"graph {self.graph}: {self.waits} offloaded layers waited for, "
             f"{self.ops_inserted} ops inserted in {self.seconds * 1e3:.1f} ms"
         )
 
@@ -245,8 +245,8 @@ class PrefetchRuntime:
             kept_device_bytes=sum(leaf_bytes(t) for t in self.kept_tensors.values()),
         )
 
-    def record_compile(self, graph: str, layers_read: int, ops_inserted: int, seconds: float) -> CompileRecord:
-        record = CompileRecord(graph, layers_read, ops_inserted, seconds)
+    def record_compile(self, graph: str, waits: int, ops_inserted: int, seconds: float) -> CompileRecord:
+        record = CompileRecord(graph, waits, ops_inserted, seconds)
         self.compiles.append(record)
         return record
 

@@ -82,7 +82,7 @@ def test_each_offloaded_layer_is_waited_for_before_its_first_read_and_frees_its_
         start = body[reads[-1] + 1]
         assert _noted(start, f"prefetch {following.name} (offload {following.offload_index}, slot {layer.slot})")
         assert "start_prefetch" in start.code
-        assert f"last read of offloaded layer {layer.offload_index} (same slot)" in start.notes[0]
+        assert f"last read of offload {layer.offload_index} (same slot)" in start.notes[0]
 
 
 def test_kept_layers_have_no_annotations(dumped):
@@ -124,8 +124,8 @@ def test_chunked_copies_are_annotated_chunk_by_chunk(tmp_path):
     (after,) = tmp_path.glob("graph_*_after.py")
     notes = [note for statement in statements(after) for note in statement.notes]
     for piece in range(3):  # fc.weight, fc.bias, gain
-        assert any(note.startswith("wait for layers.1 (") and f"layer 0 piece {piece} is" in note for note in notes)
-        assert any(note.startswith("prefetch layers.3 (") and f"layer 0 piece {piece} (same slot)" in note for note in notes)
+        assert any(note.startswith("wait for layers.1 (") and f"offload 0 piece {piece} is" in note for note in notes)
+        assert any(note.startswith("prefetch layers.3 (") and f"offload 0 piece {piece} (same slot)" in note for note in notes)
     rows = {row["layer"]: row for row in plan_table(after.with_name(after.name.replace("_after.py", "_plan.txt")))}
     assert rows["layers.1"]["waited for at"] != "-" and rows["layers.1"]["prefetch starts at"] != "-"
 

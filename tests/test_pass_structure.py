@@ -26,14 +26,14 @@ from toy_models import Stack
 def pass_results(monkeypatch):
     """Record (graph, result) of every prefetch pass run."""
     results = []
-    original = backend.apply_prefetch_pass
+    original = backend.run_prefetch_pass
 
     def recording(graph, runtime, example_inputs, sources=None):
         result = original(graph, runtime, example_inputs, sources)
         results.append((graph, result))
         return result
 
-    monkeypatch.setattr(backend, "apply_prefetch_pass", recording)
+    monkeypatch.setattr(backend, "run_prefetch_pass", recording)
     return results
 
 
@@ -45,19 +45,19 @@ def compile_and_run(model, compiler="aot_eager", rows=3, **plan):
 
 
 def event_sequence(graph, result):
-    """The graph as a sequence of 'wait L', 'read L', 'start L' events (runs of reads collapsed)."""
+    """The graph as a sequence of 'wait i', 'read i', 'start i' events, i an offload index (runs of reads collapsed)."""
     inserted = {op.node: op for op in result.inserted}
     readers = {}
-    for layer in result.analysis.offloaded.values():
-        for node in layer.readers:
-            readers.setdefault(node, set()).add(layer.offload_index)
+    for reads in result.analysis.offloaded.values():
+        for node in reads.readers:
+            readers.setdefault(node, set()).add(reads.offload_index)
     events = []
     for node in graph.nodes:
         if node in inserted:
             events.append(f"{inserted[node].kind} {inserted[node].offload_index}")
-        for layer in sorted(readers.get(node, ())):
-            if not events or events[-1] != f"read {layer}":
-                events.append(f"read {layer}")
+        for offload_index in sorted(readers.get(node, ())):
+            if not events or events[-1] != f"read {offload_index}":
+                events.append(f"read {offload_index}")
     return events
 
 
@@ -90,7 +90,7 @@ def test_group_pattern_offloads_last_of_each_group(pass_results):
     compile_and_run(model, group_size=3, num_in_group=1, prefetch_step=1)
     (graph, result), = pass_results
     assert event_sequence(graph, result) == ["wait 0", "read 0", "start 1", "wait 1", "read 1", "start 0"]
-    offloaded_names = {node.name for layer in result.analysis.offloaded.values() for node in layer.params}
+    offloaded_names = {node.name for reads in result.analysis.offloaded.values() for node in reads.params}
     assert len(offloaded_names) == 2 * 3  # fc.weight, fc.bias, gain of two layers
 
 
@@ -98,7 +98,7 @@ def test_weight_only_work_is_read_after_wait_and_before_start(pass_results):
     """The int8 dequantisation and the transposed copy are classified as weight-only reads."""
     compile_and_run(Stack(["int8", "transposed"]), group_size=1)
     (graph, result), = pass_results
-    hows = {how for layer in result.analysis.offloaded.values() for how in layer.readers.values()}
+    hows = {how for reads in result.analysis.offloaded.values() for how in reads.readers.values()}
     assert {"direct", "weight-only work", "consumer of weight-only work"} <= hows
     code = graph.python_code("self").src
     FileCheck().check("wait_prefetch").check("_to_copy").check("mul").check("mm").check("start_prefetch") \
@@ -111,9 +111,9 @@ def test_start_takes_live_values_of_the_outgoing_layer(pass_results):
     (graph, result), = pass_results
     for op in result.inserted:
         if op.kind == "start":
-            assert op.live, f"start of layer {op.offload_index} materialises nothing"
+            assert op.live, f"start of offload {op.offload_index} materialises nothing"
             for value in op.live:
-                assert result.analysis.depends_on[value] & (1 << op.after)
+                assert result.analysis.depends_on[value] & result.analysis.mask(op.after)
 
 
 SLOT_USE = re.compile(r"\b(arg\d+_1)\b")

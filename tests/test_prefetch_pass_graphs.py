@@ -3,7 +3,7 @@
 Each test builds the graph of a few "layers" (matmuls with weights passed as
 inputs), says which placeholders are which offloaded layer's parameters (and,
 for chunked copies, which piece of the layer's block holds each), runs
-:func:`insert_prefetch_ops` and checks the resulting code with FileCheck: the
+:func:`prefetch_pass` and checks the resulting code with FileCheck: the
 order of waits, reads and starts is the pass's whole guarantee.
 """
 
@@ -16,7 +16,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from torch.testing import FileCheck
 
 from prefetch_compile.ops import START, WAIT
-from prefetch_compile.passes import ParamInput, SlotConflictError, insert_prefetch_ops
+from prefetch_compile.passes import ParamInput, SlotConflictError, prefetch_pass
 
 
 def _graph(fn, *inputs: torch.Tensor) -> fx.GraphModule:
@@ -27,11 +27,11 @@ def _run_pass(
     gm: fx.GraphModule,
     offloaded: dict[int, int | tuple[int, int]],
     num_slots: int,
-    layers: int,
+    num_offloaded: int,
     piece_bytes: tuple[int, ...] = (1,),
 ):
-    """``offloaded``: placeholder position -> offload index, or (offload index, piece) when every layer's block has
-    pieces of ``piece_bytes``; every weight placeholder counts as static and is named after its placeholder."""
+    """``offloaded``: placeholder position -> offload index, or (offload index, piece) when every block has pieces
+    of ``piece_bytes``; every weight placeholder counts as static and is named after its placeholder."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     param_inputs = {}
     for position, where in offloaded.items():
@@ -41,9 +41,9 @@ def _run_pass(
 
     def next_in_slot(index: int) -> int:
         following = index + num_slots
-        return following if following < layers else index % num_slots
+        return following if following < num_offloaded else index % num_slots
 
-    result = insert_prefetch_ops(
+    result = prefetch_pass(
         gm.graph,
         param_inputs,
         static,
@@ -70,7 +70,7 @@ def _inputs(count: int = 3):
 def test_each_layer_is_waited_before_its_read_and_prefetches_after_it():
     """One slot, three layers: wait(0) mm tanh start; wait(1) mm ...; the last start wraps to layer 0."""
     gm = _graph(_three_layers, *_inputs())
-    result, code = _run_pass(gm, {1: 0, 2: 1, 3: 2}, num_slots=1, layers=3)
+    result, code = _run_pass(gm, {1: 0, 2: 1, 3: 2}, num_slots=1, num_offloaded=3)
     check = FileCheck()
     for weight in ("w0", "w1", "w2"):
         check.check(f"wait_prefetch.default([{weight}")
@@ -83,7 +83,7 @@ def test_each_layer_is_waited_before_its_read_and_prefetches_after_it():
 def test_a_start_materialises_what_is_computed_from_the_outgoing_layer():
     """The start after layer 0's last read takes that read's result: it must exist before the copy."""
     gm = _graph(_three_layers, *_inputs())
-    result, _ = _run_pass(gm, {1: 0, 2: 1, 3: 2}, num_slots=1, layers=3)
+    result, _ = _run_pass(gm, {1: 0, 2: 1, 3: 2}, num_slots=1, num_offloaded=3)
     (start,) = [op for op in result.inserted if op.kind == "start" and op.after == 0]
     assert start.anchor.target is torch.ops.aten.mm.default  # the last node that reads w0
     assert start.anchor in start.live  # its result outlives the copy, so the copy takes it as input
@@ -91,7 +91,7 @@ def test_a_start_materialises_what_is_computed_from_the_outgoing_layer():
 
 def test_kept_layers_get_no_ops():
     gm = _graph(_three_layers, *_inputs())
-    result, code = _run_pass(gm, {2: 0}, num_slots=1, layers=1)
+    result, code = _run_pass(gm, {2: 0}, num_slots=1, num_offloaded=1)
     assert [(op.kind, op.offload_index) for op in result.inserted] == [("wait", 0), ("start", 0)]
     FileCheck().check("mm.default(").check("wait_prefetch.default([w1").check("mm.default(").check(
         "start_prefetch.default([w1"
@@ -106,7 +106,7 @@ def test_weight_only_views_taken_up_front_sink_next_to_their_use():
         return torch.tanh(torch.tanh(x @ t0) @ t1)
 
     gm = _graph(transposed_up_front, *_inputs(2))
-    _, code = _run_pass(gm, {1: 0, 2: 1}, num_slots=1, layers=2)
+    _, code = _run_pass(gm, {1: 0, 2: 1}, num_slots=1, num_offloaded=2)
     FileCheck().check("wait_prefetch.default([w0").check("t.default(w0").check("mm.default(").check(
         "start_prefetch.default([w0"
     ).check("wait_prefetch.default([w1").check("t.default(w1").run(code)
@@ -120,13 +120,13 @@ def _interleaved(x, w0, w1):
 
 def test_real_interleaving_in_one_slot_raises_slot_conflict():
     gm = _graph(_interleaved, *_inputs(2))
-    with pytest.raises(SlotConflictError, match="offloaded layers 0 and 1 share slot 0"):
-        _run_pass(gm, {1: 0, 2: 1}, num_slots=1, layers=2)
+    with pytest.raises(SlotConflictError, match="offload indices 0 and 1 share slot 0"):
+        _run_pass(gm, {1: 0, 2: 1}, num_slots=1, num_offloaded=2)
 
 
 def test_two_slots_let_layers_overlap():
     gm = _graph(_interleaved, *_inputs(2))
-    result, _ = _run_pass(gm, {1: 0, 2: 1}, num_slots=2, layers=2)
+    result, _ = _run_pass(gm, {1: 0, 2: 1}, num_slots=2, num_offloaded=2)
     assert sorted((op.kind, op.offload_index) for op in result.inserted) == [
         ("start", 0), ("start", 1), ("wait", 0), ("wait", 1)
     ]
@@ -212,7 +212,7 @@ def test_chunked_copies_move_each_piece_after_its_last_reader():
     same pieces are read, each awaited right before its first reader."""
     gm = _graph(_two_blocks, torch.randn(4, 8), *_block_weights(), *_block_weights())
     offloaded = {1 + 5 * layer + piece: (layer, piece) for layer in range(2) for piece in range(5)}
-    result, code = _run_pass(gm, offloaded, num_slots=1, layers=2, piece_bytes=BLOCK_PIECES)
+    result, code = _run_pass(gm, offloaded, num_slots=1, num_offloaded=2, piece_bytes=BLOCK_PIECES)
     check_chunked_schedule(gm, result)
     starts = sorted((op.after, op.offload_index, list(op.pieces)) for op in result.inserted if op.kind == "start")
     assert starts == [(0, 1, [0, 1]), (0, 1, [2]), (0, 1, [3]), (0, 1, [4]), (1, 0, [0, 1]), (1, 0, [2]), (1, 0, [3]), (1, 0, [4])]
@@ -234,7 +234,7 @@ def test_chunks_follow_first_use_not_byte_order():
     gm = _graph(_two_blocks, torch.randn(4, 8), *_block_weights(), *_block_weights())
     packed_last = {0: 4, 1: 0, 2: 1, 3: 2, 4: 3}  # weight argument -> piece
     offloaded = {1 + 5 * layer + arg: (layer, packed_last[arg]) for layer in range(2) for arg in range(5)}
-    result, code = _run_pass(gm, offloaded, num_slots=1, layers=2, piece_bytes=(256, 256, 512, 512, 32))
+    result, code = _run_pass(gm, offloaded, num_slots=1, num_offloaded=2, piece_bytes=(256, 256, 512, 512, 32))
     check_chunked_schedule(gm, result)
     waits = [(op.offload_index, op.pieces) for op in result.inserted if op.kind == "wait"]
     assert waits[:4] == [(0, range(4, 5)), (0, range(0, 1)), (0, range(1, 2)), (0, range(2, 3))]
@@ -246,7 +246,7 @@ def test_chunks_follow_first_use_not_byte_order():
 def test_a_layer_alone_in_its_slot_keeps_one_wait_and_one_start():
     """Never copied, so chunking it would only cost ops."""
     gm = _graph(_decoder_block, torch.randn(4, 8), *_block_weights())
-    result, _ = _run_pass(gm, {1 + piece: (0, piece) for piece in range(5)}, num_slots=1, layers=1, piece_bytes=BLOCK_PIECES)
+    result, _ = _run_pass(gm, {1 + piece: (0, piece) for piece in range(5)}, num_slots=1, num_offloaded=1, piece_bytes=BLOCK_PIECES)
     assert [(op.kind, op.pieces, len(op.node.args[0])) for op in result.inserted] == [("wait", None, 5), ("start", None, 5)]
 
 
@@ -261,7 +261,7 @@ def test_two_slots_chunk_each_slot_and_wrap_around():
 
     gm = _graph(four_blocks, torch.randn(4, 8), *weights)
     offloaded = {1 + 5 * layer + piece: (layer, piece) for layer in range(4) for piece in range(5)}
-    result, _ = _run_pass(gm, offloaded, num_slots=2, layers=4, piece_bytes=BLOCK_PIECES)
+    result, _ = _run_pass(gm, offloaded, num_slots=2, num_offloaded=4, piece_bytes=BLOCK_PIECES)
     check_chunked_schedule(gm, result)
     pairs = {(op.after, op.offload_index) for op in result.inserted if op.kind == "start"}
     assert pairs == {(0, 2), (1, 3), (2, 0), (3, 1)}
@@ -270,15 +270,15 @@ def test_two_slots_chunk_each_slot_and_wrap_around():
 
 def test_interleaved_reads_of_one_slot_are_refused_with_chunks_too():
     gm = _graph(_interleaved, *_inputs(2))
-    with pytest.raises(SlotConflictError, match="offloaded layers 0 and 1 share slot 0"):
-        _run_pass(gm, {1: (0, 0), 2: (1, 0)}, num_slots=1, layers=2, piece_bytes=(256, 256))
+    with pytest.raises(SlotConflictError, match="offload indices 0 and 1 share slot 0"):
+        _run_pass(gm, {1: (0, 0), 2: (1, 0)}, num_slots=1, num_offloaded=2, piece_bytes=(256, 256))
 
 
 def test_the_checker_catches_a_start_before_the_last_reader():
     """check_chunked_schedule fails on a graph whose start was moved above a reader of what it overwrites."""
     gm = _graph(_two_blocks, torch.randn(4, 8), *_block_weights(), *_block_weights())
     offloaded = {1 + 5 * layer + piece: (layer, piece) for layer in range(2) for piece in range(5)}
-    result, _ = _run_pass(gm, offloaded, num_slots=1, layers=2, piece_bytes=BLOCK_PIECES)
+    result, _ = _run_pass(gm, offloaded, num_slots=1, num_offloaded=2, piece_bytes=BLOCK_PIECES)
     start = next(op for op in result.inserted if op.kind == "start" and op.after == 0 and op.pieces == range(4, 5))
     start.anchor.prepend(start.node)  # now before the mm that reads layer 0's down weight
     with pytest.raises(AssertionError, match="before its last reader"):
