@@ -3,8 +3,8 @@
 ``start`` and ``wait`` are the bodies of the custom ops that the prefetch pass
 inserts; the eager block hooks and the CUDA-graph replays call them too.
 
-* ``start(i, pieces)`` copies those pieces of offloaded layer ``i`` (all of
-  them by default) from the host arena into its slot, on the copy stream,
+* ``start(i, pieces)`` copies those pieces of offload index ``i``'s block (all
+  of them by default) from the host arena into its slot, on the copy stream,
   ordered after everything already queued on the compute stream (so after the
   last reader of the same pieces of the slot's previous layer).
 * ``wait(i, pieces)`` orders the compute stream after those copies. It is also
@@ -120,7 +120,7 @@ class _InFlight:
     in_capture: bool  # recorded inside a CUDA graph capture: only usable inside that capture
 
 
-# A run of pieces of one offloaded layer, as a start or a wait names it: (offload index, first piece, end piece).
+# A run of pieces of one offloaded block, as a start or a wait names it: (offload index, first piece, end piece).
 ChunkKey = tuple[int, int, int]
 
 
@@ -128,7 +128,7 @@ ChunkKey = tuple[int, int, int]
 class SlotState:
     """A snapshot of the Python-side slot state, taken around a CUDA graph capture."""
 
-    owners: tuple[tuple[int | None, ...], ...]  # per slot, the layer each piece holds
+    owners: tuple[tuple[int | None, ...], ...]  # per slot, the offload index each piece holds
     in_flight: dict[tuple[int, int], _InFlight]  # by (offload index, piece)
 
 
@@ -137,7 +137,7 @@ class CaptureLog:
     """What the ops did while a CUDA graph was being captured."""
 
     deferred: tuple[ChunkKey, ...]  # starts left out of the graph, issued eagerly after each replay, in this order
-    consumed: set[tuple[int, int]] = field(default_factory=set)  # (layer, piece) of eager copies the graph waits for
+    consumed: set[tuple[int, int]] = field(default_factory=set)  # (offload index, piece) of eager copies the graph waits for
     copies: int = 0  # copies captured into the graph: each replay makes them again
     copied_bytes: int = 0
     freed: set[ChunkKey] = field(default_factory=set)  # deferred starts whose slot-free point the graph records
@@ -221,7 +221,7 @@ class PrefetchRuntime:
         return self._pieces_of[id(tensor)][1]
 
     def chunk_of(self, first: torch.Tensor, last: torch.Tensor) -> tuple[int, range]:
-        """The offloaded layer and the run of its pieces that an op's parameters span.
+        """The offload index and the run of its block's pieces that an op's parameters span.
 
         The pass lists each op's parameters in piece order, so the first and the last
         one bound the run: two lookups, whatever the number of parameters.
@@ -230,8 +230,8 @@ class PrefetchRuntime:
         other, high = self._pieces_of[id(last)]
         if other != offload_index or high < low:
             raise RuntimeError(
-                f"a prefetch op was given parameters of offloaded layers {offload_index} and {other} (pieces {low} "
-                f"and {high}); each op names one run of one layer's pieces, in order: the graph was miscompiled"
+                f"a prefetch op was given parameters of offload indices {offload_index} and {other} (pieces {low} "
+                f"and {high}); each op names one run of one block's pieces, in order: the graph was miscompiled"
             )
         return offload_index, range(low, high + 1)
 
