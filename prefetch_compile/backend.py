@@ -61,7 +61,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         began = time.perf_counter()
         result = run_prefetch_pass(graph, runtime, example_inputs, sources)
         seconds = time.perf_counter() - began
-        waits = sum(1 for op in result.inserted if op.kind == "wait")
+        waits = len({op.offload_index for op in result.inserted if op.kind == "wait"})  # layers, not chunks
         record = runtime.record_compile(graph_name, waits, len(result.inserted), seconds)
         log.info("prefetch_compile: %s", record)
         from .dumps import emit_graph_dump
