@@ -6,31 +6,61 @@ change there should need an edit here only.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 
-def frame_modules() -> Iterator[nn.Module]:
-    """nn.Modules in scope of the code Dynamo is compiling, innermost first.
+def parameter_owners(gm: fx.GraphModule) -> list[nn.Module]:
+    """The modules Dynamo read the graph's parameters from, each once: the module the compiled frame runs on.
 
-    First the locals of the frame being compiled (``self`` of a forward), then
-    those of its callers: when Dynamo skips a model's forward (say, for a graph
-    break inside its layer loop) and compiles each block alone, the model itself
-    is only found in the caller's frame.
+    Dynamo records for every graph input its ``Source``, the access path from a
+    local or global of the frame being compiled, e.g.
+    ``L['self']._modules['layers']._modules['3']._parameters['weight']``, or
+    ``L['args'][0]._modules[...]`` when the frame is a decorator's wrapper of a
+    forward. The owner is the first ``nn.Module`` on that path, followed from the
+    frame's locals or globals as Dynamo holds them. A path that reaches no module
+    through locals, globals, items and attributes (a closure cell, say) names none.
     """
+    from torch._dynamo.source import AttrSource, DictGetItemSource, GetItemSource, GlobalSource, LocalSource
     from torch._dynamo.symbolic_convert import InstructionTranslator
+    from torch._guards import ChainedSource
 
     translator = InstructionTranslator.current_tx()
-    if translator is not None:
-        yield from (value for value in translator.f_locals.values() if isinstance(value, nn.Module))
-    frame = sys._getframe(1)
-    while frame is not None:
-        yield from (value for value in frame.f_locals.values() if isinstance(value, nn.Module))
-        frame = frame.f_back
+    if translator is None:
+        return []
+    owners: dict[int, nn.Module] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        arg = node.meta.get("grapharg")
+        if arg is None or arg.source is None or not isinstance(arg.example, nn.Parameter):
+            continue
+        path = [arg.source]
+        while isinstance(path[-1], ChainedSource):
+            path.append(path[-1].base)
+        root, steps = path[-1], reversed(path[:-1])
+        if isinstance(root, LocalSource) and root.local_name in translator.f_locals:
+            value = translator.f_locals[root.local_name]
+        elif isinstance(root, GlobalSource) and root.global_name in translator.f_globals:
+            value = translator.f_globals[root.global_name]
+        else:
+            continue
+        for step in steps:
+            if isinstance(value, nn.Module):
+                break
+            try:
+                if isinstance(step, (GetItemSource, DictGetItemSource)):
+                    value = value[step.index]
+                elif isinstance(step, AttrSource):
+                    value = getattr(value, step.member)
+                else:
+                    break
+            except (LookupError, AttributeError, TypeError):
+                break
+        if isinstance(value, nn.Module):
+            owners[id(value)] = value
+    return list(owners.values())
 
 
 def is_traceable_wrapper_subclass(value: object) -> bool:
@@ -75,13 +105,6 @@ def static_fake(tensor: torch.Tensor) -> torch.Tensor:
     from torch._guards import TracingContext
 
     return TracingContext.get().fake_mode.from_tensor(tensor.detach(), static_shapes=True)
-
-
-def is_compiled_wrapper(module: nn.Module) -> bool:
-    """Whether ``module`` is the ``OptimizedModule`` that ``torch.compile(model)`` returns around a model."""
-    from torch._dynamo.eval_frame import OptimizedModule
-
-    return isinstance(module, OptimizedModule)
 
 
 def compile_id() -> str:

@@ -2,7 +2,7 @@
 
 For each graph Dynamo hands over, the backend finds the runtime that owns the
 graph's offloaded parameters (offloading the model first if nobody has: the
-one-line path), refuses what it cannot run correctly (gradients, parameters
+one-line path, whose choice of module is ``lazy_offload.py``'s), refuses what it cannot run correctly (gradients, parameters
 moved out of their slots, Inductor freezing), runs the inner compiler with the
 prefetch pass at the level that compiler schedules (ATen for Inductor and
 aot_eager, Dynamo's graph for eager), and returns a callable that holds the
@@ -21,18 +21,15 @@ from torch import fx, nn
 
 from . import _torch_internals
 from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
-from .discovery import find_layer_list
 from .graphs import graphed
 from .leaves import InnerPath, get_inner
-from .offload import offload_with_options, offload_within_budget, runtime_of
+from .lazy_offload import RESIDENT_FLAG, model_to_offload
+from .offload import offload_with_options, offload_within_budget
 from .ops import OFFLOADED_BLOCK, START, WAIT
 from .passes import ParamInput, PrefetchPassResult, node_value, prefetch_pass
 from .runtime import PrefetchRuntime, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
-
-# Set on a model that a budget left resident (to that many bytes), so later graphs do not plan again.
-RESIDENT_FLAG = "_prefetch_compile_resident_within"
 
 
 def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None) -> Callable:
@@ -43,7 +40,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
             "and never read the slots; turn freezing off for prefetch_offload"
         )
     _remove_tripwires(gm)
-    runtime, offloaded_now = _runtime_for(example_inputs, parsed)
+    runtime, offloaded_now = _runtime_for(gm, example_inputs, parsed)
     if runtime is None:
         return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
     _check_inference(example_inputs)
@@ -239,8 +236,10 @@ def _pass_key(runtime: PrefetchRuntime, example_inputs: list[Any]) -> str:
     return repr((runtime.plan.piece_starts, layout))
 
 
-def _runtime_for(example_inputs: list[Any], parsed: BackendOptions) -> tuple[PrefetchRuntime | None, bool]:
-    """The runtime owning these inputs' offloaded parameters, and whether the frame's model was offloaded just now."""
+def _runtime_for(
+    gm: fx.GraphModule, example_inputs: list[Any], parsed: BackendOptions
+) -> tuple[PrefetchRuntime | None, bool]:
+    """The runtime owning these inputs' offloaded parameters, and whether the model was offloaded just now."""
     plan, budget = parsed.plan, parsed.budget
     runtimes = {id(rt): rt for value in example_inputs if (rt := runtime_of_tensor(value)) is not None}
     if len(runtimes) > 1:
@@ -253,53 +252,19 @@ def _runtime_for(example_inputs: list[Any], parsed: BackendOptions) -> tuple[Pre
                 "pass the plan knobs to offload() only"
             )
         return runtime, False
-    params = {id(value) for value in example_inputs if isinstance(value, nn.Parameter)}
-    if not params:
+    if not any(isinstance(value, nn.Parameter) for value in example_inputs):
         return None, False
-    modules = list(dict.fromkeys(_torch_internals.frame_modules()))  # innermost first, each once
-    if any(runtime_of(module) is not None for module in modules):
-        return None, False  # offloaded already, but this graph reads none of the offloaded parameters
-    if budget is not None and any(getattr(module, RESIDENT_FLAG, None) == budget.budget for module in modules):
-        return None, False  # the budget planner left this model resident at an earlier graph
-    # The outermost module (the one holding the most parameters) whose layer list holds the graph's
-    # parameters is the model: with a graph break inside a block, the block itself (say, one with a
-    # list of experts) is in scope too. torch.compile's wrapper of the model is not the model.
-    candidates = [
-        module for module in modules if not _torch_internals.is_compiled_wrapper(module) and _layer_list_holds(module, params, plan)
-    ]
-    if candidates:
-        module = max(candidates, key=lambda candidate: sum(1 for _ in candidate.parameters()))
-        _check_inference(example_inputs)
-        device = next(module.parameters()).device
-        if budget is not None:
-            runtime = offload_within_budget(module, device, budget, plan and plan.layers, parsed.compile.compiler)
-            if runtime is None:
-                setattr(module, RESIDENT_FLAG, budget.budget)
-            return runtime, runtime is not None
-        return offload_with_options(module, device, plan or PlanOptions()), True
-    if plan is None and budget is None:
-        log.warning(
-            "prefetch_compile: nothing offloaded for graph %s: none of %s has a block list (nn.ModuleList of "
-            "blocks with parameters) holding this graph's parameters; pass options={'layers': 'path.to.blocks'} "
-            "or call prefetch_compile.offload(model, layers=...) first",
-            _torch_internals.compile_id(),
-            sorted({type(module).__name__ for module in modules}) or "the modules in scope",
-        )
-    if plan is not None or budget is not None:
-        raise OptionError(
-            "prefetch_offload could not find the nn.Module being compiled; "
-            "call prefetch_compile.offload(model, ...) before torch.compile"
-        )
-    return None, False
-
-
-def _layer_list_holds(module: nn.Module, param_ids: set[int], plan: PlanOptions | None) -> bool:
-    """Whether ``module`` is a model whose layer list owns some of the graph's parameters."""
-    try:
-        _, blocks = find_layer_list(module, plan.layers if plan else None)
-    except OptionError:
-        return False
-    return any(id(param) in param_ids for block in blocks for param in block.parameters())
+    model = model_to_offload(gm, plan, budget)
+    if model is None:
+        return None, False
+    _check_inference(example_inputs)
+    device = next(model.parameters()).device
+    if budget is not None:
+        runtime = offload_within_budget(model, device, budget, plan and plan.layers, parsed.compile.compiler)
+        if runtime is None:
+            setattr(model, RESIDENT_FLAG, budget.budget)
+        return runtime, runtime is not None
+    return offload_with_options(model, device, plan or PlanOptions()), True
 
 
 def _check_inference(example_inputs: list[Any]) -> None:

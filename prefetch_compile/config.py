@@ -42,6 +42,9 @@ class PlanOptions:
     readers of those bytes have run (see ``passes/prefetch.py``).
     ``"auto"`` does so where it pays: one slot (``prefetch_step=1``) shared by
     several layers, each block at least ``plan.AUTO_CHUNK_MIN_BYTES``.
+
+    The one definition of the knobs: ``offload()``, ``load_checkpoint()`` and the
+    backend's ``options`` take them by these names, through :func:`plan_options`.
     """
 
     group_size: int = 4
@@ -176,7 +179,7 @@ class BackendOptions:
     budget: BudgetOptions | None = None
 
 
-_PLAN_KEYS = tuple(f.name for f in fields(PlanOptions))
+PLAN_KNOBS = tuple(f.name for f in fields(PlanOptions))
 _COMPILE_KEYS = tuple(f.name for f in fields(CompileOptions))
 _BUDGET_KEYS = tuple(f.name for f in fields(BudgetOptions))
 
@@ -184,23 +187,16 @@ _BUDGET_KEYS = tuple(f.name for f in fields(BudgetOptions))
 def parse_backend_options(options: Mapping[str, Any] | None) -> BackendOptions:
     """Validate the raw ``options`` dict handed to the backend by ``torch.compile``."""
     options = dict(options or {})
-    unknown = sorted(set(options) - set(_PLAN_KEYS) - set(_COMPILE_KEYS) - set(_BUDGET_KEYS))
+    unknown = sorted(set(options) - set(PLAN_KNOBS) - set(_COMPILE_KEYS) - set(_BUDGET_KEYS))
     if unknown:
         raise OptionError(
             f"unknown prefetch_offload option(s) {unknown}; "
-            f"allowed: {sorted(_PLAN_KEYS + _COMPILE_KEYS + _BUDGET_KEYS)}"
+            f"allowed: {sorted(PLAN_KNOBS + _COMPILE_KEYS + _BUDGET_KEYS)}"
         )
-    plan_values = {key: options[key] for key in _PLAN_KEYS if key in options}
-    if "offload_params" in plan_values:
-        plan_values["offload_params"] = _as_name_tuple(plan_values["offload_params"])
-    if "offload_layers" in plan_values:
-        plan_values["offload_layers"] = _as_index_tuple(plan_values["offload_layers"])
-    plan = PlanOptions(**plan_values) if plan_values else None
+    plan_values = {key: options[key] for key in PLAN_KNOBS if key in options}
+    plan = plan_options(plan_values) if plan_values else None
     budget = parse_budget_options({key: options[key] for key in _BUDGET_KEYS if key in options})
-    if budget is not None and set(plan_values) - {"layers"}:
-        raise OptionError(
-            f"budget chooses the plan itself; drop {sorted(set(plan_values) - {'layers'})} or drop budget"
-        )
+    check_budget_alone(plan_values, budget)
 
     dump_dir = options.get("dump_dir", os.environ.get(DUMP_DIR_ENV) or None)
     if dump_dir is not None and not isinstance(dump_dir, (str, os.PathLike)):
@@ -211,6 +207,31 @@ def parse_backend_options(options: Mapping[str, Any] | None) -> BackendOptions:
         cuda_graphs=options.get("cuda_graphs", False),
     )
     return BackendOptions(plan=plan, compile=compile_options, budget=budget)
+
+
+def plan_options(knobs: Mapping[str, Any]) -> PlanOptions:
+    """The plan from knobs given by name (keyword arguments, or the backend's options dict).
+
+    Any iterable of names (``offload_params``) or of layer indices
+    (``offload_layers``: list, range, set) is accepted where the plan holds a
+    tuple; an unknown name raises :class:`OptionError` listing the knobs.
+    """
+    unknown = sorted(set(knobs) - set(PLAN_KNOBS))
+    if unknown:
+        raise OptionError(f"unknown plan knob(s) {unknown}; the plan knobs are {list(PLAN_KNOBS)}")
+    values = dict(knobs)
+    if "offload_params" in values:
+        values["offload_params"] = _as_name_tuple(values["offload_params"])
+    if values.get("offload_layers") is not None:
+        values["offload_layers"] = _as_index_tuple(values["offload_layers"])
+    return PlanOptions(**values)
+
+
+def check_budget_alone(knobs: Mapping[str, Any], budget: BudgetOptions | None) -> None:
+    """A budget chooses the plan itself: refuse plan knobs next to it, except the block list's path."""
+    chosen = sorted(set(knobs) - {"layers"})
+    if budget is not None and chosen:
+        raise OptionError(f"budget chooses the plan itself; drop {chosen} or drop budget")
 
 
 def parse_budget_options(options: Mapping[str, Any]) -> BudgetOptions | None:

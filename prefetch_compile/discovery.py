@@ -13,6 +13,7 @@ bulk of the weights, and it is never nested inside another such list.
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from torch import nn
@@ -77,6 +78,29 @@ def parameter_bytes(*modules: nn.Module) -> int:
         for param in module.parameters():
             seen[id(param)] = param.numel() * param.element_size()
     return sum(seen.values())
+
+
+def enclosing_modules(module: nn.Module) -> list[nn.Module]:
+    """Every live ``nn.Module`` that holds ``module`` somewhere below it, nearest first.
+
+    A module does not know its parents, and Dynamo names only the module whose
+    frame it compiles: after a graph break inside a model's layer loop that may be
+    one block. The garbage collector knows every live module, so one pass over
+    them maps each child to its holders, and the ancestors follow from that map.
+    """
+    holders: dict[int, list[nn.Module]] = {}
+    for candidate in gc.get_objects():
+        if issubclass(type(candidate), nn.Module):  # type(), not isinstance: no __class__ lookups on odd objects
+            for child in vars(candidate).get("_modules", {}).values():
+                if child is not None:
+                    holders.setdefault(id(child), []).append(candidate)
+    found: dict[int, nn.Module] = {id(module): module}
+    frontier = [module]
+    while frontier:
+        frontier = [holder for child in frontier for holder in holders.get(id(child), ()) if id(holder) not in found]
+        found.update((id(holder), holder) for holder in frontier)
+    del found[id(module)]
+    return list(found.values())
 
 
 def _inside(name: str, other: str) -> bool:

@@ -25,13 +25,13 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
 from .checkpoint import CheckpointError, FileReader, StoredTensor, few, read_checkpoint_headers
-from .config import PlanOptions
+from .config import plan_options
 from .memory import HostArena, PinnedStaging, param_view
 from .offload import _check_device, assemble_runtime
 from .plan import OffloadPlan, build_plan, log_plan_choice
@@ -63,20 +63,15 @@ def load_checkpoint(
     checkpoint: Checkpoint,
     device: str | torch.device = "cuda",
     *,
-    group_size: int = 4,
-    num_in_group: int = 1,
-    prefetch_step: int = 1,
-    offload_params: list[str] | tuple[str, ...] = (),
-    layers: str | None = None,
-    chunked_copies: bool | str = "auto",
     init_buffers: Callable[[nn.Module], None] | None = None,
+    **plan: Any,
 ) -> PrefetchRuntime:
     """Load ``checkpoint`` into ``model`` (built on the meta device), offloaded as :func:`offload` would.
 
     ``checkpoint`` is a safetensors file, a Hugging Face checkpoint directory
     (``model.safetensors`` or shards with ``model.safetensors.index.json``),
-    a mapping of names to tensors, or any iterable of ``(name, tensor)``. The plan knobs are those of
-    :func:`offload`. Every tensor is read once into its final place; the whole
+    a mapping of names to tensors, or any iterable of ``(name, tensor)``. ``plan`` are the plan
+    knobs of :func:`offload` (the fields of :class:`PlanOptions`; no budget). Every tensor is read once into its final place; the whole
     model is never in host memory (see the module docstring for the bound).
 
     Names, shapes and dtypes must match the model's state dict exactly (no
@@ -98,14 +93,7 @@ def load_checkpoint(
     ``from_pretrained`` does for the same buffers. A buffer left uncomputed
     raises :class:`CheckpointError`.
     """
-    options = PlanOptions(
-        group_size=group_size,
-        num_in_group=num_in_group,
-        prefetch_step=prefetch_step,
-        offload_params=tuple(offload_params),
-        layers=layers,
-        chunked_copies=chunked_copies,
-    )
+    options = plan_options(plan)
     device = _check_device(torch.device(device))
     targets = _targets(model)
     plan = build_plan(model, options)

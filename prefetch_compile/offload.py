@@ -11,13 +11,13 @@ through the parameters themselves.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from .budget import plan_within_budget
-from .config import BudgetOptions, OptionError, PlanOptions, parse_budget_options
+from .config import BudgetOptions, OptionError, PlanOptions, check_budget_alone, parse_budget_options, plan_options
 from .leaves import get_inner, set_inner
 from .memory import HostArena, SlotPool, aliased_param_view, param_view
 from .plan import OffloadPlan, build_plan, log_plan_choice
@@ -26,35 +26,37 @@ from .runtime import PrefetchRuntime, describe, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
 
+# Set on every module of an offloaded model, to the module's own id: a block (or any part) of the model
+# that Dynamo compiles on its own after a graph break is then known to belong to an offloaded model, even
+# when none of its own parameters is offloaded. An id rather than a flag: a copy of such a module (a kept
+# block may be copied) carries the original's id, not its own, so the copy is not taken for a part.
+PART_OF_OFFLOADED = "_prefetch_compile_part_of_offloaded"
+
+
 def offload(
     model: nn.Module,
     device: str | torch.device = "cuda",
     *,
-    group_size: int = 4,
-    num_in_group: int = 1,
-    prefetch_step: int = 1,
-    offload_params: list[str] | tuple[str, ...] = (),
-    layers: str | None = None,
-    offload_layers: list[int] | tuple[int, ...] | None = None,
-    filter_fn: Callable[[nn.Module, str], bool] | None = None,
-    chunked_copies: bool | str = "auto",
     budget: int | str | None = None,
     example_inputs: Any = None,
     activation_bytes: int | None = None,
     cost_table: Any = None,
     calibrate: bool = True,
+    **plan: Any,
 ) -> PrefetchRuntime | None:
-    """Offload the last ``num_in_group`` of every ``group_size`` layers of ``model`` to pinned host memory.
+    """Offload some layers of ``model`` to pinned host memory, as the plan knobs ``plan`` choose.
 
-    ``offload_layers`` names the offloaded layers by index instead, and
-    ``filter_fn(block, fqn)`` decides for each block of the layer list (say,
-    ``lambda block, fqn: int(fqn.rsplit(".", 1)[1]) >= 16``). ``chunked_copies``
-    lets a layer's copy into a shared slot move by pieces, each once the slot's
-    previous layer has read the same bytes (``"auto"``: with one slot and blocks
-    of at least 16 MiB; see :class:`PlanOptions`). ``model``
-    may live on the CPU (for a model larger than the device) or already on
-    ``device``. Returns the model's runtime; ``runtime.stats()``
-    reports the bytes moved. Compile the model afterwards with
+    The knobs are the fields of :class:`~prefetch_compile.PlanOptions`, by name:
+    by default the last ``num_in_group=1`` of every ``group_size=4`` layers are
+    offloaded, through ``prefetch_step=1`` slots; ``offload_layers`` names the
+    offloaded layers by index instead, and ``filter_fn(block, fqn)`` decides for
+    each block of the layer list (say, ``lambda block, fqn: int(fqn.rsplit(".",
+    1)[1]) >= 16``); ``offload_params`` and ``layers`` narrow the parameters and
+    name the block list; ``chunked_copies`` lets a layer's copy into a shared
+    slot move chunk by chunk, each once the slot's previous layer has read the
+    same bytes (``"auto"``: one slot, blocks of 16 MiB or more). ``model`` may live on the CPU (for a model larger than
+    the device) or already on ``device``. Returns the model's runtime;
+    ``runtime.stats()`` reports the bytes moved. Compile the model afterwards with
     ``torch.compile(model, backend="prefetch_offload")``.
 
     Host memory: each offloaded parameter is copied into the arena and its old
@@ -67,20 +69,11 @@ def offload(
     With ``budget`` (bytes, or a string such as ``"24GiB"``) the planner chooses
     the layers, the parameters and ``prefetch_step`` instead (see
     :mod:`prefetch_compile.budget`); ``example_inputs`` (or ``activation_bytes``)
-    states the activations to leave room for. A model that fits the budget whole
-    is moved to ``device`` and left resident, and None is returned: compile it
-    with a plain backend.
+    states the activations to leave room for; of the plan knobs only ``layers``
+    may come with it. A model that fits the budget whole is moved to ``device``
+    and left resident, and None is returned: compile it with a plain backend.
     """
-    options = PlanOptions(
-        group_size=group_size,
-        num_in_group=num_in_group,
-        prefetch_step=prefetch_step,
-        offload_params=tuple(offload_params),
-        layers=layers,
-        offload_layers=None if offload_layers is None else tuple(offload_layers),
-        filter_fn=filter_fn,
-        chunked_copies=chunked_copies,
-    )
+    options = plan_options(plan)
     budget_options = parse_budget_options(
         {
             "budget": budget,
@@ -90,14 +83,10 @@ def offload(
             "calibrate": None if calibrate is True else calibrate,  # the default counts as not given
         }
     )
+    check_budget_alone(plan, budget_options)
     if budget_options is None:
         return offload_with_options(model, torch.device(device), options)
-    if options != PlanOptions(layers=layers):
-        raise OptionError(
-            "budget chooses group_size, num_in_group, prefetch_step, offload_params and offload_layers (and leaves "
-            "chunked_copies at 'auto'); pass either"
-        )
-    return offload_within_budget(model, torch.device(device), budget_options, layers)
+    return offload_within_budget(model, torch.device(device), budget_options, options.layers)
 
 
 def offload_within_budget(
@@ -111,6 +100,11 @@ def offload_within_budget(
         model.to(device)
         return None
     return offload_with_options(model, device, chosen.options)
+
+
+def is_part_of_offloaded(module: nn.Module) -> bool:
+    """Whether ``module`` is an offloaded model or one of its modules (kept blocks and their parts included)."""
+    return getattr(module, PART_OF_OFFLOADED, None) == id(module)
 
 
 def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
@@ -159,6 +153,8 @@ def assemble_runtime(
     runtime = PrefetchRuntime(plan, device, host, slots, offloaded, kept)
     for offload_index in range(plan.num_slots):
         runtime.start(offload_index)
+    for module in model.modules():
+        setattr(module, PART_OF_OFFLOADED, id(module))
     install_model_hooks(model, plan, runtime)
     log.info(describe(runtime.stats(), plan))
     return runtime

@@ -349,3 +349,29 @@ def test_malformed_header_is_refused(tmp_path):
     path.write_bytes(b"\x00" * 4)
     with pytest.raises(CheckpointError, match=rf"^{path} is too short \(4 bytes\) to be a safetensors file$"):
         prefetch_compile.load_checkpoint(meta_llama(), path, "cpu")
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [{"offload_layers": [0, 3], "prefetch_step": 2}, {"filter_fn": lambda block, fqn: fqn.endswith((".0", ".3"))}],
+    ids=["offload_layers", "filter_fn"],
+)
+def test_load_checkpoint_takes_the_plan_knobs_of_offload(tmp_path, knobs):
+    """The same knobs, by the same names, give load_checkpoint() the plan that offload() makes."""
+    original = original_llama()
+    original.save_pretrained(tmp_path)
+    placed = copy.deepcopy(original)
+    want = prefetch_compile.offload(placed, "cpu", **knobs).plan
+    model = meta_llama()
+    got = prefetch_compile.load_checkpoint(model, tmp_path, "cpu", **knobs).plan
+    assert [layer.name for layer in got.offloaded] == ["model.layers.0", "model.layers.3"]
+    assert got == want
+    tokens = torch.randint(0, 128, (1, 5))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
+
+
+def test_an_unknown_plan_knob_is_named(tmp_path):
+    with pytest.raises(prefetch_compile.OptionError, match=r"unknown plan knob\(s\) \['group_sise'\]; the plan knobs are"):
+        prefetch_compile.load_checkpoint(meta_llama(), tmp_path, "cpu", group_sise=2)
+    with pytest.raises(prefetch_compile.OptionError, match=r"unknown plan knob\(s\) \['budgett'\]"):
+        prefetch_compile.offload(original_llama(), "cpu", budgett="1GiB")

@@ -5,13 +5,16 @@ tokens with ``experts_implementation``: ``grouped_mm`` (the default; one
 grouped matmul, no data-dependent control flow) or ``eager`` (a Python loop
 over the experts that received tokens, found with ``nonzero``: Dynamo breaks
 the graph there). Both must give the un-offloaded model's logits and greedy
-tokens through the one-line path; the toy ``MoEStack`` covers the
-``ModuleList``-of-experts layout that older checkpoints and other libraries use.
+tokens through the one-line path, with the plan asked for on the model's
+decoder layers. The toy ``MoEStack`` covers the ``ModuleList``-of-experts layout
+that older checkpoints and other libraries use, where one layer's experts look
+like a block list of their own.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -26,16 +29,20 @@ EXPERTS_ONLY = {"group_size": 2, "num_in_group": 1, "offload_params": ["experts"
 ROUTINGS = ["grouped_mm", "eager"]
 
 
-def assert_only_experts_offloaded(model: torch.nn.Module, layers_path: str) -> None:
-    """Only experts left the device, from blocks 1 and 3 of the list at ``layers_path`` (relative to the root offloaded)."""
+def assert_experts_of_blocks_1_and_3_offloaded(model: torch.nn.Module, layers_path: str) -> None:
+    """The plan asked for, on the model's own block list: all experts of blocks 1 and 3 left the device, nothing else."""
     runtime = prefetch_compile.runtime_of(model)
-    assert runtime is not None
-    names = set(runtime.offloaded_params)
-    assert names and all(".experts." in name for name in names), names
-    # With graph breaks the backend offloads the innermost frame module owning the stack: HF's
-    # inner MixtralModel ("layers") instead of MixtralForCausalLM ("model.layers"); same blocks.
-    assert runtime.plan.layer_list_path.endswith(layers_path)
+    assert runtime is not None, "the model was not offloaded"
+    assert runtime.plan.layer_list_path == layers_path  # the model's decoder layers, never one layer's experts
     assert [layer.index for layer in runtime.plan.offloaded] == [1, 3]
+    blocks = model.get_submodule(layers_path)
+    expected = {
+        f"{layers_path}.{index}.{name}"
+        for index in (1, 3)
+        for name, _ in blocks[index].named_parameters()
+        if "experts" in name.split(".")
+    }
+    assert expected and set(runtime.offloaded_params) == expected
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -52,7 +59,10 @@ def test_hf_moe_experts_only_logits_and_greedy_tokens(name, routing):
         expected_logits = reference(input_ids=prompt).logits
         tokens = model.generate(prompt, **settings)
         expected_tokens = reference.generate(prompt, **settings)
-    assert_only_experts_offloaded(model, "layers")
+    # With eager routing, graph breaks in every decoder layer make Dynamo run the model's forward eagerly
+    # and compile each layer on its own: those are never offloaded as models; the model is offloaded at
+    # the first graph Dynamo compiles for it (the part of the forward after the layers).
+    assert_experts_of_blocks_1_and_3_offloaded(model, entry.layers_path)
     # aot_eager runs eager's ATen ops: bit-for-bit equal, graph breaks or not.
     assert torch.equal(logits, expected_logits)
     assert torch.equal(tokens, expected_tokens)
@@ -67,18 +77,13 @@ def test_hf_mixtral_experts_only_under_inductor():
     with torch.no_grad():
         logits = compiled(input_ids=prompt).logits
         expected = reference(input_ids=prompt).logits
-    assert_only_experts_offloaded(model, "layers")
+    assert_experts_of_blocks_1_and_3_offloaded(model, entry.layers_path)
     # CPU Inductor reorders float32 reductions: a few ulps apart.
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "sparse",
-    [False, True],  # nonzero routing breaks the graph inside each block: the model, not a block, is offloaded
-    ids=["dense-routing", "nonzero-routing"],
-)
-def test_toy_moe_with_a_modulelist_of_experts(sparse):
-    model = MoEStack(layers=4, num_experts=8, sparse=sparse).eval()
+def test_toy_moe_with_a_modulelist_of_experts():
+    model = MoEStack(layers=4, num_experts=8).eval()
     reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend="prefetch_offload", options={**EXPERTS_ONLY, "compiler": "aot_eager"})
     x = torch.randn(2, 5, 16)
@@ -86,5 +91,36 @@ def test_toy_moe_with_a_modulelist_of_experts(sparse):
         first = compiled(x)
         second = compiled(x)
         expected = reference(x)
-    assert_only_experts_offloaded(model, "layers")
+    assert_experts_of_blocks_1_and_3_offloaded(model, "layers")
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+
+
+@pytest.mark.parametrize(
+    "breaks",
+    [{"sparse": True}, {"break_after_mix": True}],
+    ids=["nonzero-routing", "break-inside-block"],
+)
+def test_a_block_compiled_on_its_own_is_never_offloaded_as_the_model(breaks, caplog):
+    """A graph break in every block makes Dynamo run the model's forward eagerly and compile each block (or
+    each expert) on its own: a module with a list of experts, which discovery alone would take for a model.
+    The one-line path offloads nothing then, says why, and stays exact; offload() first gives the plan."""
+    model = MoEStack(layers=4, num_experts=8, **breaks).eval()
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="prefetch_offload", options={**EXPERTS_ONLY, "compiler": "aot_eager"})
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="prefetch_compile"):
+        got = compiled(x)
+        expected = reference(x)
+    assert torch.equal(got, expected)
+    assert prefetch_compile.runtime_of(model) is None
+    assert all(prefetch_compile.runtime_of(block) is None for block in model.modules())
+    refusals = [r.getMessage() for r in caplog.records if "never offloaded as a model" in r.getMessage()]
+    assert refusals and all("nothing offloaded for graph" in message for message in refusals)
+
+    torch._dynamo.reset()
+    prefetch_compile.offload(model, "cpu", **EXPERTS_ONLY)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad():
+        first, second = compiled(x), compiled(x)
+    assert_experts_of_blocks_1_and_3_offloaded(model, "layers")
     assert torch.equal(first, expected) and torch.equal(second, expected)

@@ -163,18 +163,23 @@ class MoEBlock(nn.Module):
     ``sparse=False`` runs every expert on every token and masks the result (no
     data-dependent control flow); ``sparse=True`` runs each expert only on the
     tokens routed to it, found with ``nonzero`` as HF does, which makes Dynamo
-    break the graph at each expert.
+    break the graph at each expert. ``break_after_mix`` breaks the graph between the
+    mixing projection and the router: Dynamo then compiles the block on its own,
+    a module with a list (its experts) that is not the model.
     """
 
-    def __init__(self, width: int, num_experts: int, sparse: bool = False) -> None:
+    def __init__(self, width: int, num_experts: int, sparse: bool = False, break_after_mix: bool = False) -> None:
         super().__init__()
         self.mix = nn.Linear(width, width)
         self.router = nn.Linear(width, num_experts, bias=False)
         self.experts = nn.ModuleList(Expert(width) for _ in range(num_experts))
         self.sparse = sparse
+        self.break_after_mix = break_after_mix
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         hidden = torch.tanh(self.mix(x)).reshape(-1, x.shape[-1])
+        if self.break_after_mix:
+            torch._dynamo.graph_break()
         weights, chosen = torch.softmax(self.router(hidden), dim=-1).topk(2, dim=-1)
         out = torch.zeros_like(hidden)
         for index, expert in enumerate(self.experts):
@@ -190,10 +195,12 @@ class MoEBlock(nn.Module):
 class MoEStack(nn.Module):
     """Fewer layers than experts per layer: the experts list is the longest ModuleList."""
 
-    def __init__(self, layers: int = 4, num_experts: int = 8, width: int = 16, sparse: bool = False) -> None:
+    def __init__(
+        self, layers: int = 4, num_experts: int = 8, width: int = 16, sparse: bool = False, break_after_mix: bool = False
+    ) -> None:
         super().__init__()
         self.embed = nn.Linear(width, width)
-        self.layers = nn.ModuleList(MoEBlock(width, num_experts, sparse) for _ in range(layers))
+        self.layers = nn.ModuleList(MoEBlock(width, num_experts, sparse, break_after_mix) for _ in range(layers))
         self.head = nn.Linear(width, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
