@@ -10,7 +10,8 @@ pinned H2D bandwidth)``, the bandwidth measured in the same run.
 
 Systems run in priority order (resident; then for each fraction, ours with
 prefetch_step 1 and no CUDA graphs, naive, accelerate, FSDP2 and diffusers;
-resident-eager; ours' other variants, resident-cg before the CUDA-graph ones)
+resident-eager; ours' other variants, the chunked ones (``--chunked-steps``)
+first, resident-cg before the CUDA-graph ones)
 and a time budget (``--budget-s``) skips what is left once spent, so
 one run always ends with results. A failing case is recorded with its error.
 
@@ -21,6 +22,11 @@ the table on stdout.
 GPU::
 
     PYTHONPATH=. python benchmarks/bench_offload.py --out bench_out
+
+One slot with chunked copies against one and two slots with whole-layer copies::
+
+    PYTHONPATH=. python benchmarks/bench_offload.py --layers 16 --systems resident,ours --fractions 2,4 \
+        --cases decode1,prefill2048 --prefetch-steps 1,2 --chunked-steps 1 --cuda-graphs 0 --out bench_chunked
 
 CPU smoke test::
 
@@ -111,6 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="offload 1 of every N layers, comma list of N, run in this order (extremes first)")
     p.add_argument("--prefetch-steps", default="1,2", help="ours: prefetch_step values")
     p.add_argument("--cuda-graphs", default="0,1", help="ours: cuda_graphs values (0/1)")
+    p.add_argument("--chunked-steps", default="",
+                   help="ours: also run chunked_copies=True at these prefetch steps (comma list, e.g. 1); "
+                        "plain ours copies whole layers")
     p.add_argument("--iters", type=int, default=20, help="most timed iterations per case")
     p.add_argument("--min-iters", type=int, default=3, help="fewest timed iterations per case")
     p.add_argument("--case-seconds", type=float, default=0.6, help="aim for this much timed work per case")
@@ -143,7 +152,9 @@ def system_plan(args: argparse.Namespace) -> list[SystemSpec]:
     groups = [int(n) for n in _csv(args.fractions)]
     steps = [int(n) for n in _csv(args.prefetch_steps)]
     graphs = [bool(int(n)) for n in _csv(args.cuda_graphs)]
-    ours = [(step, cg) for cg in graphs for step in steps]  # (1, no cg) first
+    chunked_steps = [int(n) for n in _csv(args.chunked_steps)]
+    whole = [(step, cg, False) for cg in graphs for step in steps]  # (1, no cg) first
+    ours = whole[:1] + [(step, cg, True) for cg in graphs for step in chunked_steps] + whole[1:]
     plan: list[SystemSpec] = []
     if "resident" in kinds:
         plan.append(SystemSpec("resident"))
@@ -153,7 +164,7 @@ def system_plan(args: argparse.Namespace) -> list[SystemSpec]:
         plan += [SystemSpec(kind, g) for kind in PEER_KINDS if kind in kinds]
     if "resident-eager" in kinds:
         plan.append(SystemSpec("resident-eager"))  # the eager peers' ceiling; cheap (nothing to compile)
-    variants = [SystemSpec("ours", g, step, cg) for step, cg in ours[1:] for g in groups] if "ours" in kinds else []
+    variants = [SystemSpec("ours", g, *variant) for variant in ours[1:] for g in groups] if "ours" in kinds else []
     plan += [spec for spec in variants if not spec.cuda_graphs]
     if "resident-cg" in kinds:
         plan.append(SystemSpec("resident-cg"))  # the ceiling for the CUDA-graph variants
@@ -237,6 +248,7 @@ class Bench:
             "fraction": spec.fraction, "fraction_label": spec.fraction_label, "group_size": spec.group_size,
             "prefetch_step": spec.prefetch_step if spec.kind == "ours" else None,
             "cuda_graphs": spec.cuda_graphs if spec.kind == "ours" else spec.kind == "resident-cg",
+            "chunked_copies": spec.chunked if spec.kind == "ours" else None,
             "case": case.name, "phase": case.phase, "batch": case.batch, "seq": case.seq, "tokens": case.tokens,
             "offloaded_layers": len(indices), "offloaded_bytes": len(indices) * self.meta["layer_bytes"],
             "status": "pending", "notes": [],

@@ -7,7 +7,10 @@ of them run within the same device-memory budget for weights:
 - ``resident``: ``torch.compile`` (Inductor), nothing offloaded: the ceiling.
   ``resident-cg`` is the same with ``mode="reduce-overhead"`` (CUDA graphs);
   ``resident-eager`` is the plain model, the ceiling for the eager peers.
-- ``ours``: ``prefetch_compile.offload`` + the ``prefetch_offload`` backend.
+- ``ours``: ``prefetch_compile.offload`` + the ``prefetch_offload`` backend, each
+  layer copied whole (``chunked_copies=False``); ``ours sN chunked`` is the same
+  with ``chunked_copies=True`` (each layer's copy cut at its parameters, each chunk
+  started once the slot's previous layer has read those bytes).
 - ``naive``: a few lines of our own: before each offloaded layer, one
   stream-ordered copy of its weights from pinned host memory into a shared
   device buffer, then compute, all on one stream (no overlap).
@@ -48,12 +51,13 @@ class SystemSpec:
     group_size: int | None = None  # offload 1 of every group_size layers; None: nothing offloaded
     prefetch_step: int = 1  # ours only
     cuda_graphs: bool = False  # ours only
+    chunked: bool = False  # ours only: chunked_copies
 
     @property
     def label(self) -> str:
         """The curve this point belongs to (the fraction is the x axis)."""
         if self.kind == "ours":
-            return f"ours s{self.prefetch_step}" + (" cg" if self.cuda_graphs else "")
+            return f"ours s{self.prefetch_step}" + (" chunked" if self.chunked else "") + (" cg" if self.cuda_graphs else "")
         return self.kind
 
     @property
@@ -151,7 +155,8 @@ def _prepare_ours(spec: SystemSpec, model: nn.Module, device: torch.device, comp
     import prefetch_compile
 
     runtime = prefetch_compile.offload(
-        model, device=str(device), group_size=spec.group_size, num_in_group=1, prefetch_step=spec.prefetch_step
+        model, device=str(device), group_size=spec.group_size, num_in_group=1, prefetch_step=spec.prefetch_step,
+        chunked_copies=spec.chunked,
     )
     stats = runtime.stats()
     compiled = torch.compile(
@@ -160,6 +165,7 @@ def _prepare_ours(spec: SystemSpec, model: nn.Module, device: torch.device, comp
     stats_dict = {name: getattr(stats, name) for name in (
         "offloaded_layers", "total_layers", "offloaded_bytes", "host_pinned_bytes", "slot_pool_bytes", "kept_device_bytes"
     ) if hasattr(stats, name)}
+    stats_dict["pieces_per_layer"] = len(runtime.plan.piece_starts)
     return Prepared(
         compiled,
         host_pinned_bytes=stats_dict.get("host_pinned_bytes", 0),

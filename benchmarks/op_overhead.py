@@ -3,7 +3,8 @@
 Every offloaded layer fits its own slot here (``prefetch_step`` = layers), so the
 calls find their layer resident and do no copy: what is left is the dispatcher's
 path into the op and the runtime's bookkeeping, which a forward without CUDA
-graphs pays twice per offloaded layer.
+graphs pays twice per offloaded layer, or twice per chunk with chunked copies
+(the ``*_chunk_us`` numbers: ops that name one piece of a chunked plan).
 
     python benchmarks/op_overhead.py
 """
@@ -38,17 +39,25 @@ def main() -> dict:
     from prefetch_compile.ops import START, WAIT
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = nn.Sequential(nn.ModuleList(nn.Linear(64, 64) for _ in range(4)))
-    runtime = prefetch_compile.offload(model, device, group_size=1, prefetch_step=4, layers="0")
-    params = [runtime.offloaded_params[p.name] for p in runtime.offloaded[0].params]
+    whole, chunked = (
+        prefetch_compile.offload(
+            nn.Sequential(nn.ModuleList(nn.Linear(64, 64) for _ in range(4))),
+            device, group_size=1, prefetch_step=4, layers="0", chunked_copies=chunks,
+        )
+        for chunks in (False, True)
+    )
+    params = [whole.offloaded_params[p.name] for p in whole.offloaded[0].params]
+    piece = [chunked.offloaded_params[chunked.offloaded[0].params[0].name]]  # the weight: piece 0 of 2
     live = [torch.randn(4, device=device)]
     with torch.inference_mode():
         result = {
             "device": device_name(torch.device(device)),
             "torch": torch.__version__,
             "wait_us": microseconds_per_call(WAIT, (params,)),
-            "start_us": microseconds_per_call(START, (params, live)),
-            "runtime_wait_body_us": microseconds_per_call(runtime.wait, (0,)),
+            "start_us": microseconds_per_call(START, (params, [], live)),
+            "wait_chunk_us": microseconds_per_call(WAIT, (piece,)),
+            "start_chunk_us": microseconds_per_call(START, (piece, [], live)),
+            "runtime_wait_body_us": microseconds_per_call(whole.wait, (0,)),
         }
     print(json.dumps(result, indent=1))
     return result

@@ -65,7 +65,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         began = time.perf_counter()
         result = run_prefetch_pass(graph, runtime, example_inputs, sources)
         seconds = time.perf_counter() - began
-        waits = sum(1 for op in result.inserted if op.kind == "wait")
+        waits = len({op.offload_index for op in result.inserted if op.kind == "wait"})  # layers, not chunks
         record = runtime.record_compile(graph_name, waits, len(result.inserted), seconds)
         log.info("prefetch_compile: %s", record)
         from .dumps import emit_graph_dump
@@ -132,20 +132,24 @@ def run_prefetch_pass(
         if location is None:
             continue
         _check_placeholder(node, value, location[1])
-        param_inputs[node] = ParamInput(*location)
+        param_inputs[node] = ParamInput(*location, runtime.piece_of(value))
         inners = [p.inner for p in runtime.offloaded[location[0]].params if p.param_name == location[1] and p.inner]
         if inners:
             subclass_params[node] = inners
 
     leaves = _LeafNodes(graph, subclass_params)
+    plan = runtime.plan
     return prefetch_pass(
         graph,
         param_inputs,
         static_inputs,
-        next_in_slot=runtime.plan.next_in_slot,
+        next_in_slot=plan.next_in_slot,
         slot_of=lambda offload_index: runtime.offloaded[offload_index].slot,
+        piece_bytes=lambda offload_index: [end - begin for begin, end in plan.pieces(runtime.offloaded[offload_index])],
         make_wait=lambda graph, params: _op_node(graph, WAIT, (leaves.of(params),)),
-        make_start=lambda graph, params, live: _op_node(graph, START, (leaves.of(params), live)),
+        make_start=lambda graph, released, incoming, live: _op_node(
+            graph, START, (leaves.of(released), leaves.of(incoming), live)
+        ),
     )
 
 
@@ -220,22 +224,23 @@ def _op_node(graph: fx.Graph, target: Any, args: tuple) -> fx.Node:
 def _pass_key(runtime: PrefetchRuntime, example_inputs: list[Any]) -> str:
     """What the pass's output depends on, beyond the graph itself: the key of Inductor's FX graph cache.
 
-    None would bypass the cache. The ops carry no process-specific value (they find their runtime through the
-    parameters), so the compiled code can be reused by another process, or by
-    another model, whenever the same inputs are the same offloaded layers in the
-    same slots.
+    That is where each offloaded input lives (its layer, slot, the next layer of
+    the slot and its piece) and the plan's piece boundaries and block sizes, which
+    decide the chunks. None would bypass the cache. The ops carry no
+    process-specific value (they find their runtime through the parameters), so
+    the compiled code can be reused by another process, or by another model,
+    whenever the same inputs are the same offloaded layers in the same slots.
     """
     layout = []
     for position, value in enumerate(example_inputs):
         location = runtime.locate(value)
         if location is not None:
-            offload_index = location[0]
-            layout.append(
-                (position, offload_index, runtime.offloaded[offload_index].slot, runtime.plan.next_in_slot(offload_index))
-            )
+            layer = runtime.offloaded[location[0]]
+            next_in_slot = runtime.plan.next_in_slot(layer.offload_index)
+            layout.append((position, layer.offload_index, layer.slot, next_in_slot, runtime.piece_of(value), layer.nbytes))
         elif isinstance(value, nn.Parameter):
             layout.append((position, "static"))
-    return repr(layout)
+    return repr((runtime.plan.piece_starts, layout))
 
 
 def _runtime_for(

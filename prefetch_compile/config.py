@@ -36,6 +36,13 @@ class PlanOptions:
     ``filter_fn(block, fqn)``, when given, decides per layer instead, as the
     ``filter_fn`` of torchao's ``quantize_`` does per module.
 
+    ``chunked_copies`` cuts each layer's block into pieces at the parameter
+    boundaries that every offloaded layer shares, so that a layer's copy into a
+    shared slot can move piece by piece, each as soon as the previous occupant's
+    readers of those bytes have run (see ``passes/prefetch.py``).
+    ``"auto"`` does so where it pays: one slot (``prefetch_step=1``) shared by
+    several layers, each block at least ``plan.AUTO_CHUNK_MIN_BYTES``.
+
     The one definition of the knobs: ``offload()``, ``load_checkpoint()`` and the
     backend's ``options`` take them by these names, through :func:`plan_options`.
     """
@@ -47,6 +54,7 @@ class PlanOptions:
     layers: str | None = None
     offload_layers: tuple[int, ...] | None = None
     filter_fn: Callable[[nn.Module, str], bool] | None = None
+    chunked_copies: bool | str = "auto"
 
     def __post_init__(self) -> None:
         _require_int("group_size", self.group_size, minimum=1)
@@ -82,6 +90,8 @@ class PlanOptions:
             raise OptionError(f"filter_fn must be a callable (block, fqn) -> bool, got {self.filter_fn!r}")
         if self.filter_fn is not None and self.offload_layers is not None:
             raise OptionError("pass offload_layers or filter_fn, not both: each one chooses the offloaded layers")
+        if not isinstance(self.chunked_copies, bool) and self.chunked_copies != "auto":
+            raise OptionError(f"chunked_copies must be True, False or 'auto', got {self.chunked_copies!r}")
 
 
 @dataclass(frozen=True, eq=False)  # example_inputs may hold tensors, which do not compare to a bool

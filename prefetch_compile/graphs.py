@@ -17,11 +17,13 @@ sides in agreement at every point where they could part:
 
 Prefetches that cross the end of the graph (the wrap-around copies of a
 forward's first layers, or a layer read by the next graph) are not captured:
-the warm-up call shows which starts have no wait later in the same graph, and
-those are issued eagerly right after each replay. The next forward's graph
-waits for them through external events (wait nodes on the runtime's
-persistent per-layer events), so the copies overlap the host's work between
-calls instead of being joined at the graph's end.
+the warm-up call shows which starts (whole layers, or chunks of one when the
+copies are chunked) have no wait for any of their pieces later in the same
+graph, and those are issued eagerly right after each replay, in the order the
+graph started them. The next forward's graph waits for them through external
+events (wait nodes on the runtime's persistent per-piece events), so the
+copies overlap the host's work between calls instead of being joined at the
+graph's end. Chunked copies are captured and deferred like whole ones.
 
 Inputs: the model's parameters and buffers, and tensors Dynamo was told have
 static addresses (``torch._dynamo.mark_static_address``, as HF's static KV
@@ -37,7 +39,7 @@ from typing import Any, Callable, Iterator
 
 from . import _torch_internals
 from .breakable_graph import BreakableGraphed
-from .runtime import PrefetchRuntime, SlotState, CaptureLog
+from .runtime import CaptureLog, ChunkKey, PrefetchRuntime, SlotState
 
 
 @dataclass(frozen=True)
@@ -52,22 +54,22 @@ class SlotGuard:
 
     def __init__(self, runtime: PrefetchRuntime) -> None:
         self.runtime = runtime
-        self._deferred: frozenset[int] = frozenset()
+        self._deferred: tuple[ChunkKey, ...] = ()
         self._start: SlotState | None = None
 
     @contextmanager
     def warmup(self) -> Iterator[None]:
-        """Learn which starts of this graph have no wait after them in the same graph."""
+        """Learn which starts of this graph have no wait for any of their pieces after them in the same graph."""
         with self.runtime.tracing_ops() as trace:
             yield
-        waited_after: set[int] = set()
-        crossing: set[int] = set()
-        for kind, index in reversed(trace):
+        waited_after: set[tuple[int, int]] = set()
+        crossing: list[ChunkKey] = []
+        for kind, index, pieces in reversed(trace):
             if kind == "wait":
-                waited_after.add(index)
-            elif index not in waited_after:
-                crossing.add(index)
-        self._deferred = frozenset(crossing)
+                waited_after.update((index, piece) for piece in pieces)
+            elif not any((index, piece) in waited_after for piece in pieces):
+                crossing.append((index, pieces.start, pieces.stop))
+        self._deferred = tuple(dict.fromkeys(reversed(crossing)))
 
     def begin_capture(self) -> None:
         self._start = self.runtime.snapshot()

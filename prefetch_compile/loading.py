@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import dataclasses
 import math
 import os
 import time
@@ -108,8 +109,17 @@ def load_checkpoint(
     layers beyond it stay in the checkpoint's safetensors files and are read
     from there, ahead of use, at every forward (see README, "A model larger
     than host memory"). It needs a safetensors checkpoint, not an iterable.
+    A disk-resident layer is staged whole, so with ``host_budget`` copies are
+    never chunked (``chunked_copies=True`` is refused).
     """
     options = plan_options(plan)
+    if host_budget is not None:
+        if options.chunked_copies is True:
+            raise OptionError(
+                "chunked_copies=True and host_budget cannot be combined: a disk-resident layer is read into its "
+                "staging buffer and copied whole; drop one of them"
+            )
+        options = dataclasses.replace(options, chunked_copies=False)
     device = _check_device(torch.device(device))
     targets = _targets(model)
     plan = build_plan(model, options)

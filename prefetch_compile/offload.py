@@ -55,7 +55,9 @@ def offload(
     offloaded layers by index instead, and ``filter_fn(block, fqn)`` decides for
     each block of the layer list (say, ``lambda block, fqn: int(fqn.rsplit(".",
     1)[1]) >= 16``); ``offload_params`` and ``layers`` narrow the parameters and
-    name the block list. ``model`` may live on the CPU (for a model larger than
+    name the block list; ``chunked_copies`` lets a layer's copy into a shared
+    slot move chunk by chunk, each once the slot's previous layer has read the
+    same bytes (``"auto"``: one slot, blocks of 16 MiB or more). ``model`` may live on the CPU (for a model larger than
     the device) or already on ``device``. Returns the model's runtime;
     ``runtime.stats()`` reports the bytes moved. Compile the model afterwards with
     ``torch.compile(model, backend="prefetch_offload")``.

@@ -3,33 +3,38 @@
 Their declared mutations are the whole ordering contract with the compiler, and
 they are what the ops do to the tensors they are given:
 
-* ``wait_prefetch(layer_params)`` returns once the layer's bytes are in its slot
-  (copying them itself when nobody prefetched them). From the graph's point of
-  view the layer's parameters change value at that point, so it is declared to
+* ``wait_prefetch(chunk_params)`` returns once the bytes of those parameters of
+  one layer (all of the layer's in the graph, or one chunk of them) are in its
+  slot, copying them itself when nobody prefetched them. From the graph's point
+  of view these parameters change value at that point, so it is declared to
   write them: every reader depends on it (read after write).
-* ``start_prefetch(slot_params, live)`` overwrites the slot with the next layer
-  that uses it. ``slot_params`` are the parameters in this graph that view that
-  slot (the outgoing layer's and, when the graph reads it, the incoming one's);
-  their bytes change, so the op is declared to write them: every earlier reader
-  must finish first (write after read) and the incoming layer's wait comes after
-  it (write after write). Parameters of the slot that the graph does not take as
-  inputs cannot be read by it, so they need no edge. ``live`` lists the values
-  computed from the outgoing layer that are still needed later; as inputs of an
-  opaque op they must be materialised before it, so no fused kernel after the
-  copy can re-read the slot.
+* ``start_prefetch(released, incoming, live)`` overwrites the bytes of the slot
+  that ``released`` (parameters of the outgoing layer, the whole layer's or one
+  chunk's) occupy with the same bytes of the next layer that uses the slot.
+  Their values change, and so do those of ``incoming``: the incoming layer's
+  parameters in this graph that lie in those bytes. The op is declared to write
+  both: every earlier reader of the released parameters must finish first
+  (write after read) and the incoming chunk's wait comes after it (write after
+  write). Parameters that the graph does not take as inputs cannot be read by
+  it, so they need no edge. ``live`` lists the values computed from the released
+  parameters that are still needed later; as inputs of an opaque op they must
+  be materialised before it, so no fused kernel after the copy can re-read the
+  slot.
 
 A third op, ``offloaded_block(hidden)``, is a tripwire: an offloaded block's hook
 puts it on the block's input whenever Dynamo traces the block. The backend
 removes it; a graph compiled by any other backend keeps it, and it raises at
 the first call, because such a graph would read the slots without waiting.
 
-Neither prefetch op takes a layer number or a runtime handle: Dynamo reuses one compiled
-graph for every block that runs the same code (each block's parameters are
-graph inputs), so a graph compiled for block 3 may well run block 7, or a kept
-block, for which the ops do nothing. The layer and its runtime are read off the
-first parameter (an attribute the runtime sets), which also keeps the compiled
-code free of process-specific numbers, so Inductor's FX graph cache can serve it
-to another process.
+Neither prefetch op takes a layer number, a chunk number or a runtime handle:
+Dynamo reuses one compiled graph for every block that runs the same code (each
+block's parameters are graph inputs), so a graph compiled for block 3 may well
+run block 7, or a kept block, for which the ops do nothing. The layer and its
+runtime are read off the first parameter (an attribute the runtime sets), and
+the chunk off the first and last parameter (the pass lists them in the order of
+the plan's pieces, which are the same for every layer), which also keeps the
+compiled code free of process-specific numbers, so Inductor's FX graph cache
+can serve it to another process.
 """
 
 from __future__ import annotations
@@ -41,16 +46,17 @@ from .runtime import runtime_of_tensor
 NAMESPACE = "prefetch_compile"
 
 
-def wait_prefetch(layer_params: list[torch.Tensor]) -> None:
-    runtime = runtime_of_tensor(layer_params[0])
+def wait_prefetch(chunk_params: list[torch.Tensor]) -> None:
+    runtime = runtime_of_tensor(chunk_params[0])
     if runtime is not None:
-        runtime.wait(runtime.locate(layer_params[0])[0])
+        runtime.wait(*runtime.chunk_of(chunk_params[0], chunk_params[-1]))
 
 
-def start_prefetch(slot_params: list[torch.Tensor], live: list[torch.Tensor]) -> None:
-    runtime = runtime_of_tensor(slot_params[0])
+def start_prefetch(released: list[torch.Tensor], incoming: list[torch.Tensor], live: list[torch.Tensor]) -> None:
+    runtime = runtime_of_tensor(released[0])
     if runtime is not None:
-        runtime.start(runtime.plan.next_in_slot(runtime.locate(slot_params[0])[0]))
+        outgoing, pieces = runtime.chunk_of(released[0], released[-1])
+        runtime.start(runtime.plan.next_in_slot(outgoing), pieces)
 
 
 def offloaded_block(hidden: torch.Tensor) -> torch.Tensor:
@@ -75,8 +81,8 @@ def _same_as(hidden: torch.Tensor) -> torch.Tensor:
 # that is not a CUDA graph replay. One CompositeExplicitAutograd kernel serves CPU and
 # CUDA; inference only, so no autograd formula is needed (the backend refuses grad mode).
 _LIBRARY = torch.library.Library(NAMESPACE, "DEF")
-_LIBRARY.define("wait_prefetch(Tensor(a!)[] layer_params) -> ()")
-_LIBRARY.define("start_prefetch(Tensor(a!)[] slot_params, Tensor[] live) -> ()")
+_LIBRARY.define("wait_prefetch(Tensor(a!)[] chunk_params) -> ()")
+_LIBRARY.define("start_prefetch(Tensor(a!)[] released, Tensor(b!)[] incoming, Tensor[] live) -> ()")
 _LIBRARY.define("offloaded_block(Tensor hidden) -> Tensor")
 _LIBRARY.impl("wait_prefetch", wait_prefetch, "CompositeExplicitAutograd")
 _LIBRARY.impl("start_prefetch", start_prefetch, "CompositeExplicitAutograd")

@@ -35,12 +35,17 @@ class PrefetchSpan:
 
 
 def prefetch_spans(graph: fx.Graph, result: PrefetchPassResult) -> dict[int, PrefetchSpan]:
-    """The span of every offloaded layer that the pass waited for or prefetched in ``graph``, by offload index."""
+    """The span of every offloaded layer that the pass waited for or prefetched in ``graph``, by offload index.
+
+    A layer copied in chunks has several starts and waits: its span runs from the first start to the first wait.
+    """
     inserted = {op.node for op in result.inserted}
     nodes = list(graph.nodes)
     position = {node: index for index, node in enumerate(nodes)}
-    starts = {op.offload_index: op.node for op in result.inserted if op.kind == "start"}
-    waits = {op.offload_index: op.node for op in result.inserted if op.kind == "wait"}
+    starts: dict[int, fx.Node] = {}
+    waits: dict[int, fx.Node] = {}
+    for op in sorted(result.inserted, key=lambda op: position[op.node]):
+        (starts if op.kind == "start" else waits).setdefault(op.offload_index, op.node)
     spans = {}
     for offload_index in starts.keys() | waits.keys():
         start, wait = starts.get(offload_index), waits.get(offload_index)

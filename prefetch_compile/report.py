@@ -1,8 +1,10 @@
 """What the copies actually did: per offloaded layer, bytes, copy time, the compute that hid it, and the stall.
 
-A :class:`CopyRecorder` is an object the runtime calls at four points (copy
+A :class:`CopyRecorder` is an object the runtime calls at five points (copy
 issued, copy begun, copy ended on the copy stream; wait begun and ended on the
-compute stream). On CUDA each point is a timing event on its stream, so the
+compute stream). A copy moves a whole layer or, with chunked copies, a run of
+its pieces; a wait waits for some pieces, so a layer may have several of each
+per forward, and a wait is paired with the copy that brought its first piece. On CUDA each point is a timing event on its stream, so the
 numbers are the device's timeline, not the host's; on the CPU, where copies are
 synchronous, they are wall-clock times. Events are only read when a report is
 asked for, so recording costs a few microseconds per copy and no
@@ -18,7 +20,9 @@ compute-only time.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from tabulate import tabulate
@@ -29,16 +33,18 @@ from .runtime import format_bytes
 
 @dataclass
 class _Copy:
-    issued: object  # compute-stream mark: the copy may start (its slot's previous layer has been read)
+    issued: object  # compute-stream mark: the copy may start (its bytes' previous owner has been read)
+    nbytes: int
     began: object | None = None  # copy-stream mark: the copy started
     ended: object | None = None  # copy-stream mark: the copy finished
 
 
 @dataclass
 class _Wait:
-    began: object  # compute-stream mark: the layer is needed
+    began: object  # compute-stream mark: the pieces are needed
+    pieces: range
     ended: object | None = None  # compute-stream mark: the copy is in, compute goes on
-    missed: bool = False  # nobody prefetched the layer: the wait copied it on the spot
+    missed: bool = False  # nobody prefetched the pieces: the wait copied them on the spot
     copy: _Copy | None = None  # the copy this wait waited for
 
 
@@ -46,8 +52,9 @@ class _Wait:
 class LayerReport:
     offload_index: int
     name: str
-    nbytes: int
-    copies: int
+    nbytes: int  # the layer's block
+    copies: int  # copies of it or of its chunks
+    copied_bytes: int
     copy_s: float  # mean duration of one copy
     window_s: float | None  # mean compute-stream time from the copy's issue to the layer's first read
     stall_s: float  # mean time the compute stream waited for the copy, per wait
@@ -68,7 +75,7 @@ class CopyReport:
 
     @property
     def copied_bytes(self) -> int:
-        return sum(row.nbytes * row.copies for row in self.layers)
+        return sum(row.copied_bytes for row in self.layers)
 
     @property
     def copy_seconds(self) -> float:
@@ -129,31 +136,37 @@ class CopyRecorder:
         self.reset()
 
     def reset(self) -> None:
-        self._pending: dict[int, _Copy] = {}  # copies issued and not yet waited for, by offload index
+        self._pending: dict[tuple[int, int], _Copy] = {}  # by (offload index, piece): copies not yet waited for
         self._copies: list[tuple[int, _Copy]] = []
         self._waits: list[tuple[int, _Wait]] = []
+        self._current: _Copy | None = None  # the copy being issued, between copy_issued and copy_ended
 
     # ------------------------------------------------------------ called by the runtime
-    def copy_issued(self, offload_index: int, compute: torch.cuda.Stream | None) -> None:
+    def copy_issued(
+        self, offload_index: int, pieces: Sequence[int], nbytes: int, compute: torch.cuda.Stream | None
+    ) -> None:
+        self._current = None
         if self._capturing():
             return
-        copy = _Copy(issued=self._mark(compute))
-        self._pending[offload_index] = copy
+        self._current = copy = _Copy(issued=self._mark(compute), nbytes=nbytes)
+        for piece in pieces:
+            self._pending[(offload_index, piece)] = copy
         self._copies.append((offload_index, copy))
 
-    def copy_began(self, offload_index: int, stream: torch.cuda.Stream | None) -> None:
-        if offload_index in self._pending and not self._capturing():
-            self._pending[offload_index].began = self._mark(stream)
+    def copy_began(self, stream: torch.cuda.Stream | None) -> None:
+        if self._current is not None:
+            self._current.began = self._mark(stream)
 
-    def copy_ended(self, offload_index: int, stream: torch.cuda.Stream | None) -> None:
-        if offload_index in self._pending and not self._capturing():
-            self._pending[offload_index].ended = self._mark(stream)
+    def copy_ended(self, stream: torch.cuda.Stream | None) -> None:
+        if self._current is not None:
+            self._current.ended = self._mark(stream)
 
-    def wait_began(self, offload_index: int, compute: torch.cuda.Stream | None, missed: bool) -> None:
+    def wait_began(self, offload_index: int, pieces: range, compute: torch.cuda.Stream | None, missed: bool) -> None:
         if self._capturing():
             return
-        copy = self._pending.pop(offload_index, None)
-        self._waits.append((offload_index, _Wait(began=self._mark(compute), missed=missed, copy=copy)))
+        copies = [self._pending.pop((offload_index, piece), None) for piece in pieces]
+        copy = next((copy for copy in copies if copy is not None), None)
+        self._waits.append((offload_index, _Wait(self._mark(compute), pieces, missed=missed, copy=copy)))
 
     def wait_ended(self, offload_index: int, compute: torch.cuda.Stream | None) -> None:
         if self._capturing() or not self._waits or self._waits[-1][0] != offload_index:
@@ -177,6 +190,7 @@ class CopyRecorder:
                     name=layer.name,
                     nbytes=layer.nbytes,
                     copies=len(copies),
+                    copied_bytes=sum(c.nbytes for c in copies),
                     copy_s=_mean([self._seconds(c.began, c.ended) for c in copies]),
                     window_s=_mean(windows) if windows else None,
                     stall_s=_mean([self._seconds(w.began, w.ended) for w in waits]),
@@ -184,7 +198,15 @@ class CopyRecorder:
                     misses=sum(w.missed for w in waits),
                 )
             )
-        return CopyReport(tuple(rows), rows[0].waits if rows else 0)
+        return CopyReport(tuple(rows), self._forwards())
+
+    def _forwards(self) -> int:
+        """Forwards recorded: how often the first offloaded layer's most waited-for piece was waited for."""
+        if not self.layers:
+            return 0
+        first = self.layers[0].offload_index
+        waited = Counter(piece for index, wait in self._waits if index == first and wait.ended is not None for piece in wait.pieces)
+        return max(waited.values(), default=0)
 
     # ------------------------------------------------------------ marks
     def _mark(self, stream: torch.cuda.Stream | None) -> object:

@@ -3,25 +3,31 @@
 ``start`` and ``wait`` are the bodies of the custom ops that the prefetch pass
 inserts; the eager block hooks and the CUDA-graph replays call them too.
 
-* ``start(i)`` copies offloaded layer ``i`` from the host arena into its slot,
-  on the copy stream, ordered after everything already queued on the compute
-  stream (so after the last reader of the slot's previous layer).
-* ``wait(i)`` orders the compute stream after that copy. It is also an
-  *ensure*: when the slot holds another layer (a graph break inside a block, an
-  eager block call, a forward that raised half way), it copies the layer on the
-  spot, counts a miss in :attr:`PrefetchRuntime.counters` and logs a warning
-  once per graph. A miss costs speed, never correctness, and is never silent.
+* ``start(i, pieces)`` copies those pieces of offload index ``i``'s block (all
+  of them by default) from the host arena into its slot, on the copy stream,
+  ordered after everything already queued on the compute stream (so after the
+  last reader of the same pieces of the slot's previous layer).
+* ``wait(i, pieces)`` orders the compute stream after those copies. It is also
+  an *ensure*: when the slot holds another layer's bytes there (a graph break
+  inside a block, an eager block call, a forward that raised half way), it
+  copies them on the spot, counts a miss in :attr:`PrefetchRuntime.counters`
+  and logs a warning once per graph. A miss costs speed, never correctness,
+  and is never silent.
 
-Each offloaded layer is copied exactly once per forward: layer ``i`` prefetches
-the next layer that uses its slot (``plan.next_in_slot``), and the last layer
-of each slot prefetches that slot's first layer for the next forward.
+A layer's pieces (``plan.pieces``) are one whole block unless the plan chunks
+its copies; the ops of a chunked schedule each name a run of pieces through the
+parameters they are given (:meth:`PrefetchRuntime.chunk_of`). Every byte of
+every offloaded layer that shares its slot is copied exactly once per forward:
+layer ``i`` prefetches the next layer that uses its slot
+(``plan.next_in_slot``), piece by piece as it finishes reading each, and the
+last layer of each slot prefetches that slot's first layer for the next forward.
 
-Python state vs. device state. ``_slot_owner`` says which layer each slot holds
-or is being filled with, as far as the work queued so far goes. Eager calls and
-compiled graphs keep it exact because the ops run in Python. A CUDA graph
-replay runs no Python at all, so :mod:`prefetch_compile.graphs` snapshots the
-owners a capture starts from and ends with, restores the former before each
-replay (:meth:`restore_slots`) and installs the latter after it.
+Python state vs. device state. ``_owners`` says which layer each piece of each
+slot holds or is being filled with, as far as the work queued so far goes.
+Eager calls and compiled graphs keep it exact because the ops run in Python. A
+CUDA graph replay runs no Python at all, so :mod:`prefetch_compile.graphs`
+snapshots the owners a capture starts from and ends with, restores the former
+before each replay (:meth:`restore_slots`) and installs the latter after it.
 
 One lock per runtime serialises the model's forwards across threads: the slot
 pool is shared state, so two threads may not interleave their copies and reads.
@@ -74,19 +80,23 @@ class OffloadStats:
 class CopyCounters:
     """What the runtime did since the model was offloaded (or since :meth:`reset`).
 
-    ``copies`` counts whole-layer host-to-device copies; ``ensure_misses`` the
-    waits that found their layer absent and copied it on the spot (each one is
-    also in ``copies``); ``restores`` the copies made before a CUDA graph replay
-    because Python code changed the slots since the capture.
+    ``copies`` counts host-to-device copies, each of a whole layer or of a run
+    of its pieces (a chunk), and ``copied_bytes`` the bytes they moved: a
+    forward moves each offloaded layer of a shared slot once, in one copy or in
+    several. ``ensure_misses`` counts the waits that found their bytes absent
+    and copied them on the spot (each such copy is also in ``copies``);
+    ``restores`` the copies made before a CUDA graph replay because Python code
+    changed the slots since the capture.
     """
 
     copies: int = 0
+    copied_bytes: int = 0
     ensure_misses: int = 0
     restores: int = 0
     misses_by_graph: dict[str, int] = field(default_factory=dict)
 
     def reset(self) -> None:
-        self.copies = self.ensure_misses = self.restores = 0
+        self.copies = self.copied_bytes = self.ensure_misses = self.restores = 0
         self.misses_by_graph.clear()
 
 
@@ -114,22 +124,27 @@ class _InFlight:
     in_capture: bool  # recorded inside a CUDA graph capture: only usable inside that capture
 
 
+# A run of pieces of one offloaded block, as a start or a wait names it: (offload index, first piece, end piece).
+ChunkKey = tuple[int, int, int]
+
+
 @dataclass
 class SlotState:
     """A snapshot of the Python-side slot state, taken around a CUDA graph capture."""
 
-    owners: tuple[int | None, ...]
-    in_flight: dict[int, _InFlight]
+    owners: tuple[tuple[int | None, ...], ...]  # per slot, the offload index each piece holds
+    in_flight: dict[tuple[int, int], _InFlight]  # by (offload index, piece)
 
 
 @dataclass
 class CaptureLog:
     """What the ops did while a CUDA graph was being captured."""
 
-    deferred: frozenset[int]  # starts left out of the graph, issued eagerly after each replay
-    consumed: set[int] = field(default_factory=set)  # eager copies the graph waits for
+    deferred: tuple[ChunkKey, ...]  # starts left out of the graph, issued eagerly after each replay, in this order
+    consumed: set[tuple[int, int]] = field(default_factory=set)  # (offload index, piece) of eager copies the graph waits for
     copies: int = 0  # copies captured into the graph: each replay makes them again
-    freed: set[int] = field(default_factory=set)  # deferred starts whose slot-free point the graph records
+    copied_bytes: int = 0
+    freed: set[ChunkKey] = field(default_factory=set)  # deferred starts whose slot-free point the graph records
 
 
 class PrefetchRuntime:
@@ -165,6 +180,7 @@ class PrefetchRuntime:
         # By identity: each offloaded parameter (what Dynamo's graphs take as inputs) and each of its
         # leaf tensors (what AOT's flattened graphs take, for a subclass parameter; see leaves.py).
         self._param_locations: dict[int, tuple[int, str]] = {}
+        self._pieces_of: dict[int, tuple[int, int]] = {}  # the same tensors -> (offload index, piece)
         self._leaves: list[torch.Tensor] = []
         # Parameter name -> its leaves' (layer, placement): one leaf for a dense parameter.
         self._placements: dict[str, list[tuple[LayerPlan, ParamPlacement]]] = {}
@@ -175,29 +191,55 @@ class PrefetchRuntime:
                 leaf = get_inner(param, placement.inner)
                 self._param_locations[id(param)] = (layer.offload_index, placement.param_name)
                 self._param_locations[id(leaf)] = (layer.offload_index, placement.name)
+                self._pieces_of[id(param)] = self._pieces_of[id(leaf)] = (layer.offload_index, plan.piece_of(placement))
                 self._leaves += [param, leaf]
+        self._pieces = tuple(plan.pieces(layer) for layer in self.offloaded)  # (begin, end) of each piece, per layer
+        self._all_pieces = range(len(plan.piece_starts))
         self._cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
-        # One persistent event per offloaded layer for copies issued outside a capture. They are
-        # "external": a capture that waits on one records a wait node for the event itself, so a
-        # replay waits for whatever copy last recorded it (the prefetch issued after the previous replay).
-        self._ready = [torch.cuda.Event(external=True) for _ in self.offloaded] if self._cuda else []
-        # Recorded inside a capture where a deferred prefetch would have started: the point after which
-        # the layer's slot is free, for the copy issued after the replay to wait on.
-        self._freed = [torch.cuda.Event(external=True) for _ in self.offloaded] if self._cuda else []
-        self._slot_owner: list[int | None] = [None] * plan.num_slots
-        self._in_flight: dict[int, _InFlight] = {}
+        # One persistent event per piece of each offloaded layer for copies issued outside a capture. They
+        # are "external": a capture that waits on one records a wait node for the event itself, so a replay
+        # waits for whatever copy last recorded it (the prefetch issued after the previous replay).
+        self._ready = [self._external_events() for _ in self.offloaded]
+        # Recorded inside a capture where a deferred prefetch of a chunk (keyed by its first piece) would
+        # have started: the point after which those bytes of the slot are free, for the copy issued after
+        # the replay to wait on.
+        self._freed = [self._external_events() for _ in self.offloaded]
+        self._owners: list[list[int | None]] = [[None] * len(self._all_pieces) for _ in range(plan.num_slots)]
+        self._in_flight: dict[tuple[int, int], _InFlight] = {}
         self._compute_stream: torch.cuda.Stream | None = None
         self._capture: CaptureLog | None = None
-        self._trace: list[tuple[str, int]] | None = None
+        self._trace: list[tuple[str, int, range]] | None = None
         self.recorder: CopyRecorder | None = None  # set by start_recording(); told of every copy and wait
         for tensor in self._leaves:
             setattr(tensor, OWNER_ATTRIBUTE, self)
+
+    def _external_events(self) -> list[torch.cuda.Event]:
+        return [torch.cuda.Event(external=True) for _ in self._all_pieces] if self._cuda else []
 
     # ----------------------------------------------------------------- queries
     def locate(self, tensor: object) -> tuple[int, str] | None:
         """(offload index, name) of an offloaded parameter or of one of its leaf tensors, by identity; None otherwise."""
         return self._param_locations.get(id(tensor))
+
+    def piece_of(self, tensor: object) -> int:
+        """The piece of its layer's block that holds an offloaded parameter or leaf."""
+        return self._pieces_of[id(tensor)][1]
+
+    def chunk_of(self, first: torch.Tensor, last: torch.Tensor) -> tuple[int, range]:
+        """The offload index and the run of its block's pieces that an op's parameters span.
+
+        The pass lists each op's parameters in piece order, so the first and the last
+        one bound the run: two lookups, whatever the number of parameters.
+        """
+        offload_index, low = self._pieces_of[id(first)]
+        other, high = self._pieces_of[id(last)]
+        if other != offload_index or high < low:
+            raise RuntimeError(
+                f"a prefetch op was given parameters of offload indices {offload_index} and {other} (pieces {low} "
+                f"and {high}); each op names one run of one block's pieces, in order: the graph was miscompiled"
+            )
+        return offload_index, range(low, high + 1)
 
     def stats(self) -> OffloadStats:
         layout = self.disk.layout if self.disk is not None else None
@@ -241,87 +283,120 @@ class PrefetchRuntime:
                     )
 
     # -------------------------------------------------------------- the ops
-    def start(self, offload_index: int) -> None:
-        """Begin copying a layer into its slot, after all work already queued on the compute stream."""
+    def start(self, offload_index: int, pieces: range | None = None) -> None:
+        """Begin copying a layer's pieces (all by default) into its slot, after all work queued on the compute stream."""
+        pieces = self._all_pieces if pieces is None else pieces
         if self._trace is not None:
-            self._trace.append(("start", offload_index))
+            self._trace.append(("start", offload_index, pieces))
         layer = self.offloaded[offload_index]
-        if self._slot_owner[layer.slot] == offload_index:
+        missing = self._missing(layer, pieces)
+        if not missing:
             return
-        if self._capture is not None and offload_index in self._capture.deferred:
+        key = (offload_index, pieces.start, pieces.stop)
+        if self._capture is not None and key in self._capture.deferred:
             # Issued eagerly after each replay, so the next forward's copy overlaps the host's
             # work; it waits for this point of the graph (an external event recorded here), not
             # for the graph's end, so it also overlaps whatever the graph computes after it.
-            self._freed[offload_index].record(torch.cuda.current_stream(self.device))
-            self._capture.freed.add(offload_index)
+            self._freed[offload_index][pieces.start].record(torch.cuda.current_stream(self.device))
+            self._capture.freed.add(key)
             return
-        self._copy_in(layer)
+        self._copy_in(layer, missing)
 
-    def wait(self, offload_index: int) -> None:
-        """Make the compute stream wait until the layer is resident in its slot."""
+    def wait(self, offload_index: int, pieces: range | None = None) -> None:
+        """Make the compute stream wait until the layer's pieces (all by default) are resident in its slot."""
+        pieces = self._all_pieces if pieces is None else pieces
         if self._trace is not None:
-            self._trace.append(("wait", offload_index))
+            self._trace.append(("wait", offload_index, pieces))
         layer = self.offloaded[offload_index]
-        missed = self._slot_owner[layer.slot] != offload_index
-        if missed:
+        missing = self._missing(layer, pieces)
+        if missing:
             self._count_miss(layer)
-            self._copy_in(layer)
+            self._copy_in(layer, missing)
         if self.recorder is None:
-            self._wait_for_copy(offload_index)
+            self._wait_for_copy(offload_index, pieces)
             return
         compute = torch.cuda.current_stream(self.device) if self._cuda else None
-        self.recorder.wait_began(offload_index, compute, missed)
-        self._wait_for_copy(offload_index)
+        self.recorder.wait_began(offload_index, pieces, compute, bool(missing))
+        self._wait_for_copy(offload_index, pieces)
         self.recorder.wait_ended(offload_index, compute)
 
-    def _wait_for_copy(self, offload_index: int) -> None:
-        copy = self._in_flight.pop(offload_index, None)
-        if copy is None:
-            return
-        if self._capture is not None and not copy.in_capture:
-            self._capture.consumed.add(offload_index)
-        torch.cuda.current_stream(self.device).wait_event(copy.done)
+    def _missing(self, layer: LayerPlan, pieces: range) -> list[int]:
+        """The pieces whose bytes in the layer's slot are (or are being filled with) another layer's."""
+        owners = self._owners[layer.slot]
+        index = layer.offload_index
+        if owners[pieces.start : pieces.stop].count(index) == len(pieces):  # the usual case, without a Python loop
+            return []
+        return [piece for piece in pieces if owners[piece] != index]
 
-    def _copy_in(self, layer: LayerPlan, after: torch.cuda.Event | None = None) -> None:
-        staged = self._staged(layer)  # before the owner changes: a failed disk read leaves the slot as it was
-        self._slot_owner[layer.slot] = layer.offload_index
+    def _wait_for_copy(self, offload_index: int, pieces: range) -> None:
+        if not self._in_flight:
+            return  # always so on the CPU, where copies are synchronous
+        waited = None
+        for piece in pieces:
+            copy = self._in_flight.pop((offload_index, piece), None)
+            if copy is None:
+                continue
+            if self._capture is not None and not copy.in_capture:
+                self._capture.consumed.add((offload_index, piece))
+            if copy.done is not waited:  # the pieces of one copy made inside a capture share its event
+                torch.cuda.current_stream(self.device).wait_event(copy.done)
+                waited = copy.done
+
+    def _copy_in(self, layer: LayerPlan, pieces: list[int], after: torch.cuda.Event | None = None) -> None:
+        """Copy ``pieces`` (increasing) of ``layer`` into its slot: one ``copy_`` per run of adjacent pieces.
+
+        A disk-resident layer comes from its staging buffer, whole: a plan with a disk tier
+        is never chunked (``load_checkpoint`` sees to it), so its one piece is the layer.
+        """
+        staged = self._staged(layer)  # before the owners change: a failed disk read leaves the slot as it was
+        index = layer.offload_index
+        owners = self._owners[layer.slot]
+        for piece in pieces:
+            owners[piece] = index
+        runs = _byte_runs(self._pieces[index], pieces)
+        nbytes = sum(end - begin for begin, end in runs)
         if self._capture is not None:
-            self._capture.copies += 1
+            self._capture.copies += len(runs)
+            self._capture.copied_bytes += nbytes
         else:
-            self.counters.copies += 1
+            self.counters.copies += len(runs)
+            self.counters.copied_bytes += nbytes
         destination = self.slots.block(layer)
-        pieces = staged.pieces if staged is not None else ((self.host.block(layer), 0),)
-        recorder, index = self.recorder, layer.offload_index
+        if staged is not None:
+            sources = staged.pieces
+        else:
+            host = self.host.block(layer)
+            sources = tuple((host[begin:end], begin) for begin, end in runs)
+        recorder = self.recorder
         if not self._cuda:
             if recorder is not None:
-                recorder.copy_issued(index, None)
-                recorder.copy_began(index, None)
+                recorder.copy_issued(index, pieces, nbytes, None)
+                recorder.copy_began(None)
             try:
-                for source, offset in pieces:
+                for source, offset in sources:
                     destination[offset : offset + source.numel()].copy_(source)
             finally:
                 if staged is not None:
                     staged.release(None)  # synchronous copies: done
             if recorder is not None:
-                recorder.copy_ended(index, None)
+                recorder.copy_ended(None)
             return
         compute = torch.cuda.current_stream(self.device)
         capturing = torch.cuda.is_current_stream_capturing()
-        # The fork event orders the copy after the last reader of the slot's previous
-        # layer, and inside a capture it is what pulls the copy stream into the graph.
+        # The fork event orders the copy after the last reader of the same bytes of the slot's
+        # previous layer, and inside a capture it is what pulls the copy stream into the graph.
         fork = after
         if fork is None:
             fork = torch.cuda.Event()
             fork.record(compute)
         if recorder is not None:
-            recorder.copy_issued(index, compute)
+            recorder.copy_issued(index, pieces, nbytes, compute)
         self.copy_stream.wait_event(fork)
-        done = torch.cuda.Event() if capturing else self._ready[layer.offload_index]
         with torch.cuda.stream(self.copy_stream):
             if recorder is not None:
-                recorder.copy_began(index, self.copy_stream)
+                recorder.copy_began(self.copy_stream)
             try:
-                for source, offset in pieces:
+                for source, offset in sources:
                     destination[offset : offset + source.numel()].copy_(source, non_blocking=True)
             finally:
                 if staged is not None:
@@ -329,9 +404,18 @@ class PrefetchRuntime:
                     copied.record(self.copy_stream)
                     staged.release(copied)
             if recorder is not None:
-                recorder.copy_ended(index, self.copy_stream)
-            done.record(self.copy_stream)
-        self._in_flight[layer.offload_index] = _InFlight(done, capturing)
+                recorder.copy_ended(self.copy_stream)
+            if capturing:
+                done = torch.cuda.Event()
+                done.record(self.copy_stream)
+                copy = _InFlight(done, True)
+                for piece in pieces:
+                    self._in_flight[(index, piece)] = copy
+            else:
+                for piece in pieces:
+                    done = self._ready[index][piece]
+                    done.record(self.copy_stream)
+                    self._in_flight[(index, piece)] = _InFlight(done, False)
 
     def _staged(self, layer: LayerPlan) -> StagedLayer | None:
         """A disk-resident layer read into a staging buffer (blocks until it is); None for the host arena's."""
@@ -413,10 +497,13 @@ class PrefetchRuntime:
         if not self._cuda or not torch.cuda.is_current_stream_capturing():
             return
         compute = torch.cuda.current_stream(self.device)
-        for index, copy in list(self._in_flight.items()):
+        joined: set[int] = set()
+        for key, copy in list(self._in_flight.items()):
             if copy.in_capture:
-                compute.wait_event(copy.done)
-                del self._in_flight[index]
+                if id(copy.done) not in joined:
+                    compute.wait_event(copy.done)
+                    joined.add(id(copy.done))
+                del self._in_flight[key]
 
     def synchronize_copies(self) -> None:
         """Order all issued copies before later compute-stream work (before a weight update, say)."""
@@ -426,8 +513,8 @@ class PrefetchRuntime:
 
     # ------------------------------------------------------ CUDA graph support
     @contextmanager
-    def tracing_ops(self) -> Iterator[list[tuple[str, int]]]:
-        """Record the ``("start"|"wait", offload index)`` calls made inside the block (a warm-up call)."""
+    def tracing_ops(self) -> Iterator[list[tuple[str, int, range]]]:
+        """Record the ``("start"|"wait", offload index, pieces)`` calls made inside the block (a warm-up call)."""
         self._trace = trace = []
         try:
             yield trace
@@ -435,9 +522,9 @@ class PrefetchRuntime:
             self._trace = None
 
     def snapshot(self) -> SlotState:
-        return SlotState(tuple(self._slot_owner), dict(self._in_flight))
+        return SlotState(tuple(tuple(owners) for owners in self._owners), dict(self._in_flight))
 
-    def begin_capture(self, deferred: frozenset[int]) -> None:
+    def begin_capture(self, deferred: tuple[ChunkKey, ...]) -> None:
         self._capture = CaptureLog(deferred)
 
     def end_capture(self, before: SlotState) -> tuple[SlotState, CaptureLog]:
@@ -448,13 +535,13 @@ class PrefetchRuntime:
         """
         log_, self._capture = self._capture, None
         after = self.snapshot()
-        self._slot_owner = list(before.owners)
+        self._owners = [list(owners) for owners in before.owners]
         self._in_flight = dict(before.in_flight)
         assert log_ is not None
         return after, log_
 
-    def restore_slots(self, owners: Sequence[int | None]) -> None:
-        """Before a replay: give every slot the layer the graph was captured with.
+    def restore_slots(self, owners: Sequence[Sequence[int | None]]) -> None:
+        """Before a replay: give every piece of every slot the layer the graph was captured with.
 
         Python code run since the capture (an eager block call, a forward that
         raised, another graph) may have left other layers there; the replay would
@@ -462,30 +549,37 @@ class PrefetchRuntime:
         of the replay, after any copy still in flight.
         """
         stale = [
-            (slot, wanted)
-            for slot, wanted in enumerate(owners)
-            if wanted is not None and self._slot_owner[slot] != wanted
+            (slot, piece, wanted)
+            for slot, slot_owners in enumerate(owners)
+            for piece, wanted in enumerate(slot_owners)
+            if wanted is not None and self._owners[slot][piece] != wanted
         ]
         if not stale:
             return
         self.synchronize_copies()
-        for slot, wanted in stale:
+        for slot, piece, wanted in stale:
             layer = self.offloaded[wanted]
-            self.slots.block(layer).copy_(self.host.block(layer), non_blocking=self._cuda)
-            self._slot_owner[slot] = wanted
+            begin, end = self._pieces[wanted][piece]
+            self.slots.block(layer)[begin:end].copy_(self.host.block(layer)[begin:end], non_blocking=self._cuda)
+            self._owners[slot][piece] = wanted
             self.counters.copies += 1
+            self.counters.copied_bytes += end - begin
             self.counters.restores += 1
 
     def after_replay(self, end: SlotState, log_: CaptureLog) -> None:
         """After a replay: Python learns what the graph did, then issues the deferred prefetches."""
-        self._slot_owner = list(end.owners)
+        self._owners = [list(owners) for owners in end.owners]
         self.counters.copies += log_.copies
-        for index in log_.consumed:
-            self._in_flight.pop(index, None)
-        for index in sorted(log_.deferred):
+        self.counters.copied_bytes += log_.copied_bytes
+        for key in log_.consumed:
+            self._in_flight.pop(key, None)
+        for key in log_.deferred:
+            index, first, stop = key
             layer = self.offloaded[index]
-            if self._slot_owner[layer.slot] != index:
-                self._copy_in(layer, after=self._freed[index] if index in log_.freed else None)
+            owners = self._owners[layer.slot]
+            missing = [piece for piece in range(first, stop) if owners[piece] != index]
+            if missing:
+                self._copy_in(layer, missing, after=self._freed[index][first] if key in log_.freed else None)
 
     # ----------------------------------------------------------- weights
     def load_weights(self, new_values: Mapping[str, torch.Tensor]) -> None:
@@ -513,7 +607,7 @@ class PrefetchRuntime:
                 for layer, placement in self._placements[name]:
                     leaf = get_inner(value, placement.inner)
                     param_view(self.host.block(layer), placement).copy_(leaf)
-                    if self._slot_owner[layer.slot] == layer.offload_index:
+                    if self._owners[layer.slot][self.plan.piece_of(placement)] == layer.offload_index:
                         # The slot already holds this layer: refresh it in place so the next read sees the update.
                         param_view(self.slots.block(layer), placement).copy_(leaf)
 
@@ -542,6 +636,18 @@ class PrefetchRuntime:
         if self.disk is not None and self.disk.holds(layer.offload_index):
             return self.disk.read_tensor(name)
         return param_view(self.host.block(layer), placement)
+
+
+def _byte_runs(pieces: tuple[tuple[int, int], ...], chosen: list[int]) -> list[tuple[int, int]]:
+    """The byte ranges of the ``chosen`` pieces (increasing), adjacent ones merged: one copy per range."""
+    runs: list[tuple[int, int]] = []
+    for piece in chosen:
+        begin, end = pieces[piece]
+        if runs and runs[-1][1] == begin:
+            runs[-1] = (runs[-1][0], end)
+        else:
+            runs.append((begin, end))
+    return runs
 
 
 def runtime_of_tensor(tensor: object) -> PrefetchRuntime | None:
@@ -574,6 +680,7 @@ def describe(stats: OffloadStats, plan: OffloadPlan) -> str:
         f"prefetch_compile: offloaded {stats.offloaded_layers}/{stats.total_layers} layers of "
         f"'{plan.layer_list_path}' ({_pattern(plan)}), {where}, slot pool {plan.num_slots} slot(s) = "
         f"{format_bytes(stats.slot_pool_bytes)}, device bytes saved {format_bytes(stats.device_bytes_saved)}"
+        + (f", copies chunked at {len(plan.piece_starts)} pieces per layer" if len(plan.piece_starts) > 1 else "")
     )
 
 

@@ -115,6 +115,21 @@ def test_plan_table_bytes_are_the_model_parameter_bytes(dumped):
         assert (row["prefetch starts at"] != "-") == offloaded
 
 
+def test_chunked_copies_are_annotated_chunk_by_chunk(tmp_path):
+    """Each chunk's wait and start say which pieces they move; the plan table spans the first start and wait."""
+    model = Stack(["linear"] * 4)
+    options = {"group_size": 2, "chunked_copies": True, "compiler": "aot_eager", "dump_dir": str(tmp_path)}
+    with torch.no_grad():
+        torch.compile(model, backend="prefetch_offload", options=options)(torch.randn(3, 16))
+    (after,) = tmp_path.glob("graph_*_after.py")
+    notes = [note for statement in statements(after) for note in statement.notes]
+    for piece in range(3):  # fc.weight, fc.bias, gain
+        assert any(note.startswith("wait for layers.1 (") and f"offload 0 piece {piece} is" in note for note in notes)
+        assert any(note.startswith("prefetch layers.3 (") and f"offload 0 piece {piece} (same slot)" in note for note in notes)
+    rows = {row["layer"]: row for row in plan_table(after.with_name(after.name.replace("_after.py", "_plan.txt")))}
+    assert rows["layers.1"]["waited for at"] != "-" and rows["layers.1"]["prefetch starts at"] != "-"
+
+
 def test_plan_rows_of_partly_offloaded_layers():
     """With offload_params, a layer keeps some parameters; its row still counts all of them."""
     model = Stack(["int8", "linear"] * 2)

@@ -13,10 +13,15 @@ from model_zoo import tiny_decoder_config
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_llama():
-    config = transformers.LlamaConfig(**tiny_decoder_config())
+def tiny_llama(layers: int = 4):
+    config = transformers.LlamaConfig(**tiny_decoder_config(num_hidden_layers=layers))
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def logits_of(model):
+    """The logits of every position of a prefix, without a KV cache."""
+    return lambda tokens: model(input_ids=tokens, use_cache=False).logits
 
 
 def greedy(forward, prompt, steps):
@@ -35,15 +40,32 @@ def test_tiny_llama_logits_and_greedy_generation(prefetch_step):
     runtime = prefetch_compile.offload(model, "cpu", group_size=2, num_in_group=1, prefetch_step=prefetch_step)
     assert runtime.plan.layer_list_path == "model.layers"
     assert runtime.stats().offloaded_layers == 2
-    compiled = torch.compile(model, backend="prefetch_offload")
-
-    def compiled_logits(tokens):
-        return compiled(input_ids=tokens, use_cache=False).logits
-
-    def reference_logits(tokens):
-        return reference(input_ids=tokens, use_cache=False).logits
-
+    compiled_logits = logits_of(torch.compile(model, backend="prefetch_offload"))
+    reference_logits = logits_of(reference)
     prompt = torch.randint(0, 128, (2, 5))
     with torch.no_grad():
         torch.testing.assert_close(compiled_logits(prompt), reference_logits(prompt), rtol=1e-4, atol=1e-4)
         assert torch.equal(greedy(compiled_logits, prompt, 6), greedy(reference_logits, prompt, 6))
+
+
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_tiny_llama_with_chunked_copies_through_the_one_liner(compiler):
+    """The README line with chunked_copies: three layers take turns in one slot, each copied in chunks ordered by
+    first use (HF registers the norms after the MLP but reads input_layernorm first); logits and greedy tokens
+    equal the un-offloaded model's, and every byte of every offloaded layer moves once per forward."""
+    model = tiny_llama(layers=6)
+    reference = copy.deepcopy(model)
+    options = {"group_size": 2, "num_in_group": 1, "prefetch_step": 1, "chunked_copies": True, "compiler": compiler}
+    compiled_logits = logits_of(torch.compile(model, backend="prefetch_offload", options=options))
+    reference_logits = logits_of(reference)
+    prompt = torch.randint(0, 128, (2, 5))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_logits(prompt), reference_logits(prompt), rtol=1e-4, atol=1e-4)
+        runtime = prefetch_compile.runtime_of(model)
+        assert runtime.stats().offloaded_layers == 3 and len(runtime.plan.piece_starts) == 9
+        copies, copied = runtime.counters.copies, runtime.counters.copied_bytes
+        torch.testing.assert_close(compiled_logits(prompt), reference_logits(prompt), rtol=1e-4, atol=1e-4)
+        assert runtime.counters.copied_bytes - copied == sum(layer.nbytes for layer in runtime.offloaded)
+        assert runtime.counters.copies - copies > 3 * 2  # several chunks per layer
+        assert torch.equal(greedy(compiled_logits, prompt, 3), greedy(reference_logits, prompt, 3))
+    assert runtime.counters.ensure_misses == 0

@@ -54,14 +54,53 @@ def test_each_offloaded_layer_is_copied_exactly_once_per_forward(layers, step, c
     assert runtime.counters.ensure_misses == 0
 
 
-def test_uncompiled_model_copies_each_layer_once_too():
-    model, reference, runtime = _offloaded(["linear"] * 5, group_size=1, prefetch_step=2)
+@pytest.mark.parametrize("layers,step", [(5, 2), (4, 1), (6, 4)])
+@pytest.mark.parametrize("compiler", ["inductor", "eager"])
+def test_chunked_copies_move_every_byte_once_per_forward(layers, step, compiler):
+    """The invariant above, chunk by chunk: each layer of a shared slot moves as three chunks (fc.weight, fc.bias,
+    gain, read in that order), and together they copy each of its bytes exactly once per forward."""
+    model, reference, runtime = _offloaded(["linear"] * layers, group_size=1, prefetch_step=step, chunked_copies=True)
+    shared = [layer for layer in runtime.offloaded if runtime.plan.next_in_slot(layer.offload_index) != layer.offload_index]
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": compiler})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+        for _ in range(3):
+            copies, copied = runtime.counters.copies, runtime.counters.copied_bytes
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+            assert runtime.counters.copies - copies == 3 * len(shared)
+            assert runtime.counters.copied_bytes - copied == sum(layer.nbytes for layer in shared)
+    assert runtime.counters.ensure_misses == 0
+
+
+def test_a_block_split_by_a_graph_break_loads_once_with_chunked_copies():
+    """Without chunks, the graph after the break finds its layer overwritten and reloads it (counted); with them, the
+    first graph releases only the pieces it read, and the second finds its own still in the slot."""
+    model = SplitStack(4)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, chunked_copies=True)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+        for _ in range(2):
+            copied = runtime.counters.copied_bytes
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+            assert runtime.counters.copied_bytes - copied == sum(layer.nbytes for layer in runtime.offloaded)
+    assert runtime.counters.ensure_misses == 0
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_uncompiled_model_copies_each_layer_once_too(chunked):
+    """An eager block call waits for and prefetches whole layers: one copy each, chunked plan or not."""
+    model, reference, runtime = _offloaded(["linear"] * 5, group_size=1, prefetch_step=2, chunked_copies=chunked)
     x = torch.randn(3, 16)
     with torch.no_grad():
         for _ in range(2):
-            before = runtime.counters.copies
+            before, copied = runtime.counters.copies, runtime.counters.copied_bytes
             torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
             assert runtime.counters.copies - before == 5
+            assert runtime.counters.copied_bytes - copied == sum(layer.nbytes for layer in runtime.offloaded)
     assert runtime.counters.ensure_misses == 0
 
 
@@ -199,17 +238,24 @@ def test_two_threads_get_right_answers():
 
 
 # ---------------------------------------------------------------- the ops
-def test_ops_pass_opcheck():
-    """The schemas say what the ops do: torch.library.opcheck runs them in every mode it knows."""
-    model, _, runtime = _offloaded(["linear"] * 4, group_size=2, prefetch_step=1)
+@pytest.mark.parametrize("chunked", [False, True])
+def test_ops_pass_opcheck(chunked):
+    """The schemas say what the ops do: torch.library.opcheck runs them in every mode it knows.
+
+    Chunked, each op takes one piece of a layer (its fc.weight, fc.bias or gain) and writes just that.
+    """
+    model, _, runtime = _offloaded(["linear"] * 4, group_size=2, prefetch_step=1, chunked_copies=chunked)
     first = [runtime.offloaded_params[p.name] for p in runtime.offloaded[0].params]
     second = [runtime.offloaded_params[p.name] for p in runtime.offloaded[1].params]
     live = [torch.randn(3, 16)]
+    assert len(runtime.plan.piece_starts) == (3 if chunked else 1)
+    chunks = [(first[piece : piece + 1], second[piece : piece + 1]) for piece in range(3)] if chunked else [(first, second)]
     with torch.no_grad():
-        torch.library.opcheck(WAIT, (second,))  # not resident: the wait copies it in (a real write)
-        torch.library.opcheck(WAIT, (first,))
-        torch.library.opcheck(START, (first, live))
-        torch.library.opcheck(START, (second + first, live))
+        for outgoing, incoming in chunks:
+            torch.library.opcheck(WAIT, (incoming,))  # not resident: the wait copies it in (a real write)
+            torch.library.opcheck(WAIT, (outgoing,))
+            torch.library.opcheck(START, (outgoing, [], live))
+            torch.library.opcheck(START, (incoming, outgoing, live))
 
 
 def test_fx_graph_cache_serves_a_second_process(tmp_path: Path):

@@ -7,12 +7,17 @@ overwrites its slot reads another layer's weights and the numbers differ.
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import prefetch_compile
 from toy_models import HeterogeneousStack, SplitStack, Stack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import llama_like  # noqa: E402  (examples/llama_like.py)
 
 MIXED = ["linear", "int8", "cast", "transposed", "packed", "linear", "int8", "cast"]
 
@@ -152,3 +157,77 @@ def test_one_compiled_function_serves_kept_and_offloaded_blocks():
             for block, reference_block in zip(model.layers, reference.layers):
                 x, want = run_block(block, x), reference_block(want)
             torch.testing.assert_close(x, want)
+
+
+# ------------------------------------------------------------------ chunked copies
+def _chunked_forwards(model, runtime, compiled, inputs):
+    """Run ``compiled`` on each input; per forward after the first, check the copies moved every byte of every
+    offloaded layer once, in more copies than layers (so the schedule really was chunked), with no ensure miss."""
+    layer_bytes = sum(layer.nbytes for layer in runtime.offloaded)
+    outputs = []
+    with torch.no_grad():
+        for number, x in enumerate(inputs):
+            copies, copied = runtime.counters.copies, runtime.counters.copied_bytes
+            outputs.append(compiled(x))
+            if number:
+                assert runtime.counters.copied_bytes - copied == layer_bytes
+                assert runtime.counters.copies - copies > len(runtime.offloaded)
+    assert runtime.counters.ensure_misses == 0
+    return outputs
+
+
+@pytest.mark.parametrize(
+    "kinds,compiler",
+    [
+        (["linear"] * 6, "inductor"),
+        (["linear"] * 6, "aot_eager"),
+        (["linear"] * 6, "eager"),
+        (["int8"] * 4, "inductor"),
+        (["packed"] * 4, "inductor"),
+    ],
+)
+def test_chunked_copies_through_one_slot(kinds, compiler):
+    """Every layer through one slot, each copy cut at the parameters: a start above a reader of the bytes it
+    overwrites, or a reader above its chunk's wait, reads another layer's bytes (CPU copies are synchronous)."""
+    model = Stack(kinds)
+    reference = copy.deepcopy(model)
+    options = {"group_size": 1, "prefetch_step": 1, "chunked_copies": True, "compiler": compiler}
+    compiled = torch.compile(model, backend="prefetch_offload", options=options)
+    inputs = batches(4)
+    with torch.no_grad():
+        compiled(inputs[0])  # offloads at the first call
+    runtime = prefetch_compile.runtime_of(model)
+    assert len(runtime.plan.piece_starts) > 1
+    assert_all_equal(zip(_chunked_forwards(model, runtime, compiled, inputs), [reference(x) for x in inputs]))
+
+
+def test_chunked_copies_in_two_slots_with_graph_breaks():
+    """Chunks wrap around the forward in each slot, and graphs that end inside the stack hand chunks to the next."""
+    model = Stack(["linear"] * 8, break_after=(2, 5))
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, num_in_group=2, prefetch_step=2, chunked_copies=True)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    inputs = batches(3)
+    assert_all_equal(zip(_chunked_forwards(model, runtime, compiled, inputs), [reference(x) for x in inputs]))
+
+
+def test_chunked_copies_of_heterogeneous_layers_fall_back_to_whole_blocks():
+    """Blocks of different shapes share no parameter boundary: one piece each, copied whole, still exact."""
+    model = HeterogeneousStack([16, 64, 8, 48, 16])
+    runtime = prefetch_compile.offload(copy.deepcopy(model), "cpu", group_size=1, chunked_copies=True)
+    assert runtime.plan.piece_starts == (0,)
+    assert_all_equal(run_both(model, {"group_size": 1, "chunked_copies": True}, batches(width=16)))
+
+
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_chunked_copies_of_llama_like(compiler):
+    """examples/llama_like.py (tiny): three offloaded layers take turns in one slot, nine pieces each."""
+    model = llama_like.build(llama_like.tiny_shape(6), "cpu", torch.float32, seed=0)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1, chunked_copies=True)
+    assert len(runtime.offloaded) == 3 and len(runtime.plan.piece_starts) == 9
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": compiler})
+    inputs = [llama_like.sample_tokens(model.shape, batch, seq, seed=batch) for batch, seq in [(2, 8), (2, 8), (1, 5)]]
+    outputs = _chunked_forwards(model, runtime, compiled, inputs)
+    with torch.no_grad():
+        assert_all_equal(zip(outputs, [reference(x) for x in inputs]))

@@ -27,6 +27,8 @@ from toy_models import Stack
         ({"cuda_graphs": "yes"}, "cuda_graphs must be True or False"),
         ({"dump_dir": 3}, "dump_dir must be a directory path"),
         ({"layers": ""}, "layers must be the dotted path"),
+        ({"chunked_copies": "yes"}, "chunked_copies must be True, False or 'auto', got 'yes'"),
+        ({"chunked_copies": 1}, "chunked_copies must be True, False or 'auto', got 1"),
         ({"group_sise": 4}, "unknown prefetch_offload option(s) ['group_sise']; allowed: "),
     ],
 )
@@ -138,3 +140,25 @@ def test_filter_fn_is_checked():
         PlanOptions(filter_fn="layers.1")
     with pytest.raises(OptionError, match="offload_layers or filter_fn, not both"):
         PlanOptions(offload_layers=(1,), filter_fn=lambda block, fqn: True)
+
+
+@pytest.mark.parametrize(
+    "width,knobs,chunked",
+    [
+        (2048, {}, True),  # one slot, 16 MiB blocks: "auto" chunks
+        (2048, {"prefetch_step": 2}, False),  # two slots already hide each copy behind a layer
+        (256, {}, False),  # 256 KiB blocks copy in microseconds: extra ops would not pay
+        (256, {"chunked_copies": True}, True),
+        (2048, {"chunked_copies": False}, False),
+    ],
+)
+def test_chunked_copies_auto_chunks_where_it_pays(width, knobs, chunked):
+    from prefetch_compile.plan import build_plan
+
+    with torch.device("meta"):
+        model = Stack(["linear"] * 4, width=width)
+    plan = build_plan(model, PlanOptions(group_size=2, **knobs))
+    assert (plan.piece_starts != (0,)) == chunked
+    if chunked:  # fc.weight, fc.bias, gain, at the same offsets in every block
+        assert [plan.pieces(layer) for layer in plan.offloaded][0] == plan.pieces(plan.offloaded[1])
+        assert len(plan.piece_starts) == 3

@@ -113,7 +113,7 @@ def test_start_takes_live_values_of_the_outgoing_layer(pass_results):
         if op.kind == "start":
             assert op.live, f"start of offload {op.offload_index} materialises nothing"
             for value in op.live:
-                assert result.analysis.depends_on[value] & (1 << op.after)
+                assert result.analysis.depends_on[value] & result.analysis.mask(op.after)
 
 
 SLOT_USE = re.compile(r"\b(arg\d+_1)\b")
@@ -145,7 +145,8 @@ def check_generated_code(code: str) -> int:
             readable.update(dict.fromkeys(names, True))
         elif "start_prefetch" in line:
             ops += 1
-            slot_part = line[line.index("[") : line.index("]")]
+            released, incoming = re.findall(r"\[[^\]]*\]", line)[:2]  # both lists of parameters it overwrites
+            slot_part = released + incoming
             readable.update(dict.fromkeys({alias_of.get(n, n) for n in SLOT_USE.findall(slot_part)}, False))
         else:
             stale = [name for name in names if readable.get(name) is False]
@@ -153,25 +154,28 @@ def check_generated_code(code: str) -> int:
     return ops
 
 
-@pytest.mark.parametrize("kinds,plan", [
-    (["linear", "int8", "cast", "transposed"], {"group_size": 1}),
-    (["packed", "linear"] * 2, {"group_size": 1, "prefetch_step": 2}),
-    (["linear"] * 6, {"group_size": 3, "num_in_group": 2}),
+@pytest.mark.parametrize("kinds,plan,chunks", [
+    (["linear", "int8", "cast", "transposed"], {"group_size": 1}, 1),
+    (["packed", "linear"] * 2, {"group_size": 1, "prefetch_step": 2}, 1),
+    (["linear"] * 6, {"group_size": 3, "num_in_group": 2}, 1),
+    (["linear"] * 4, {"group_size": 1, "chunked_copies": True}, 3),  # fc.weight, fc.bias, gain: a chunk each
+    (["packed"] * 4, {"group_size": 2, "num_in_group": 2, "chunked_copies": True}, 3),
 ])
-def test_inductor_schedule_keeps_reads_inside_windows(kinds, plan):
+def test_inductor_schedule_keeps_reads_inside_windows(kinds, plan, chunks):
+    """Inductor's final code, chunked or not: every slot read stands between its wait and the start that overwrites it."""
     model = Stack(kinds)
     prefetch_compile.offload(model, "cpu", **plan)
     compiled = torch.compile(model, backend="prefetch_offload")
     with torch.no_grad():
         _, codes = run_and_get_code(compiled, torch.randn(3, 16))
     offloaded = sum(1 for index in range(len(kinds)) if index % plan["group_size"] >= plan["group_size"] - plan.get("num_in_group", 1))
-    assert sum(check_generated_code(code) for code in codes) == 2 * offloaded
+    assert sum(check_generated_code(code) for code in codes) == 2 * offloaded * chunks
 
 
 def test_state_machine_catches_a_read_after_start():
     """The checker itself fails on a schedule that reads a slot after overwriting it."""
     bad = "def call(args):\n    torch.ops.prefetch_compile.wait_prefetch.default([arg0_1], 0)\n" \
-          "    torch.ops.prefetch_compile.start_prefetch.default([arg0_1], [buf1], 0)\n    kernel(arg0_1, buf2)\n"
+          "    torch.ops.prefetch_compile.start_prefetch.default([arg0_1], [], [buf1], 0)\n    kernel(arg0_1, buf2)\n"
     with pytest.raises(AssertionError, match="outside their wait..start window"):
         check_generated_code(bad)
 
@@ -188,9 +192,10 @@ class Interleaved(nn.Module):
         return self.layers[1](self.layers[0](x)) + early
 
 
-def test_interleaved_reads_of_one_slot_are_refused():
+@pytest.mark.parametrize("chunked", [False, True])
+def test_interleaved_reads_of_one_slot_are_refused(chunked):
     model = Interleaved()
-    prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1)
+    prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1, chunked_copies=chunked)
     compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
     with torch.no_grad(), pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match="share slot 0") as caught:
         compiled(torch.randn(2, 16))

@@ -35,6 +35,24 @@ def test_report_counts_every_copy_and_wait_per_layer():
     assert "overlap efficiency 0.50" in rendered
 
 
+def test_report_of_chunked_copies_counts_chunks_and_forwards():
+    """Three chunks per layer (fc.weight, fc.bias, gain): three copies and three waits of each layer per forward,
+    every byte copied once, and the forwards still counted as forwards."""
+    model = Stack(["linear"] * 4)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1, chunked_copies=True)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad():
+        compiled(torch.randn(2, 16))
+        runtime.start_recording()
+        for _ in range(3):
+            compiled(torch.randn(2, 16))
+    report = runtime.report()
+    assert report.forwards == 3
+    assert [(row.copies, row.waits, row.misses) for row in report.layers] == [(9, 9, 0), (9, 9, 0)]
+    assert report.copied_bytes == 3 * sum(layer.nbytes for layer in runtime.offloaded)
+    assert all(row.window_s is not None for row in report.layers)
+
+
 def test_report_counts_a_wait_nobody_prefetched_as_a_miss():
     model = Stack(["linear"] * 4)
     runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1)

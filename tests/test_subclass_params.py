@@ -83,12 +83,19 @@ def test_quantized_llama_matches_stock_inductor(kind):
     assert rows["layers.1"]["bytes"] == rows["layers.1"]["offloaded bytes"]  # int8 bytes, not the float32 view
 
 
+@pytest.mark.parametrize("chunked", [False, True])
 @pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
-def test_offload_first_then_compile_interleaved_with_eager_calls(compiler):
-    """Placed with offload(); Dynamo's graph (eager) takes subclass placeholders, AOT's (aot_eager) their leaves."""
+def test_offload_first_then_compile_interleaved_with_eager_calls(compiler, chunked):
+    """Placed with offload(); Dynamo's graph (eager) takes subclass placeholders, AOT's (aot_eager) their leaves.
+
+    Chunked, a quantized weight's leaves (qdata, scale) lie in one piece, which the ops name either way."""
     model = quantized_llama("int8")
     reference = copy.deepcopy(model)
-    prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1, chunked_copies=chunked)
+    if chunked:
+        weight = model.layers[1].mlp.up_proj.weight
+        assert len(runtime.plan.piece_starts) == 9
+        assert len({runtime.piece_of(leaf) for _, leaf in tensor_leaves(weight)} | {runtime.piece_of(weight)}) == 1
     compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": compiler})
     with torch.no_grad():
         for seed in range(3):

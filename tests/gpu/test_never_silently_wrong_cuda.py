@@ -23,10 +23,12 @@ def _shape(layers: int = 6) -> "llama_like.LlamaShape":
     return llama_like.LlamaShape(vocab=512, hidden=256, intermediate=512, heads=4, kv_heads=2, layers=layers)
 
 
-def _offloaded_llama(prefetch_step: int, layers: int = 6):
+def _offloaded_llama(prefetch_step: int, layers: int = 6, chunked: bool = False):
     model = llama_like.build(_shape(layers), device=DEVICE, dtype=torch.float32, seed=0)
     reference = copy.deepcopy(model)
-    runtime = prefetch_compile.offload(model, DEVICE, group_size=2, num_in_group=1, prefetch_step=prefetch_step)
+    runtime = prefetch_compile.offload(
+        model, DEVICE, group_size=2, num_in_group=1, prefetch_step=prefetch_step, chunked_copies=chunked
+    )
     compiled = torch.compile(model, backend="prefetch_offload", options={"cuda_graphs": True})
     return model, reference, runtime, compiled
 
@@ -39,9 +41,9 @@ def _exact(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("prefetch_step", [1, 2])
-def test_replay_after_an_eager_block_call_and_a_raised_forward(prefetch_step):
-    model, reference, runtime, compiled = _offloaded_llama(prefetch_step)
+@pytest.mark.parametrize("prefetch_step,chunked", [(1, False), (2, False), (1, True)])
+def test_replay_after_an_eager_block_call_and_a_raised_forward(prefetch_step, chunked):
+    model, reference, runtime, compiled = _offloaded_llama(prefetch_step, chunked=chunked)
     x = _tokens()
     with torch.inference_mode():
         want = reference(x)
@@ -62,9 +64,10 @@ def test_replay_after_an_eager_block_call_and_a_raised_forward(prefetch_step):
         _exact(compiled(x), want)
 
 
-@pytest.mark.parametrize("prefetch_step", [1, 2])
-def test_replays_copy_each_offloaded_layer_once(prefetch_step):
-    _, reference, runtime, compiled = _offloaded_llama(prefetch_step, layers=10)
+@pytest.mark.parametrize("prefetch_step,chunked", [(1, False), (2, False), (1, True), (2, True)])
+def test_replays_copy_each_offloaded_layer_once(prefetch_step, chunked):
+    """Every byte of every layer of a shared slot once per replay: one copy per layer, or one per chunk of it."""
+    _, reference, runtime, compiled = _offloaded_llama(prefetch_step, layers=10, chunked=chunked)
     x = _tokens()
     shared = [layer for layer in runtime.offloaded if sum(o.slot == layer.slot for o in runtime.offloaded) > 1]
     with torch.inference_mode():
@@ -72,9 +75,13 @@ def test_replays_copy_each_offloaded_layer_once(prefetch_step):
         for _ in range(3):
             compiled(x)
         for _ in range(3):
-            before = runtime.counters.copies
+            before, copied = runtime.counters.copies, runtime.counters.copied_bytes
             _exact(compiled(x), want)
-            assert runtime.counters.copies - before == len(shared)
+            assert runtime.counters.copied_bytes - copied == sum(layer.nbytes for layer in shared)
+            if chunked:
+                assert runtime.counters.copies - before > len(shared)
+            else:
+                assert runtime.counters.copies - before == len(shared)
     assert runtime.counters.ensure_misses == 0 and runtime.counters.restores == 0
 
 
@@ -120,8 +127,8 @@ def test_mutated_input_is_written_back_after_replay():
     _exact(cache, reference_cache)
 
 
-@pytest.mark.parametrize("prefetch_step", [1, 2])
-def test_hf_generate_with_static_cache_under_cuda_graphs(prefetch_step):
+@pytest.mark.parametrize("prefetch_step,chunked", [(1, False), (2, False), (1, True)])
+def test_hf_generate_with_static_cache_under_cuda_graphs(prefetch_step, chunked):
     """The README's one line on model.forward, HF generate with a static KV cache: tokens equal resident compiled."""
     transformers = pytest.importorskip("transformers")
     config = transformers.LlamaConfig(
@@ -135,7 +142,9 @@ def test_hf_generate_with_static_cache_under_cuda_graphs(prefetch_step):
     model.forward = torch.compile(
         model.forward,
         backend="prefetch_offload",
-        options={"group_size": 2, "num_in_group": 1, "prefetch_step": prefetch_step, "cuda_graphs": True},
+        options={
+            "group_size": 2, "num_in_group": 1, "prefetch_step": prefetch_step, "chunked_copies": chunked, "cuda_graphs": True,
+        },
     )
     prompt = torch.randint(0, 512, (1, 12), device=DEVICE)
     settings = dict(max_new_tokens=24, do_sample=False, cache_implementation="static")

@@ -48,16 +48,39 @@ def tokens(batch: int, seq: int) -> torch.Tensor:
     return torch.randint(0, 1024, (batch, seq), device=DEVICE)
 
 
-@pytest.mark.parametrize("prefetch_step", [1, 2])
-def test_llama_like_bf16_matches_compiled_resident(prefetch_step):
+@pytest.mark.parametrize("prefetch_step,chunked", [(1, False), (2, False), (1, True)])
+def test_llama_like_bf16_matches_compiled_resident(prefetch_step, chunked):
     model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.bfloat16, seed=0)
     resident = torch.compile(copy.deepcopy(model))
-    prefetch_compile.offload(model, DEVICE, group_size=2, num_in_group=1, prefetch_step=prefetch_step)
+    runtime = prefetch_compile.offload(
+        model, DEVICE, group_size=2, num_in_group=1, prefetch_step=prefetch_step, chunked_copies=chunked
+    )
+    assert (len(runtime.plan.piece_starts) > 1) == chunked
     compiled = torch.compile(model, backend="prefetch_offload")
     with torch.inference_mode():
-        for batch, seq in [(1, 16), (4, 16), (1, 64), (4, 16)]:
+        for batch, seq in [(1, 16), (4, 16), (1, 64), (4, 16), (1, 512)]:
             x = tokens(batch, seq)
             assert_bf16_close(compiled(x), resident(x))
+    assert runtime.counters.ensure_misses == 0
+
+
+@pytest.mark.parametrize("cuda_graphs", [False, True])
+def test_chunked_copies_are_exact_in_float32(cuda_graphs):
+    """One slot, chunked copies on the device's streams: the same numbers as the resident compiled model, and every
+    byte of every offloaded layer copied once per forward (a chunk copied too early shows as a large error)."""
+    model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.float32, seed=0)
+    resident = torch.compile(copy.deepcopy(model))
+    runtime = prefetch_compile.offload(model, DEVICE, group_size=2, prefetch_step=1, chunked_copies=True)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"cuda_graphs": cuda_graphs})
+    layer_bytes = sum(layer.nbytes for layer in runtime.offloaded)
+    with torch.inference_mode():
+        for step, (batch, seq) in enumerate([(1, 256), (1, 256), (2, 1), (2, 1), (1, 256), (2, 1), (1, 256)]):
+            x = tokens(batch, seq)
+            copied = runtime.counters.copied_bytes
+            torch.testing.assert_close(compiled(x), resident(x), rtol=1e-4, atol=1e-4)
+            if step >= 4:  # both shapes warmed up (and captured)
+                assert runtime.counters.copied_bytes - copied == layer_bytes
+    assert runtime.counters.ensure_misses == 0 and runtime.counters.restores == 0
 
 
 def test_hf_tiny_llama_on_cuda():
@@ -128,19 +151,25 @@ def test_reported_savings_match_measurement():
     assert runtime.host.buffer.is_pinned()
 
 
-def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path):
-    """From a profiler trace: memcpys run beside kernels, and each starts after every kernel launched before it."""
+@pytest.mark.parametrize("chunked", [False, True])
+def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path, chunked):
+    """From a profiler trace: memcpys run beside kernels, and each starts after every kernel launched before it.
+
+    Chunked, each layer's copy is several memcpys, each started after the previous layer's last read of its bytes.
+    """
     model = llama_like.build(small_llama_shape(layers=8), device=DEVICE, dtype=torch.bfloat16, seed=0)
-    prefetch_compile.offload(model, DEVICE, group_size=2, num_in_group=1, prefetch_step=1)
+    runtime = prefetch_compile.offload(model, DEVICE, group_size=2, num_in_group=1, prefetch_step=1, chunked_copies=chunked)
     compiled = torch.compile(model, backend="prefetch_offload")
     x = tokens(1, 2048)
     with torch.inference_mode():
         for _ in range(2):
             compiled(x)
         torch.cuda.synchronize()
+        copies_before = runtime.counters.copies
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as profile:
             compiled(x)
             torch.cuda.synchronize()
+    copies_made = runtime.counters.copies - copies_before
     profile.export_chrome_trace(str(tmp_path / "trace.json"))
     events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
     kernels = [e for e in events if e.get("cat") == "kernel"]
@@ -151,7 +180,8 @@ def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path):
         for e in events
         if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
     }
-    assert len(copies) == 4, [c["name"] for c in copies]  # one copy per offloaded layer per forward
+    assert copies_made == (4 if not chunked else 4 * 4)  # per offloaded layer: the whole block, or 4 chunks (in..post-norm, gate, up, down)
+    assert len(copies) == copies_made, [c["name"] for c in copies]
     overlapping = 0
     for copy_event in copies:
         copy_start, copy_end = copy_event["ts"], copy_event["ts"] + copy_event["dur"]
@@ -159,14 +189,14 @@ def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path):
         earlier = [k for k in kernels if launches[k["args"]["correlation"]]["ts"] < issued]
         assert all(k["ts"] + k["dur"] <= copy_start + 1 for k in earlier), "a copy started before a kernel queued ahead of it finished"
         overlapping += any(k["ts"] < copy_end and copy_start < k["ts"] + k["dur"] for k in kernels)
-    assert overlapping >= 3, f"only {overlapping} of {len(copies)} copies overlapped a kernel"
+    assert overlapping >= (3 if not chunked else len(copies) // 2), f"only {overlapping} of {len(copies)} copies overlapped a kernel"
 
 
-@pytest.mark.parametrize("prefetch_step", [1, 2])
-def test_cuda_graph_replays_stay_correct(prefetch_step):
+@pytest.mark.parametrize("prefetch_step,chunked", [(1, False), (2, False), (1, True)])
+def test_cuda_graph_replays_stay_correct(prefetch_step, chunked):
     model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.bfloat16, seed=0)
     resident = torch.compile(copy.deepcopy(model))
-    prefetch_compile.offload(model, DEVICE, group_size=2, prefetch_step=prefetch_step)
+    prefetch_compile.offload(model, DEVICE, group_size=2, prefetch_step=prefetch_step, chunked_copies=chunked)
     compiled = torch.compile(model, backend="prefetch_offload", options={"cuda_graphs": True})
     with torch.inference_mode():
         for step in range(12):

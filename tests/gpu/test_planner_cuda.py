@@ -53,6 +53,7 @@ def test_report_reads_every_copy_and_the_stall():
         for _ in range(2):
             compiled(tokens)
         runtime.start_recording()
+        copies_before = runtime.counters.copies
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
@@ -64,7 +65,9 @@ def test_report_reads_every_copy_and_the_stall():
     print(report.render())
     forward_s = start.elapsed_time(end) / 1e3 / 5
     assert report.forwards == 5 and report.misses == 0
-    assert report.copies == 5 * len(runtime.offloaded)  # one slot, four offloaded layers: all four move every forward
+    # One slot, four offloaded layers: all four move every forward (in chunks: "auto" cuts these 30 MB blocks).
+    assert report.copied_bytes == 5 * sum(layer.nbytes for layer in runtime.offloaded)
+    assert report.copies == runtime.counters.copies - copies_before
     assert 1e9 < report.bandwidth < 1e12
     assert 0 <= report.stall_per_forward < forward_s
     assert statistics.fmean(row.copy_s for row in report.layers) > 0
