@@ -394,3 +394,17 @@ def test_a_non_contiguous_parameter_cannot_be_read_from_disk(checkpoint):
     assert weight.shape == model.model.layers[3].mlp.up_proj.weight.shape
     with pytest.raises(OptionError, match=r"^model.layers.3.mlp.up_proj.weight would be read from disk, but the model holds it with strides \(1, 128\)"):
         prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **PLAN, host_budget=budget_for(checkpoint, 2))
+
+
+def test_a_disk_tier_never_chunks_copies(checkpoint, original, monkeypatch):
+    """A disk-resident layer is staged and copied whole: chunked_copies=True is refused, "auto" does not chunk."""
+    monkeypatch.setattr("prefetch_compile.plan.AUTO_CHUNK_MIN_BYTES", 0)  # "auto" would chunk these tiny layers
+    assert build_plan(meta_llama(), PlanOptions(**PLAN, prefetch_step=1)).piece_starts != (0,)
+    with pytest.raises(OptionError, match="chunked_copies=True and host_budget cannot be combined"):
+        prefetch_compile.load_checkpoint(
+            meta_llama(), checkpoint, "cpu", **PLAN, chunked_copies=True, host_budget=budget_for(checkpoint, 2)
+        )
+    model, runtime = load(checkpoint, prefetch_step=1)
+    assert runtime.plan.piece_starts == (0,)
+    tokens = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(logits(model, tokens), logits(original, tokens))
