@@ -198,6 +198,14 @@ def compile_with_inductor(
     with the source of the pass and the ops it becomes the pass's uuid, so that
     Inductor's FX graph cache serves a compiled graph again only where the pass
     would have produced the same code. A None key bypasses the cache.
+
+    Inductor's ``reorder_for_locality`` is off for these graphs: it runs before the
+    post-grad hook and moves compute of one block (say, a diffusion transformer
+    block's modulation matmul, which reads only that block's weights and the time
+    embedding) next to its last user, past the next block's first read. Two
+    layers sharing a slot would then really interleave, and the pass could only
+    refuse them (SlotConflictError). The scheduler still fuses as before; only
+    the pre-fusion node order is left as the model wrote it.
     """
     import torch._inductor.config as inductor_config
     from torch._inductor.compile_fx import compile_fx
@@ -220,7 +228,8 @@ def compile_with_inductor(
                 return None  # the user's pass cannot be cached, so neither can the pair
             return (get_hash_for_files(sources).hex(), cache_key, user_uuid)
 
-    return compile_fx(gm, example_inputs, config_patches={"post_grad_custom_post_pass": ChainedPostGradPass()})
+    patches = {"post_grad_custom_post_pass": ChainedPostGradPass(), "reorder_for_locality": False}
+    return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_pass: Callable[[fx.Graph], None]) -> Callable:

@@ -88,16 +88,12 @@ def test_one_line_first_call_under_inductor(name, prefetch_step, no_recompiles):
     assert torch.equal(first, second)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch._dynamo.exc.BackendCompilerFailed,
-    reason="issue 8 case 9 not fixed under Inductor: its reorder_for_locality pass, which runs before the prefetch "
-    "pass, leaves a matmul of one block after the next block's first read (SlotConflictError); with "
-    "torch._inductor.config.reorder_for_locality off both are exact",
-)
 @pytest.mark.parametrize("name", ["flux", "sd3"])
 def test_every_diffusion_block_through_one_slot_under_inductor(name):
-    """Issue 8 case 9: every block of Flux and SD3 through one slot was refused with SlotConflictError."""
+    """Issue 8 case 9: every block of Flux and SD3 through one slot was refused with SlotConflictError.
+
+    Under Inductor the refusal came from its reorder_for_locality pass, which the backend now turns off.
+    """
     entry = BY_NAME[name]
     model = entry.build()
     reference = copy.deepcopy(model)
