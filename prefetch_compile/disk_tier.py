@@ -128,7 +128,12 @@ class DiskTier:
 
     @property
     def reads(self) -> dict[int, int]:
-        """Completed reads per disk-resident layer (offload index) since the runtime was built."""
+        """Reads handed to a copy, per disk-resident layer (offload index), since the runtime was built.
+
+        Counted when the runtime takes the layer, not when the reader thread finishes it: a
+        read ahead that nobody has taken yet is in neither this count nor ``discarded``, so
+        the count after a forward does not depend on how far the reader has got.
+        """
         return self._ring.counts()[0]
 
     @property
@@ -196,6 +201,7 @@ class _Ring:
                 self._fills.popleft()
                 self._queue_next(fill.buffer)  # the buffer holds nothing the next fill must wait for
                 raise fill.error
+            self._reads[offload_index] += 1
         buffer = self.buffers[fill.buffer]
         layer = self.layout.layers[offload_index]
         pieces = tuple((buffer[p.staging_offset : p.staging_offset + p.nbytes], p.block_offset) for p in layer.pieces)
@@ -246,8 +252,6 @@ class _Ring:
                 fill.error = error
             with self._cond:
                 fill.state = "filled"
-                if fill.error is None:
-                    self._reads[fill.offload_index] += 1
                 self._cond.notify_all()
 
     def _read(self, layer: DiskLayer, buffer: torch.Tensor) -> None:

@@ -133,7 +133,9 @@ def test_layers_alone_in_their_slots_are_read_once(checkpoint, original):
         assert torch.equal(logits(model, tokens), logits(original, tokens))
     reads = runtime.disk.reads
     assert all(reads[index] == 1 for index in lone)
-    assert all(reads[index] >= 4 for index in reads if index not in lone)  # placed, then once per forward
+    # Slots 0 and 1 take turns: layers 0 and 1 are placed, then re-read at the end of each forward for the
+    # next; layers 6 and 7 are read once in each forward. A read is counted when it is copied, so exactly.
+    assert {index: reads[index] for index in reads if index not in lone} == {0: 4, 1: 4, 6: 3, 7: 3}
     assert runtime.disk.discarded == 0 and runtime.counters.ensure_misses == 0
 
 
