@@ -21,6 +21,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import torch
 
@@ -28,7 +29,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
 # safetensors dtype names; the float8 ones exist only in newer torch releases.
-_DTYPES = {
+_DTYPES = MappingProxyType({
     name: getattr(torch, attr)
     for name, attr in {
         "BOOL": "bool",
@@ -49,7 +50,7 @@ _DTYPES = {
         "F8_E5M2": "float8_e5m2",
     }.items()
     if hasattr(torch, attr)
-}
+})
 
 
 class CheckpointError(ValueError):

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
+from types import MappingProxyType
 from typing import Sequence
 
 import torch
@@ -26,7 +27,7 @@ from .offload import offload_with_options
 from .plan import build_plan
 from .plan_table import plan_rows, plan_summary, render_plan_table, render_summary
 
-INPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "long": torch.long}
+INPUT_DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "long": torch.long})
 TOKEN_IDS = 100  # random token ids are drawn below this, which any vocabulary covers
 TIMELINE_WARMUP_CALLS = 2
 

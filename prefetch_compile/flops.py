@@ -10,6 +10,7 @@ functions and tensor methods (Dynamo graphs).
 from __future__ import annotations
 
 import math
+from types import MappingProxyType
 
 import torch
 from torch import fx
@@ -17,9 +18,9 @@ from torch import fx
 from .passes import node_value
 
 # Op name -> position of the left operand, whose last dimension is the contracted one.
-_MATMUL_LEFT = {"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1, "matmul": 0, "linear": 0}
-_CONVOLUTIONS = {"convolution", "_convolution", "conv1d", "conv2d", "conv3d"}
-_TRANSPOSED_CONVOLUTIONS = {"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"}
+_MATMUL_LEFT = MappingProxyType({"mm": 0, "addmm": 1, "bmm": 0, "baddbmm": 1, "matmul": 0, "linear": 0})
+_CONVOLUTIONS = frozenset({"convolution", "_convolution", "conv1d", "conv2d", "conv3d"})
+_TRANSPOSED_CONVOLUTIONS = frozenset({"conv_transpose1d", "conv_transpose2d", "conv_transpose3d"})
 
 
 def estimate_flops(node: fx.Node) -> int | None:
