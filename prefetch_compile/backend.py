@@ -85,15 +85,65 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     cache_key = _pass_key(runtime, example_inputs) if parsed.compile.dump_dir is None else None
     compiled = _inner_compile(gm, compile_inputs, parsed, graph_pass, cache_key)
 
-    def run(*args: Any) -> Any:
-        with runtime.serving(f"graph {graph_name}"):
-            outputs = compiled(*args)
+    graphs = parsed.compile.cuda_graphs and runtime.device.type == "cuda"
+    run = _ServedGraph(compiled, runtime, graph_name, example_inputs, graphs)
+    return graphed(run, runtime, example_inputs) if graphs else run
+
+
+class _ServedGraph:
+    """A compiled graph, run under the runtime that owns the offloaded parameters it is called with.
+
+    Dynamo may serve this graph to another instance of the same model class: the
+    guards of a graph compiled on the one-line path were built before its model
+    was offloaded, so they hold for a twin that is not offloaded. The parameters
+    the graph then receives belong to no runtime (the ops do nothing: right
+    answers, but no memory saved, which is said once), or to another runtime
+    (a twin offloaded on its own: the graph runs under that runtime's lock,
+    since the ops find their runtime through the parameters; refused under
+    CUDA graphs, whose replay guard is bound to this graph's runtime).
+    """
+
+    def __init__(
+        self, compiled: Callable, runtime: PrefetchRuntime, name: str, example_inputs: list[Any], cuda_graphs: bool
+    ) -> None:
+        self._compiled = compiled
+        self._runtime = runtime
+        self._name = f"graph {name}"
+        self._cuda_graphs = cuda_graphs
+        self._probe = next((i for i, value in enumerate(example_inputs) if runtime.locate(value)), None)
+        self._warned = False
+
+    def __call__(self, *args: Any) -> Any:
+        runtime = self._runtime
+        if self._probe is not None:
+            owner = runtime_of_tensor(args[self._probe])
+            if owner is not runtime:
+                runtime = self._other_owner(owner)
+        if runtime is None:
+            return self._compiled(*args)
+        with runtime.serving(self._name):
+            outputs = self._compiled(*args)
             runtime.join_capture()
         return outputs
 
-    if parsed.compile.cuda_graphs and runtime.device.type == "cuda":
-        return graphed(run, runtime, example_inputs)
-    return run
+    def _other_owner(self, owner: PrefetchRuntime | None) -> PrefetchRuntime | None:
+        if owner is not None and self._cuda_graphs:
+            raise RuntimeError(
+                f"{self._name} was compiled and captured for one offloaded model and is now called with the "
+                "parameters of another offloaded model (Dynamo reused it for an instance of the same class); "
+                "with cuda_graphs=True each model needs its own compiled function: torch.compile each model "
+                "separately after offloading it, or call torch._dynamo.reset() in between"
+            )
+        if owner is None and not self._warned:
+            self._warned = True
+            log.warning(
+                "prefetch_compile: %s was compiled for an offloaded model and Dynamo now runs it for a module whose "
+                "parameters are not offloaded (another instance of the same class, reusing the compiled graph): "
+                "nothing is offloaded for it. Call prefetch_compile.offload(model, ...) on each model before "
+                "torch.compile, or torch._dynamo.reset() before compiling the next one",
+                self._name,
+            )
+        return owner
 
 
 def run_prefetch_pass(

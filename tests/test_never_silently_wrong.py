@@ -318,3 +318,53 @@ def test_a_model_without_a_block_list_says_nothing_was_offloaded(caplog):
         compiled(torch.randn(2, 16))
     assert any("nothing offloaded" in record.getMessage() and "Sequential" in record.getMessage() for record in caplog.records)
     assert prefetch_compile.runtime_of(model) is None
+
+
+def test_a_twin_served_a_graph_compiled_for_an_offloaded_model_says_so(caplog):
+    """A second instance of one class, compiled the same way: Dynamo serves it the first model's graph.
+
+    That graph's guards were built before the first model was offloaded, so the backend (which offloads)
+    never runs for the twin. Its answers stay right, but it is not offloaded: that must not pass in silence.
+    """
+    transformers = pytest.importorskip("transformers")
+    from model_zoo import tiny_decoder_config
+
+    def tiny(seed: int):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_decoder_config())).eval()
+
+    first, twin = tiny(0), tiny(1)
+    reference = copy.deepcopy(twin)
+    options = {"group_size": 2, "compiler": "aot_eager"}
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="prefetch_compile"):
+        torch.compile(first, backend="prefetch_offload", options=options)(ids)
+        got = torch.compile(twin, backend="prefetch_offload", options=options)(ids).logits
+    assert prefetch_compile.runtime_of(first) is not None
+    torch.testing.assert_close(got, reference(ids).logits, rtol=0, atol=0)
+    if prefetch_compile.runtime_of(twin) is None:
+        warnings = [r.getMessage() for r in caplog.records if "nothing is offloaded for it" in r.getMessage()]
+        assert len(warnings) == 1, "a twin left resident must be warned about, once"
+
+
+def test_two_models_offloaded_on_their_own_each_run_under_their_own_runtime():
+    """Two offloaded instances of one class, compiled alike: a shared graph must copy each model's own layers."""
+    transformers = pytest.importorskip("transformers")
+    from model_zoo import tiny_decoder_config
+
+    models, references, runtimes, compiled = [], [], [], []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_decoder_config())).eval()
+        references.append(copy.deepcopy(model))
+        runtimes.append(prefetch_compile.offload(model, "cpu", group_size=2))
+        compiled.append(torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"}))
+        models.append(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for _ in range(2):
+            for model, reference, runtime, function in zip(models, references, runtimes, compiled):
+                before = runtime.counters.copies
+                torch.testing.assert_close(function(ids).logits, reference(ids).logits, rtol=0, atol=0)
+                assert runtime.counters.copies - before == len(runtime.offloaded)
+    assert all(runtime.counters.ensure_misses == 0 for runtime in runtimes)
