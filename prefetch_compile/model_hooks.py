@@ -87,6 +87,8 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
 # own, guarded on the runtime's slot state, and recompiled at every call.
 @torch.compiler.disable
 def _enter_block(runtime: PrefetchRuntime, names: list[str], name: str, offload_index: int) -> None:
+    # The lock first: the block's forward hook runs (always_call) when anything here raises, and releases it.
+    runtime.acquire(f"eager call of {name}")
     if torch.is_grad_enabled() and any(runtime.offloaded_params[param].requires_grad for param in names):
         raise RuntimeError(
             f"{name} is offloaded and grad mode is on: a backward would read weights that later layers have "
@@ -94,7 +96,6 @@ def _enter_block(runtime: PrefetchRuntime, names: list[str], name: str, offload_
             "torch.inference_mode(), or call requires_grad_(False) on the model"
         )
     runtime.check_placement(names)
-    runtime.acquire(f"eager call of {name}")
     runtime.wait(offload_index)
 
 
