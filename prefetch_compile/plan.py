@@ -193,7 +193,7 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
 
 
 def log_plan_choice(model: nn.Module, plan: OffloadPlan) -> None:
-    """Say which layer list the plan uses, and warn when it offloads nothing.
+    """Say which layer list the plan uses, and warn when it offloads nothing or saves no device memory.
 
     Called where a plan is put to use (``offload()``, ``load_checkpoint()``), not in
     :func:`build_plan`, which the budget planner calls for every candidate.
@@ -202,6 +202,17 @@ def log_plan_choice(model: nn.Module, plan: OffloadPlan) -> None:
     log.info(describe_layer_list(model, plan.layer_list_path, blocks, given=plan.options.layers is not None))
     if not plan.offloaded:
         log.warning(_nothing_offloaded(plan.layer_list_path, blocks, plan.options))
+    elif sum(plan.slot_bytes()) >= plan.offloaded_bytes():
+        log.warning(
+            "prefetch_compile: the plan saves no device memory: its %d offloaded layer(s) of '%s' take %d "
+            "slot(s) of %d bytes in all, at least the %d bytes they move off the device (each slot holds "
+            "a layer for good when no other layer shares it); offload more layers or lower prefetch_step",
+            len(plan.offloaded),
+            plan.layer_list_path,
+            plan.num_slots,
+            sum(plan.slot_bytes()),
+            plan.offloaded_bytes(),
+        )
 
 
 def _offloads_layer(options: PlanOptions, index: int, block: nn.Module, fqn: str) -> bool:

@@ -99,10 +99,24 @@ def test_a_plan_that_offloads_nothing_warns(caplog, knobs, reason):
     assert len(warnings) == 1 and "the plan offloads nothing from 'layers'" in warnings[0] and reason in warnings[0]
 
 
-def test_a_plan_that_offloads_something_does_not_warn(caplog):
+def test_a_plan_that_saves_memory_does_not_warn(caplog):
     with caplog.at_level("WARNING", logger="prefetch_compile"):
-        prefetch_compile.offload(Stack(["linear"] * 4), "cpu")
+        prefetch_compile.offload(Stack(["linear"] * 4), "cpu", group_size=2)  # two layers take turns in one slot
     assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [{}, {"group_size": 2, "prefetch_step": 2}],
+    ids=["one-layer-one-slot", "a-slot-per-layer"],
+)
+def test_a_plan_that_saves_no_device_memory_warns(caplog, knobs):
+    """One offloaded layer, or as many slots as offloaded layers: every layer stays in its slot, nothing is saved."""
+    with caplog.at_level("WARNING", logger="prefetch_compile"):
+        runtime = prefetch_compile.offload(Stack(["linear"] * 4), "cpu", **knobs)
+    assert runtime.plan.offloaded and runtime.stats().device_bytes_saved <= 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "the plan saves no device memory" in warnings[0]
 
 
 def test_moe_experts_only_plan_keeps_router_and_mixing_on_the_device():
