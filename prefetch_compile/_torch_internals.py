@@ -107,6 +107,13 @@ def static_fake(tensor: torch.Tensor) -> torch.Tensor:
     return TracingContext.get().fake_mode.from_tensor(tensor.detach(), static_shapes=True)
 
 
+def is_compiled_wrapper(module: nn.Module) -> bool:
+    """Whether ``module`` is the ``OptimizedModule`` that ``torch.compile(model)`` wraps a model in (it holds the model)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+
+    return isinstance(module, OptimizedModule)
+
+
 def compile_id() -> str:
     """Dynamo's id of the graph being compiled (``frame/recompile``, as in ``TORCH_LOGS`` and tlparse), or ``"eager"``."""
     from torch._guards import CompileContext

@@ -70,6 +70,9 @@ def model_to_offload(gm: fx.GraphModule, plan: PlanOptions | None, budget: Budge
     try:
         find_layer_list(module, plan.layers if plan else None)
     except OptionError as error:
+        is_root = all(_torch_internals.is_compiled_wrapper(outer) for outer in enclosing)
+        if is_root and plan is not None and plan.layers is not None:
+            raise  # the model itself lacks the block list asked for: a wrong path, not a graph break
         _warn(
             f"Dynamo compiles it for {type(module).__name__}, which has no block list: {error}" + _BREAK_HINT
         )

@@ -79,6 +79,14 @@ def test_layers_override_must_name_a_block_list():
         prefetch_compile.offload(Stack(["linear"] * 2), "cpu", layers="nope")
 
 
+@pytest.mark.parametrize("layers", ["head", "nope", "layer"])
+def test_one_line_path_refuses_a_layers_path_the_model_lacks(layers):
+    """A typo in ``layers`` used to compile the model un-offloaded, with a warning that blamed a graph break."""
+    compiled = torch.compile(Stack(["linear"] * 4), backend="prefetch_offload", options={"layers": layers})
+    with torch.no_grad(), pytest.raises(Exception, match=f"layers='{layers}'"):
+        compiled(torch.randn(2, 16))
+
+
 def test_model_without_block_list_asks_for_layers():
     with pytest.raises(OptionError, match="pass options=\\{'layers'"):
         prefetch_compile.offload(nn.Linear(4, 4), "cpu")
