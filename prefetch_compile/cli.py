@@ -112,7 +112,15 @@ def _offload_compile_and_run(model: nn.Module, options: PlanOptions, args: argpa
     compiled = torch.compile(model, backend="prefetch_offload", options=compile_options)
     example = make_input(args.input_shape, args.input_dtype, device)
     with torch.no_grad():
-        compiled(example)
+        try:
+            compiled(example)
+        except Exception as error:  # the model's own complaint about the random input, in one line
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+            raise CliError(
+                f"{type(model).__name__} failed on a random {args.input_dtype} input of shape "
+                f"{','.join(map(str, args.input_shape))}: {reason[:300]}; pass the model's input with --input-shape "
+                "and --input-dtype (token ids: --input-dtype long)"
+            ) from None
         if args.timeline is not None:
             for _ in range(TIMELINE_WARMUP_CALLS):
                 compiled(example)

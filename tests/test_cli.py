@@ -89,6 +89,14 @@ def test_bad_knob_is_one_line(capsys):
     assert "num_in_group=3 must be <= group_size=2" in line
 
 
+def test_a_model_that_rejects_the_random_input_is_one_line(capsys, tmp_path):
+    """The model takes (2, 16) float activations; (2, 7) does not fit its first layer."""
+    assert main([MODEL_SPEC, "--group-size", "2", "--dump-dir", str(tmp_path), "--input-shape", "2,7"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("prefetch_compile: error: ") and "failed on a random float32 input of shape 2,7" in line
+    assert "--input-dtype long" in line
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
 def test_timeline_without_cuda_is_one_line(capsys, tmp_path):
     assert main([MODEL_SPEC, "--timeline", str(tmp_path / "t.png")]) == 2
