@@ -118,7 +118,8 @@ class BudgetOptions:
         if self.example_inputs is None and self.activation_bytes is None:
             raise OptionError(
                 "budget needs the activations it must leave room for: pass example_inputs (the forward's "
-                "arguments, or tensors of their shapes on the meta device) or activation_bytes"
+                "arguments, or tensors of their shapes on the meta device), or activation_bytes together with "
+                "a cost_table (without example_inputs nothing says how long each layer computes)"
             )
         if self.activation_bytes is not None:
             _require_int("activation_bytes", self.activation_bytes, minimum=0)
