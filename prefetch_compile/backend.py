@@ -2,12 +2,14 @@
 
 For each graph Dynamo hands over, the backend finds the runtime that owns the
 graph's offloaded parameters (offloading the model first if nobody has: the
-one-line path, whose choice of module is ``lazy_offload.py``'s), refuses what it cannot run correctly (gradients, parameters
-moved out of their slots, Inductor freezing), runs the inner compiler with the
-prefetch pass at the level that compiler schedules (ATen for Inductor and
-aot_eager, Dynamo's graph for eager), and returns a callable that holds the
-runtime while the graph runs and joins the copy stream into an enclosing CUDA
-graph capture; with ``cuda_graphs=True``, that callable is captured and replayed.
+one-line path, whose choice of module is ``lazy_offload.py``'s), refuses what
+it cannot run correctly (gradients, parameters moved out of their slots,
+Inductor freezing), runs the inner compiler with the prefetch pass at the level
+that compiler schedules (ATen for Inductor and aot_eager, Dynamo's graph for
+eager), and returns a callable that holds the runtime owning the parameters it
+is called with while the graph runs, and joins the copy stream into an
+enclosing CUDA graph capture; with ``cuda_graphs=True``, that callable is
+captured and replayed.
 """
 
 from __future__ import annotations
