@@ -22,12 +22,13 @@ resident model's bytes, or sizes like ``6GiB``):
 Compilation dominates the run, so by default the decoder blocks are compiled
 one by one (``Module.compile``; embedding and head run eagerly, the same for
 every plan): Dynamo compiles one graph per shape, shared by all blocks, instead
-of the whole stack per plan. In that mode the prefetch pass does not run (the
-compiled block graphs read no offloaded parameter the backend can place); the
-offload's eager hooks wait for each offloaded block before it runs and start
-the next copy after it, which is the same schedule at block granularity. The
-cost tables therefore drop their read spans (a copy is needed at its block's
-start, as the hooks do) so that predictions describe what runs.
+of the whole stack per plan. In that mode the offload's eager hooks wait for
+each offloaded block before it runs and start the next copy after it, which is
+the same schedule at block granularity (a block graph compiled for an offloaded
+block also holds the pass's ops; its waits then find the layer in, and
+``runtime.report()`` counts forwards, not waits). The cost tables therefore
+drop their read spans (a copy is needed at its block's start, as the hooks do)
+so that predictions describe what runs.
 ``--compile model`` compiles the whole forward with the pass (the product's
 path, read spans kept), at a much higher compile cost per plan.
 

@@ -12,7 +12,7 @@ synchronisation. Nothing is recorded inside a CUDA graph capture (a replay
 re-runs the captured copies without calling the runtime).
 
 The stall of a layer is how long the compute stream sat in ``wait`` for its
-copy: summed over a forward it is what offloading added to the forward's time,
+pieces, per forward: summed over the layers it is what offloading added to a forward's time,
 which is how the report is checked against the measured time minus the
 compute-only time.
 """
@@ -57,7 +57,7 @@ class LayerReport:
     copied_bytes: int
     copy_s: float  # mean duration of one copy
     window_s: float | None  # mean compute-stream time from the copy's issue to the layer's first read
-    stall_s: float  # mean time the compute stream waited for the copy, per wait
+    stall_s: float  # time the compute stream waited for the layer's pieces, per forward (all its waits)
     waits: int
     misses: int
 
@@ -67,7 +67,7 @@ class CopyReport:
     """Recorded copies since the recorder was (re)started, per layer and in total."""
 
     layers: tuple[LayerReport, ...]
-    forwards: int  # forwards recorded (waits of the first offloaded layer)
+    forwards: int  # forwards recorded (see CopyRecorder._forwards)
 
     @property
     def copies(self) -> int:
@@ -93,8 +93,7 @@ class CopyReport:
     @property
     def stall_per_forward(self) -> float:
         """What offloading added to a forward: the compute stream's total wait, per forward."""
-        stall = sum(row.stall_s * row.waits for row in self.layers)
-        return stall / self.forwards if self.forwards else 0.0
+        return sum(row.stall_s for row in self.layers)
 
     def efficiency(self, compute_only_s: float, measured_s: float) -> float | None:
         """limit / measured, limit = max(compute-only time, one forward's copies at the achieved bandwidth)."""
@@ -110,7 +109,7 @@ class CopyReport:
                 "copies": layer.copies,
                 "copy ms": f"{layer.copy_s * 1e3:.3f}",
                 "window ms": "-" if layer.window_s is None else f"{layer.window_s * 1e3:.3f}",
-                "stall ms": f"{layer.stall_s * 1e3:.3f}",
+                "stall ms/forward": f"{layer.stall_s * 1e3:.3f}",
                 "misses": layer.misses,
             }
             for layer in self.layers
@@ -179,6 +178,7 @@ class CopyRecorder:
         if self.cuda:
             torch.cuda.synchronize()
         rows = []
+        forwards = self._forwards()
         for layer in self.layers:
             index = layer.offload_index
             copies = [c for i, c in self._copies if i == index and c.began is not None and c.ended is not None]
@@ -193,20 +193,34 @@ class CopyRecorder:
                     copied_bytes=sum(c.nbytes for c in copies),
                     copy_s=_mean([self._seconds(c.began, c.ended) for c in copies]),
                     window_s=_mean(windows) if windows else None,
-                    stall_s=_mean([self._seconds(w.began, w.ended) for w in waits]),
+                    stall_s=sum(self._seconds(w.began, w.ended) for w in waits) / forwards if forwards else 0.0,
                     waits=len(waits),
                     misses=sum(w.missed for w in waits),
                 )
             )
-        return CopyReport(tuple(rows), self._forwards())
+        return CopyReport(tuple(rows), forwards)
 
     def _forwards(self) -> int:
-        """Forwards recorded: how often the first offloaded layer's most waited-for piece was waited for."""
+        """Forwards recorded: the runs of waits on the first offloaded layer, between waits on other layers.
+
+        A forward waits for its first offloaded layer once per piece it reads, and may wait for the
+        same pieces twice (a block compiled on its own waits in its graph and in its eager hook), so
+        neither waits nor pieces count forwards; a return to the first layer after other layers does.
+        With one offloaded layer there is no other layer to separate the runs: its most waited-for
+        piece counts them.
+        """
         if not self.layers:
             return 0
         first = self.layers[0].offload_index
-        waited = Counter(piece for index, wait in self._waits if index == first and wait.ended is not None for piece in wait.pieces)
-        return max(waited.values(), default=0)
+        waited = [(index, wait) for index, wait in self._waits if wait.ended is not None]
+        if all(index == first for index, _ in waited):
+            pieces = Counter(piece for _, wait in waited for piece in wait.pieces)
+            return max(pieces.values(), default=0)
+        runs, previous = 0, None
+        for index, _ in waited:
+            runs += index == first and previous != first
+            previous = index
+        return runs
 
     # ------------------------------------------------------------ marks
     def _mark(self, stream: torch.cuda.Stream | None) -> object:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 import prefetch_compile
 from toy_models import Stack
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+import llama_like  # noqa: E402  (examples/llama_like.py)
 
 
 def test_report_counts_every_copy_and_wait_per_layer():
@@ -51,6 +57,36 @@ def test_report_of_chunked_copies_counts_chunks_and_forwards():
     assert [(row.copies, row.waits, row.misses) for row in report.layers] == [(9, 9, 0), (9, 9, 0)]
     assert report.copied_bytes == 3 * sum(layer.nbytes for layer in runtime.offloaded)
     assert all(row.window_s is not None for row in report.layers)
+
+
+def test_report_of_blocks_compiled_one_by_one_counts_forwards_not_waits():
+    """A block compiled on its own waits for its layer twice per call, in its graph and in its eager hook:
+    the second wait finds the layer in and stalls for nothing, and must not count as another forward."""
+    model = llama_like.build(llama_like.tiny_shape(4), "cpu", torch.float32, seed=0)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=2)
+    for block in model.layers:
+        block.compile(backend="prefetch_offload", options={"compiler": "aot_eager"}, dynamic=False)
+    tokens = llama_like.sample_tokens(model.shape, 1, 4, seed=0)
+    with torch.no_grad():
+        model(tokens)
+        runtime.start_recording()
+        for _ in range(3):
+            model(tokens)
+    report = runtime.report()
+    assert [(row.copies, row.waits) for row in report.layers] == [(3, 6)] * 4
+    assert report.forwards == 3
+    assert report.stall_per_forward == sum(row.stall_s for row in report.layers)
+
+
+def test_report_counts_the_forwards_of_a_single_offloaded_layer():
+    model = Stack(["linear"] * 2)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1)
+    runtime.start_recording()
+    with torch.no_grad():
+        for _ in range(4):
+            model(torch.randn(2, 16))
+    report = runtime.report()
+    assert len(report.layers) == 1 and report.forwards == 4
 
 
 def test_report_counts_a_wait_nobody_prefetched_as_a_miss():
