@@ -22,7 +22,7 @@ import prefetch_compile
 from prefetch_compile import CheckpointError, OptionError
 from prefetch_compile.checkpoint import read_checkpoint_headers
 from prefetch_compile.direct_io import ALIGNMENT, DirectReader
-from prefetch_compile.disk_layout import RING_BUFFERS, plan_disk_tier, read_layout, spread
+from prefetch_compile.disk_layout import STAGING_BUFFERS, plan_disk_tier, read_layout, spread
 from prefetch_compile.disk_tier import DiskTier
 from prefetch_compile.plan import build_plan
 from prefetch_compile.config import PlanOptions
@@ -75,7 +75,7 @@ def staging_bytes(checkpoint) -> int:
 
 def budget_for(checkpoint, host_layers: int) -> int:
     """A host budget that holds ``host_layers`` layers next to the staging ring (and less than one more)."""
-    return host_layers * LAYER_BYTES + RING_BUFFERS * staging_bytes(checkpoint) + ALIGNMENT
+    return host_layers * LAYER_BYTES + STAGING_BUFFERS * staging_bytes(checkpoint) + ALIGNMENT
 
 
 def load(checkpoint, host_layers=2, **knobs):
@@ -105,7 +105,7 @@ def test_layers_beyond_the_budget_are_read_from_disk_and_give_the_original_logit
     compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
     assert torch.equal(logits(compiled, tokens), want)
     assert torch.equal(logits(compiled, tokens), want)
-    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.stream_stats().discarded == 0
 
 
 def test_every_offloaded_layer_is_read_once_per_forward(checkpoint, original):
@@ -120,7 +120,7 @@ def test_every_offloaded_layer_is_read_once_per_forward(checkpoint, original):
     after = runtime.disk.reads
     assert {index: after[index] - reads[index] for index in after} == dict.fromkeys(runtime.disk.layout.layers, forwards)
     assert runtime.counters.copies - copies == forwards * LAYERS  # host-resident and disk-resident alike
-    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.stream_stats().discarded == 0
 
 
 def test_layers_alone_in_their_slots_are_read_once(checkpoint, original):
@@ -136,7 +136,7 @@ def test_layers_alone_in_their_slots_are_read_once(checkpoint, original):
     # Slots 0 and 1 take turns: layers 0 and 1 are placed, then re-read at the end of each forward for the
     # next; layers 6 and 7 are read once in each forward. A read is counted when it is copied, so exactly.
     assert {index: reads[index] for index in reads if index not in lone} == {0: 4, 1: 4, 6: 3, 7: 3}
-    assert runtime.disk.discarded == 0 and runtime.counters.ensure_misses == 0
+    assert runtime.disk.stream_stats().discarded == 0 and runtime.counters.ensure_misses == 0
 
 
 def test_generate_with_a_dynamic_cache_gives_the_original_tokens(checkpoint, original):
@@ -249,7 +249,7 @@ def test_a_slow_reader_is_waited_for(checkpoint, original, monkeypatch):
     tokens = torch.randint(0, 128, (2, 6))
     for _ in range(2):
         assert torch.equal(logits(model, tokens), logits(original, tokens))
-    assert runtime.disk.discarded == 0
+    assert runtime.disk.stream_stats().discarded == 0
 
 
 class SlowCopy:
@@ -297,7 +297,7 @@ def test_a_staging_buffer_is_refilled_only_after_its_copy_has_finished(checkpoin
     for index, destination, copy in copies:
         copy.synchronize()
         assert torch.equal(destination, expected[index]), f"layer {index} was overwritten while it was being copied"
-    assert tier.discarded == 0
+    assert tier.stream_stats().discarded == 0
     tier.close()
 
 
@@ -314,7 +314,7 @@ def test_an_out_of_order_request_restarts_the_ring(checkpoint, original):
         want = original.model.layers[4](hidden, position_embeddings=rotary)
     got, want = (value[0] if isinstance(value, tuple) else value for value in (got, want))
     assert torch.equal(got, want)
-    assert runtime.counters.ensure_misses == 1 and runtime.disk.discarded >= 1
+    assert runtime.counters.ensure_misses == 1 and runtime.disk.stream_stats().discarded >= 1
     assert torch.equal(logits(model, tokens), logits(original, tokens))
 
 

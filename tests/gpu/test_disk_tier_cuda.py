@@ -12,7 +12,7 @@ import prefetch_compile
 from prefetch_compile import OptionError
 from prefetch_compile.checkpoint import read_checkpoint_headers
 from prefetch_compile.config import PlanOptions
-from prefetch_compile.disk_layout import RING_BUFFERS, read_layout
+from prefetch_compile.disk_layout import STAGING_BUFFERS, read_layout
 from prefetch_compile.loading import STAGING_BYTES
 from prefetch_compile.plan import build_plan
 
@@ -54,7 +54,7 @@ def load(directory: Path, host_layers: int, prefetch_step: int):
     plan = build_plan(model, PlanOptions(**PLAN, prefetch_step=prefetch_step))
     stored = read_checkpoint_headers(directory)
     staging = max(read_layout(layer, stored).staging_bytes for layer in plan.offloaded)
-    budget = host_layers * plan.offloaded[0].nbytes + RING_BUFFERS * staging + 4096
+    budget = host_layers * plan.offloaded[0].nbytes + STAGING_BUFFERS * staging + 4096
     runtime = prefetch_compile.load_checkpoint(model, directory, DEVICE, **PLAN, prefetch_step=prefetch_step, host_budget=budget)
     assert runtime.stats().disk_layers == LAYERS - host_layers
     return model, runtime
@@ -86,7 +86,7 @@ def test_layers_read_from_disk_give_the_resident_logits(checkpoint, prefetch_ste
         assert torch.equal(logits(compiled, tokens), want)
     torch.cuda.synchronize()
     assert {index: count - reads[index] for index, count in runtime.disk.reads.items()} == dict.fromkeys(reads, 3)
-    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.stream_stats().discarded == 0
 
 
 def test_copies_that_run_late_never_read_a_refilled_staging_buffer(checkpoint):
@@ -103,7 +103,7 @@ def test_copies_that_run_late_never_read_a_refilled_staging_buffer(checkpoint):
     want = logits(original, tokens)
     for _ in range(3):
         assert torch.equal(logits(model, tokens), want)
-    assert runtime.disk.discarded == 0
+    assert runtime.disk.stream_stats().discarded == 0
 
 
 def test_cuda_graphs_are_refused(checkpoint):
