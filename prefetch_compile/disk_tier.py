@@ -107,7 +107,7 @@ class StreamStats:
     bytes_read: int = 0  # what those reads moved from the files (whole aligned extents, less what lay past a file's end)
     read_s: float = 0.0  # seconds the reader thread spent inside reads (a failed read's too, without its bytes)
     copy_wait_s: float = 0.0  # seconds it waited for the copy out of a buffer to finish before refilling the buffer
-    idle_s: float = 0.0  # seconds it had nothing queued: every buffer filled and not yet taken, or held by the consumer
+    idle_s: float = 0.0  # seconds it had nothing queued: every buffer filled and not yet taken (or held), or nothing to read ahead
     take_wait_s: float = 0.0  # seconds the consumer (the host thread) blocked in ``take`` until its layer was read
     discarded: int = 0  # layers read ahead and then dropped because another layer was asked for first
 
