@@ -1,41 +1,64 @@
-"""The disk tier against its limit: decode b1 with offloaded layers streamed from disk, vs min(disk, H2D) bandwidth.
+"""The disk tier against its limit: decode b1 with offloaded layers streamed from disk, and where the time goes.
 
 1. The checkpoint: a Llama-shaped decoder (the 8B layer shape by default, with a
    32000-token vocabulary), one safetensors shard per decoder layer, written by
    ``benchmarks/large_model.py``'s writer (one tensor in host memory at a time)
-   and reused when the directory already holds it. Then every shard is
-   fsynced and dropped from the page cache with ``posix_fadvise(DONTNEED)``,
-   and ``/proc/sys/vm/drop_caches`` is written where the process may; the
-   JSON says what worked and how much of the checkpoint the page cache still
-   held afterwards (``mincore``).
-2. The disk's read bandwidth, measured the way the tier reads: its
-   ``DirectReader`` (``O_DIRECT`` where the filesystem allows it), one layer's
-   extents at a time into one page-aligned staging buffer (page-locked on a
-   GPU), one thread, the layers back to back.
-3. The host-to-device bandwidth of one large pinned copy (``bench_util``).
-4. Per host budget: ``half`` (the staging ring plus half the offloaded
-   layers: the others on disk) and ``disk`` (the ring alone: every offloaded
-   layer on disk). A fresh meta model, ``load_checkpoint(host_budget=...)``
-   with every layer offloaded, ``torch.compile(backend="prefetch_offload")``,
-   decode ``[1, 1]`` tokens: warm-up, then back-to-back timed forwards (CUDA
-   events), median ms/forward, against the limit
-   ``max(disk bytes / disk bandwidth, offloaded bytes / H2D bandwidth)``; the
-   disk stream's rate against ``min(disk, H2D)`` bandwidth; layers read from
-   disk per forward; peak host RSS (``VmHWM``, reset before the case) and
-   device memory. The outputs of all cases must be equal (same weights, same
-   graphs), or the run fails.
+   and reused when the directory already holds it.
+2. The host-to-device bandwidth of one large pinned copy (``bench_util``).
+3. The cases, in the order given (``--cases``; a case may repeat, to see the
+   disk drift): ``half`` (a host budget of the staging ring plus half the
+   offloaded layers: the others on disk) and ``disk`` (the ring alone: every
+   offloaded layer on disk), each with an optional ring depth: ``half3`` is
+   ``half`` with ``staging_buffers=3`` (the budget grows by the extra buffer, so
+   the same layers are on disk). Per case:
+
+   a. Every shard is fsynced and dropped from the page cache
+      (``posix_fadvise(DONTNEED)``, and ``/proc/sys/vm/drop_caches`` where the
+      process may); the JSON says what worked and what stayed cached (``mincore``).
+   b. The disk, right before the case, the way the tier reads: its
+      ``DirectReader`` (``O_DIRECT`` where the filesystem allows it), one
+      layer's extents at a time into one page-aligned buffer (page-locked on a
+      GPU), one thread, back to back, ``--disk-probe-bytes``: once over the
+      offloaded layers in file order (``sequential``), and once over the case's
+      disk-resident layers in the order the tier reads them (``case order``,
+      which skips the host-resident layers' files; skipped when the same).
+   c. A fresh meta model, ``load_checkpoint(host_budget=..., staging_buffers=...)``
+      with every layer offloaded, ``torch.compile(backend="prefetch_offload")``,
+      decode ``[1, 1]`` tokens: warm-up, then back-to-back timed forwards (CUDA
+      events), median ms/forward, against the limit ``max(disk bytes / disk
+      bandwidth, offloaded bytes / H2D bandwidth)`` with the disk bandwidth
+      from the case-order probe just before, from the sequential one, and from
+      the reader thread's own rate inside its reads during the timed forwards.
+   d. Where the stream's time went over the timed forwards
+      (``runtime.disk.stream_stats()``, a snapshot before and after, and one
+      after each forward): the reader's busy fraction (seconds inside reads
+      over wall seconds), its seconds waiting for a buffer's copy to finish
+      and idle with nothing queued, the host's seconds blocked in ``take``,
+      discarded read-ahead, layers read per forward (by the reader and taken
+      for a copy); per forward, the same as a list. Peak host RSS (``VmHWM``,
+      reset before the case) and device memory.
+
+   The outputs of all cases must be equal (same weights, same graphs), or the run fails.
+
+How to read it: a busy fraction near 1 with a reader rate below the probe's means
+the disk itself was slower during the case (or under this access pattern, if
+the case-order probe is slow too); a busy fraction well below 1 means the reader
+waited: ``idle_s`` (every buffer filled or held: the host took too late) or
+``copy_wait_s`` (a buffer's copy had not finished), and a deeper ring
+(``half3``) should then close the gap.
 
 Writes ``disk_tier.json`` in ``--out`` and prints every number.
 
-GPU (about 2-3 minutes with a 0.5-2 GB/s disk: 5.8 GB written, at most ~60 GB read per case; the
-checkpoint goes under the working directory, on the machine's disk: the JSON names its filesystem)::
+GPU (about 2.5 minutes for the five cases below with a 1.7-2 GB/s disk and the default 6 timed
+forwards per case; the checkpoint goes on the machine's disk: the JSON names its filesystem)::
 
-    python benchmarks/disk_tier.py --out $OUT/disk_tier
+    python benchmarks/disk_tier.py --ckpt-dir /root/dt_ckpt --cases half,half3,half4,disk,half --out $OUT/disk_tier
 
 CPU smoke test::
 
     python benchmarks/disk_tier.py --device cpu --layers 8 --hidden 64 --intermediate 128 --heads 4 --kv-heads 2 \\
-        --vocab 256 --compiler aot_eager --iters 3 --ckpt-dir /tmp/disk_tier_ckpt --out /tmp/disk_tier_out
+        --vocab 256 --compiler aot_eager --iters 3 --cases half,half3,disk --disk-probe-bytes 16777216 \\
+        --ckpt-dir /tmp/disk_tier_ckpt --out /tmp/disk_tier_out
 """
 
 from __future__ import annotations
@@ -45,6 +68,7 @@ import ctypes
 import json
 import logging
 import os
+import re
 import statistics
 import sys
 import time
@@ -71,7 +95,8 @@ import prefetch_compile  # noqa: E402
 from prefetch_compile.checkpoint import INDEX_NAME, read_checkpoint_headers  # noqa: E402
 from prefetch_compile.config import PlanOptions  # noqa: E402
 from prefetch_compile.direct_io import DirectReader  # noqa: E402
-from prefetch_compile.disk_layout import RING_BUFFERS, read_layout  # noqa: E402
+from prefetch_compile.disk_layout import STAGING_BUFFERS, DiskLayer, plan_disk_tier, read_layout  # noqa: E402
+from prefetch_compile.disk_tier import StreamStats  # noqa: E402
 from prefetch_compile.memory import lazy_host_buffer, register_pinned, unregister_pinned  # noqa: E402
 from prefetch_compile.plan import build_plan  # noqa: E402
 
@@ -84,12 +109,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_shape_arguments(p, llama_like.LlamaShape(vocab=32000, hidden=4096, intermediate=14336, heads=32, kv_heads=8, layers=12))
     p.add_argument("--prefetch-step", type=int, default=2)
     p.add_argument("--compiler", default="inductor", choices=["inductor", "aot_eager"])
-    p.add_argument("--cases", default="half,disk", help="comma-separated: half (half the offloaded layers on disk), disk (all)")
+    p.add_argument(
+        "--cases",
+        default="half,half3,disk",
+        help="comma-separated, in order, repeats allowed: half (half the offloaded layers on disk), disk (all), "
+        "each optionally followed by its ring depth (half3: staging_buffers=3; default 2)",
+    )
     p.add_argument("--ckpt-dir", default="disk_tier_ckpt")
     p.add_argument("--keep-checkpoint", action="store_true", help="keep shards this run wrote (default: delete at the end)")
-    p.add_argument("--disk-probe-bytes", type=int, default=3 << 30, help="bytes read to measure the disk (at most the offloaded bytes)")
-    p.add_argument("--seconds-per-case", type=float, default=20.0, help="timed forwards per case: about this long")
-    p.add_argument("--iters", type=int, default=10, help="at most this many timed forwards per case (at least 3)")
+    p.add_argument("--disk-probe-bytes", type=int, default=2 << 30, help="bytes each probe reads before a case (cycling over its layers)")
+    p.add_argument("--seconds-per-case", type=float, default=12.0, help="timed forwards per case: about this long")
+    p.add_argument("--iters", type=int, default=6, help="at most this many timed forwards per case (at least 3)")
     p.add_argument("--warmup", type=int, default=2, help="untimed forwards per case (the first compiles)")
     p.add_argument("--bw-bytes", type=int, default=1 << 30, help="bytes of the host-to-device bandwidth copy")
     p.add_argument("--seed", type=int, default=0)
@@ -169,25 +199,23 @@ def cached_fraction(paths: list[Path]) -> float | None:
 
 
 # ---------------------------------------------------------------- measuring
-def measure_disk_bandwidth(directory: Path, shape, dtype: torch.dtype, device: torch.device, max_bytes: int) -> dict:
-    """The tier's reads (its reader, its extents, one staging buffer, one thread), layer after layer, timed."""
-    with torch.device("meta"):
-        model = llama_like.LlamaLikeDecoder(shape).to(dtype)
-    plan = build_plan(model, PlanOptions(**PLAN))
-    stored = read_checkpoint_headers(directory)
-    layers = [read_layout(layer, stored) for layer in plan.offloaded]
+def measure_disk_bandwidth(layers: list[DiskLayer], device: torch.device, max_bytes: int) -> dict:
+    """The tier's reads (its reader, its extents, one staging buffer, one thread) of ``layers`` in turn, timed.
+
+    Cycles over ``layers`` until ``max_bytes`` are read; ``layers`` are read layouts (``read_layout``).
+    """
     reader = DirectReader([extent.path for layer in layers for extent in layer.extents])
     buffer = lazy_host_buffer(max(layer.staging_bytes for layer in layers))
     if device.type == "cuda":
         register_pinned(buffer)
-    read = 0
+    read, order = 0, []
     began = time.perf_counter()
     try:
-        for layer in layers:
+        while read < max_bytes:
+            layer = layers[len(order) % len(layers)]
             for extent in layer.extents:
                 read += reader.read(extent.path, extent.file_offset, extent.nbytes, buffer.data_ptr() + extent.staging_offset)
-            if read >= max_bytes:
-                break
+            order.append(layer.offload_index)
         seconds = time.perf_counter() - began
     finally:
         if device.type == "cuda":
@@ -197,6 +225,7 @@ def measure_disk_bandwidth(directory: Path, shape, dtype: torch.dtype, device: t
         "bytes_per_s": read / seconds,
         "bytes": read,
         "seconds": seconds,
+        "layers": order,
         "read_size": max(layer.staging_bytes for layer in layers),
         "o_direct": reader.direct,
         "what": "DirectReader.read of each layer's extents into one page-aligned buffer, one thread, back to back",
@@ -223,20 +252,45 @@ def reset_peak_rss() -> bool:
         return False
 
 
-def host_budget(case: str, stats_source: dict) -> int:
+CASE = re.compile(r"(half|disk)(\d*)")
+
+
+def parse_case(case: str) -> tuple[str, int]:
+    """``half3`` -> ("half", 3): which layers go to disk, and the ring depth (default STAGING_BUFFERS)."""
+    match = CASE.fullmatch(case)
+    if match is None:
+        raise SystemExit(f"unknown case {case!r}: use half or disk, optionally followed by the ring depth (half3)")
+    return match.group(1), int(match.group(2) or STAGING_BUFFERS)
+
+
+def host_budget(kind: str, staging_buffers: int, sizes: dict) -> int:
     """``half``: the ring plus half the offloaded layers' blocks; ``disk``: the ring alone."""
-    ring = RING_BUFFERS * stats_source["staging_bytes"]
-    if case == "disk":
+    ring = staging_buffers * sizes["staging_bytes"]
+    if kind == "disk":
         return ring + 4096
-    if case == "half":
-        blocks = stats_source["block_bytes"]
-        return ring + sum(sorted(blocks)[: len(blocks) // 2]) + 4096
-    raise SystemExit(f"unknown case {case!r}: use half or disk")
+    blocks = sizes["block_bytes"]
+    return ring + sum(sorted(blocks)[: len(blocks) // 2]) + 4096
 
 
-def run_case(case: str, budget: int, args, shape, dtype, directory: Path, device: torch.device, bandwidths: dict, started: float) -> tuple[dict, torch.Tensor]:
+def probe_disk(layout, reads: dict[int, DiskLayer], args, device: torch.device, started: float, case: str) -> dict:
+    """The disk right before a case: over every offloaded layer in file order, and over the case's in the tier's order."""
+    sequential = measure_disk_bandwidth(list(reads.values()), device, args.disk_probe_bytes)
+    case_layers = [reads[index] for index in sorted(layout.layers)]
+    same = [layer.offload_index for layer in case_layers] == list(reads)
+    in_order = sequential if same else measure_disk_bandwidth(case_layers, device, args.disk_probe_bytes)
+    log(f"{case}: disk {sequential['bytes_per_s'] / 1e9:.2f} GB/s sequential, {in_order['bytes_per_s'] / 1e9:.2f} GB/s "
+        f"in the case's order ({gib(in_order['bytes'])} GiB each, O_DIRECT {sequential['o_direct']})", started)
+    return {"sequential": sequential, "case_order": in_order}
+
+
+def run_case(case: str, args, shape, dtype, directory: Path, device: torch.device, h2d: float, plan, stored, sizes: dict, started: float) -> tuple[dict, torch.Tensor]:
+    kind, staging_buffers = parse_case(case)
+    budget = host_budget(kind, staging_buffers, sizes)
+    layout = plan_disk_tier(plan, stored, budget, staging_buffers)
+    reads = {layer.offload_index: read_layout(layer, stored) for layer in plan.offloaded}
     release_memory(device)
-    drop_page_cache(sorted(directory.glob("*.safetensors")))
+    page_cache = drop_page_cache(sorted(directory.glob("*.safetensors")))
+    probe = probe_disk(layout, reads, args, device, started, case)
     peak_reset = reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -246,31 +300,50 @@ def run_case(case: str, budget: int, args, shape, dtype, directory: Path, device
     model.inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, shape.head_dim, 2, dtype=torch.float32) / shape.head_dim))
     began = time.perf_counter()
     runtime = prefetch_compile.load_checkpoint(
-        model, directory, device, **PLAN, prefetch_step=args.prefetch_step, host_budget=budget
+        model, directory, device, **PLAN, prefetch_step=args.prefetch_step, host_budget=budget, staging_buffers=staging_buffers
     )
     load_s = time.perf_counter() - began
     stats = runtime.stats()
-    limit_s = max(stats.disk_bytes / bandwidths["disk"], stats.offloaded_bytes / bandwidths["h2d"])
+    assert sorted(runtime.disk.layout.layers) == sorted(layout.layers), "the probe read other layers than the tier"
+
+    def limit(disk_bytes_per_s: float | None) -> float | None:
+        return max(stats.disk_bytes / disk_bytes_per_s, stats.offloaded_bytes / h2d) if disk_bytes_per_s else None
+
+    limit_s = limit(probe["case_order"]["bytes_per_s"])
     log(f"{case}: host_budget {gib(budget)} GiB: {stats.disk_layers}/{stats.offloaded_layers} offloaded layers on disk "
-        f"({gib(stats.disk_bytes)} GiB a forward), arena {gib(runtime.host.nbytes)} GiB, ring {gib(stats.staging_bytes)} GiB; "
-        f"loaded in {load_s:.1f} s; limit {limit_s * 1e3:.1f} ms/forward", started)
+        f"({gib(stats.disk_bytes)} GiB a forward), arena {gib(runtime.host.nbytes)} GiB, ring {staging_buffers} x "
+        f"{gib(layout.staging_bytes)} GiB; loaded in {load_s:.1f} s; limit {limit_s * 1e3:.1f} ms/forward", started)
     compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": args.compiler}, dynamic=False)
     tokens = llama_like.sample_tokens(shape, 1, 1, device=device, seed=args.seed)
+    marks: list[tuple[float, StreamStats]] = []
+
+    def forward() -> None:
+        compiled(tokens)
+        marks.append((time.perf_counter(), runtime.disk.stream_stats()))
+
     with torch.inference_mode():
         warmup_s = wall_time(lambda: [compiled(tokens) for _ in range(args.warmup)], device)
         iters = max(3, min(args.iters, int(args.seconds_per_case / max(limit_s, 1e-6))))
-        reads_before, misses_before = disk_reads(runtime), runtime.counters.ensure_misses
-        seconds = time_calls(lambda: compiled(tokens), iters, device)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        reads = disk_reads(runtime) - reads_before
+        taken_before, misses_before = disk_reads(runtime), runtime.counters.ensure_misses
+        marks.append((time.perf_counter(), runtime.disk.stream_stats()))
+        seconds = time_calls(forward, iters, device)
+        marks.append((time.perf_counter(), runtime.disk.stream_stats()))  # after the last forward's copies and compute
+        taken = disk_reads(runtime) - taken_before
         output = compiled(tokens).float().cpu()
     measured_s = statistics.median(seconds)
+    (began_at, first), (ended_at, last) = marks[0], marks[-1]
+    stream, wall_s = last - first, ended_at - began_at
+    reader_rate = stream.read_bytes_per_s
     result = {
+        "case": case,
+        "staging_buffers": staging_buffers,
         "host_budget": budget,
+        "disk_layers": sorted(layout.layers),
         "stats": {**stats.__dict__, "device_bytes_saved": stats.device_bytes_saved},
         "host_arena_bytes": runtime.host.nbytes,
-        "o_direct": runtime.disk.direct if runtime.disk else None,
+        "o_direct": runtime.disk.direct,
+        "page_cache": page_cache,
+        "disk_probe": probe,
         "load_s": load_s,
         "warmup_s": warmup_s,
         "iters": iters,
@@ -278,10 +351,23 @@ def run_case(case: str, budget: int, args, shape, dtype, directory: Path, device
         "ms_per_forward": measured_s * 1e3,
         "limit_ms": limit_s * 1e3,
         "fraction_of_limit": limit_s / measured_s,
+        "limit_sequential_ms": limit(probe["sequential"]["bytes_per_s"]) * 1e3,
+        "fraction_of_limit_sequential": limit(probe["sequential"]["bytes_per_s"]) / measured_s,
+        "limit_reader_ms": limit(reader_rate) * 1e3 if reader_rate else None,
+        "fraction_of_limit_reader": limit(reader_rate) / measured_s if reader_rate else None,
         "disk_rate_bytes_per_s": stats.disk_bytes / measured_s,
-        "disk_rate_vs_min_bandwidth": stats.disk_bytes / measured_s / min(bandwidths["disk"], bandwidths["h2d"]),
+        "disk_rate_vs_min_bandwidth": stats.disk_bytes / measured_s / min(probe["case_order"]["bytes_per_s"], h2d),
+        "stream": {
+            "what": "runtime.disk.stream_stats() over the timed forwards (host wall clock, first call to final synchronize)",
+            "wall_s": wall_s,
+            **stream.__dict__,
+            "reader_bytes_per_s": reader_rate,
+            "reader_busy_fraction": stream.read_s / wall_s,
+            "layers_read_per_forward": stream.layers_read / iters,
+        },
+        "per_forward": [per_forward(then, now, end - start) for (start, then), (end, now) in zip(marks[:-1], marks[1:-1])],
         # Read ahead shifts reads across a forward's boundary by at most the ring; over many forwards it averages out.
-        "disk_reads_per_forward": reads / iters,
+        "disk_reads_per_forward": taken / iters,
         "ensure_misses": runtime.counters.ensure_misses - misses_before,
         "host_rss_before": rss_before,
         "host_peak_rss": status_bytes("VmHWM") if peak_reset else None,
@@ -289,14 +375,49 @@ def run_case(case: str, budget: int, args, shape, dtype, directory: Path, device
     }
     if result["host_peak_rss"] is not None:
         result["host_peak_growth"] = result["host_peak_rss"] - rss_before
-    log(f"{case}: {result['ms_per_forward']:.1f} ms/forward ({iters} timed), {result['fraction_of_limit']:.3f} of the limit; "
-        f"disk stream {result['disk_rate_bytes_per_s'] / 1e9:.2f} GB/s = {result['disk_rate_vs_min_bandwidth']:.3f} of "
-        f"min(disk, H2D); {result['disk_reads_per_forward']:.2f} layer reads/forward; host peak grew "
-        f"{gib(result.get('host_peak_growth'))} GiB; device peak {gib(result['device_peak'])} GiB", started)
-    if runtime.disk is not None:
-        runtime.disk.close()  # its pinned ring now, not at some later collection
+    log(case_line(result), started)
+    runtime.disk.close()  # its pinned ring now, not at some later collection
     del compiled, model, runtime
     return result, output
+
+
+def per_forward(then: StreamStats, now: StreamStats, host_s: float) -> dict:
+    """One timed forward's share of the stream, by the host's clock (the forward's Python returns as the host sees it)."""
+    window = now - then
+    return {
+        "host_s": host_s,
+        "layers_read": window.layers_read,
+        "reader_bytes_per_s": window.read_bytes_per_s,
+        "reader_busy_fraction": window.read_s / host_s,
+        "copy_wait_s": window.copy_wait_s,
+        "idle_s": window.idle_s,
+        "take_wait_s": window.take_wait_s,
+        "discarded": window.discarded,
+    }
+
+
+def case_line(case: dict) -> str:
+    stream, stats = case["stream"], case["stats"]
+    reader = case["stream"]["reader_bytes_per_s"]
+    return (
+        f"{case['case']:<6} {stats['disk_layers']}/{stats['offloaded_layers']} on disk, ring {case['staging_buffers']}: "
+        f"{case['ms_per_forward']:.1f} ms/forward ({case['iters']} timed); limit {case['limit_ms']:.1f} ms from the "
+        f"case-order probe ({case['fraction_of_limit']:.3f}), {case['limit_sequential_ms']:.1f} sequential "
+        f"({case['fraction_of_limit_sequential']:.3f}), "
+        + (f"{case['limit_reader_ms']:.1f} from the reader's rate ({case['fraction_of_limit_reader']:.3f})" if reader else "no reader rate")
+        + f"\n       disk {case['disk_probe']['case_order']['bytes_per_s'] / 1e9:.2f} GB/s case-order probe, "
+        f"{case['disk_probe']['sequential']['bytes_per_s'] / 1e9:.2f} sequential, "
+        + (f"{reader / 1e9:.2f} inside the reader's reads" if reader else "-")
+        + f", {case['disk_rate_bytes_per_s'] / 1e9:.2f} delivered; reader busy {stream['reader_busy_fraction']:.3f} of "
+        f"{stream['wall_s']:.2f} s, copy-wait {stream['copy_wait_s']:.3f} s, idle {stream['idle_s']:.3f} s; host blocked "
+        f"in take {stream['take_wait_s']:.3f} s; discarded {stream['discarded']}; layers read/forward "
+        f"{stream['layers_read_per_forward']:.2f} (taken {case['disk_reads_per_forward']:.2f}); ensure misses "
+        f"{case['ensure_misses']}; host peak grew {gib(case.get('host_peak_growth'))} GiB; device peak {gib(case['device_peak'])} GiB"
+        + "\n       per forward (ms, reader GB/s, busy): "
+        + ", ".join(
+            f"{f['host_s'] * 1e3:.0f}/{(f['reader_bytes_per_s'] or 0) / 1e9:.2f}/{f['reader_busy_fraction']:.2f}" for f in case["per_forward"]
+        )
+    )
 
 
 def disk_reads(runtime) -> int:
@@ -317,7 +438,7 @@ def main(argv: list[str] | None = None) -> None:
     specs = tensor_specs(shape, dtype)
     result: dict = {"meta": run_meta(device, args, shape={**shape.__dict__, "params": shape.num_params()})}
 
-    # 1. The checkpoint, out of the page cache.
+    # 1. The checkpoint.
     directory = Path(args.ckpt_dir)
     metadata = checkpoint_metadata(args)
     wrote = not existing_checkpoint_matches(directory, metadata)
@@ -329,33 +450,31 @@ def main(argv: list[str] | None = None) -> None:
         result["write_s"] = time.perf_counter() - began
     shards = sorted(directory.glob("*.safetensors"))
     result["filesystem"] = filesystem_of(directory)
-    result["page_cache"] = {"cached_fraction_before": cached_fraction(shards), **drop_page_cache(shards)}
-    log(f"checkpoint on {result['filesystem']}; page cache: {result['page_cache']}", started)
+    result["page_cache_before"] = cached_fraction(shards)
+    log(f"checkpoint on {result['filesystem']}; cached before: {result['page_cache_before']}", started)
 
-    # 2, 3. The bandwidths.
-    disk = measure_disk_bandwidth(directory, shape, dtype, device, args.disk_probe_bytes)
+    # 2. The host-to-device bandwidth.
     h2d = measure_h2d_bandwidth(device, args.bw_bytes)
-    result["disk_bandwidth"], result["h2d_bandwidth"] = disk, h2d
-    bandwidths = {"disk": disk["bytes_per_s"], "h2d": h2d["bytes_per_s"]}
-    log(f"disk {disk['bytes_per_s'] / 1e9:.2f} GB/s ({gib(disk['bytes'])} GiB in {disk['read_size'] / 2**20:.0f} MiB reads, "
-        f"O_DIRECT {disk['o_direct']}); H2D {h2d['bytes_per_s'] / 1e9:.1f} GB/s", started)
+    result["h2d_bandwidth"] = h2d
+    log(f"H2D {h2d['bytes_per_s'] / 1e9:.1f} GB/s", started)
 
-    # 4. The cases.
+    # 3. The cases, each with the disk measured right before it.
     with torch.device("meta"):
-        plan = build_plan(llama_like.LlamaLikeDecoder(shape).to(dtype), PlanOptions(**PLAN))
+        plan = build_plan(llama_like.LlamaLikeDecoder(shape).to(dtype), PlanOptions(**PLAN, prefetch_step=args.prefetch_step))
     stored = read_checkpoint_headers(directory)
     sizes = {
         "staging_bytes": max(read_layout(layer, stored).staging_bytes for layer in plan.offloaded),
         "block_bytes": [layer.nbytes for layer in plan.offloaded],
     }
-    result["cases"] = {}
-    outputs = {}
-    for case in args.cases.split(","):
-        result["cases"][case], outputs[case] = run_case(
-            case, host_budget(case, sizes), args, shape, dtype, directory, device, bandwidths, started
-        )
-    first = next(iter(outputs.values()))
-    result["outputs_equal_across_cases"] = all(torch.equal(first, output) for output in outputs.values())
+    cases = args.cases.split(",")
+    for case in cases:
+        parse_case(case)  # a typo fails before the first case, not after it
+    result["cases"], outputs = [], []
+    for case in cases:
+        case_result, output = run_case(case, args, shape, dtype, directory, device, h2d["bytes_per_s"], plan, stored, sizes, started)
+        result["cases"].append(case_result)
+        outputs.append(output)
+    result["outputs_equal_across_cases"] = all(torch.equal(outputs[0], output) for output in outputs)
     check_disk_values(directory, specs, shape, dtype, args.seed, device, result)
     (out / "disk_tier.json").write_text(json.dumps(result, indent=1))
     print_summary(result)
@@ -386,16 +505,10 @@ def check_disk_values(directory: Path, specs, shape, dtype: torch.dtype, seed: i
 def print_summary(result: dict) -> None:
     print()
     print(f"device                 {result['meta']['device']}")
-    print(f"disk read bandwidth    {result['disk_bandwidth']['bytes_per_s'] / 1e9:.2f} GB/s (O_DIRECT {result['disk_bandwidth']['o_direct']})")
     print(f"H2D bandwidth          {result['h2d_bandwidth']['bytes_per_s'] / 1e9:.1f} GB/s")
     print(f"checkpoint filesystem  {result['filesystem']}")
-    print(f"page cache             {result['page_cache']}")
-    for name, case in result["cases"].items():
-        stats = case["stats"]
-        print(f"{name:<6} {stats['disk_layers']}/{stats['offloaded_layers']} layers on disk, budget {gib(case['host_budget'])} GiB: "
-              f"{case['ms_per_forward']:.1f} ms/forward vs limit {case['limit_ms']:.1f} ({case['fraction_of_limit']:.3f}); "
-              f"disk stream {case['disk_rate_vs_min_bandwidth']:.3f} of min(disk, H2D); host peak grew "
-              f"{gib(case.get('host_peak_growth'))} GiB; device peak {gib(case['device_peak'])} GiB")
+    for case in result["cases"]:
+        print(case_line(case))
     print(f"outputs equal across cases: {result['outputs_equal_across_cases']}; disk values match: {result['disk_values_match']}")
 
 

@@ -14,6 +14,7 @@ model already in memory.
 
 from .checkpoint import CheckpointError
 from .config import OptionError, PlanOptions
+from .disk_tier import StreamStats
 from .loading import load_checkpoint
 from .offload import offload, runtime_of
 from .runtime import OffloadStats, PrefetchRuntime
@@ -24,6 +25,7 @@ __all__ = [
     "OptionError",
     "PlanOptions",
     "PrefetchRuntime",
+    "StreamStats",
     "load_checkpoint",
     "offload",
     "runtime_of",

@@ -57,14 +57,14 @@ class PlanOptions:
     chunked_copies: bool | str = "auto"
 
     def __post_init__(self) -> None:
-        _require_int("group_size", self.group_size, minimum=1)
-        _require_int("num_in_group", self.num_in_group, minimum=1)
+        require_int("group_size", self.group_size, minimum=1)
+        require_int("num_in_group", self.num_in_group, minimum=1)
         if self.num_in_group > self.group_size:
             raise OptionError(
                 f"num_in_group={self.num_in_group} must be <= group_size={self.group_size}: "
                 "it counts the offloaded layers inside each group"
             )
-        _require_int("prefetch_step", self.prefetch_step, minimum=1)
+        require_int("prefetch_step", self.prefetch_step, minimum=1)
         if isinstance(self.offload_params, str) or not all(
             isinstance(name, str) and name.strip(".") for name in self.offload_params
         ):
@@ -122,7 +122,7 @@ class BudgetOptions:
                 "a cost_table (without example_inputs nothing says how long each layer computes)"
             )
         if self.activation_bytes is not None:
-            _require_int("activation_bytes", self.activation_bytes, minimum=0)
+            require_int("activation_bytes", self.activation_bytes, minimum=0)
         if not isinstance(self.calibrate, bool):
             raise OptionError(f"calibrate must be True or False, got {self.calibrate!r}")
 
@@ -273,6 +273,7 @@ def _as_name_tuple(value: Any) -> Any:
     return value
 
 
-def _require_int(name: str, value: Any, *, minimum: int) -> None:
+def require_int(name: str, value: Any, *, minimum: int) -> None:
+    """Raise :class:`OptionError` naming ``name`` unless ``value`` is an int (not a bool) of at least ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise OptionError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -31,9 +31,20 @@ host-to-device copy per tensor: a *piece*. The file's bytes are copied as they
 are, so a disk-resident parameter must be dense and row-major, as a
 safetensors file stores it.
 
-The staging ring holds :data:`RING_BUFFERS` buffers, each as large as the
-largest disk-resident layer's extents: the layer being read and the layer
-being copied. That is the tier's whole host-memory cost beyond the arena.
+The staging ring holds ``staging_buffers`` buffers (:data:`STAGING_BUFFERS`
+by default), each as large as the largest disk-resident layer's extents; that
+is the tier's whole host-memory cost beyond the arena, and the budget counts
+it. Two is the least that overlaps anything: one layer is read while the one
+before it is copied. Each further buffer lets the reader run one more layer
+ahead, which pays only where it would otherwise stop: every buffer filled and
+not yet taken (the host is busy elsewhere for longer than a read), or the next
+buffer's copy not finished yet (the copy stream is held up, say behind the
+compute that frees its slot). When the disk is the slower side neither should
+happen, and more buffers are host memory better spent on the arena; whether it
+happens on a real machine is measured, not argued: ``benchmarks/disk_tier.py``
+reports the reader's read, idle and copy-wait seconds
+(:class:`~prefetch_compile.disk_tier.StreamStats`) per ring depth, so the depth
+is the caller's choice.
 """
 
 from __future__ import annotations
@@ -43,15 +54,14 @@ from pathlib import Path
 from typing import Mapping
 
 from .checkpoint import StoredTensor
-from .config import OptionError
+from .config import OptionError, require_int
 from .direct_io import align_down, align_up
 from .plan import LayerPlan, OffloadPlan, ParamPlacement
 from .runtime import format_bytes
 
-# Two staging buffers: one layer is read while the one before it is copied. Reading is
-# the slower side whenever the disk is slower than the host-to-device link, so a third
-# buffer would only hold a layer read early, host memory better spent on the arena.
-RING_BUFFERS = 2
+# The least ring that overlaps reading with copying (one layer read while the one before it is copied),
+# and the default depth (see the module docstring).
+MIN_STAGING_BUFFERS = STAGING_BUFFERS = 2
 
 
 @dataclass(frozen=True)
@@ -100,26 +110,30 @@ class DiskLayout:
 
     host_budget: int
     layers: Mapping[int, DiskLayer]
-    staging_bytes: int  # one ring buffer
+    staging_bytes: int  # one staging buffer
+    staging_buffers: int  # the ring's depth
     sources: Mapping[str, StoredTensor]  # where each disk-resident parameter is stored
-    ring_buffers: int = RING_BUFFERS
 
     @property
     def ring_bytes(self) -> int:
-        return self.staging_bytes * self.ring_buffers
+        return self.staging_bytes * self.staging_buffers
 
     @property
     def nbytes(self) -> int:
         return sum(layer.nbytes for layer in self.layers.values())
 
 
-def plan_disk_tier(plan: OffloadPlan, stored: Mapping[str, StoredTensor], host_budget: int) -> DiskLayout | None:
-    """The disk tier that fits ``plan``'s offloaded layers into ``host_budget`` bytes of host memory.
+def plan_disk_tier(
+    plan: OffloadPlan, stored: Mapping[str, StoredTensor], host_budget: int, staging_buffers: int = STAGING_BUFFERS
+) -> DiskLayout | None:
+    """The disk tier that fits ``plan``'s offloaded layers and a ring of ``staging_buffers`` into ``host_budget`` bytes.
 
     None when the arena fits the budget whole. Raises :class:`OptionError`
-    when even the staging ring alone does not fit, and for a disk-resident
-    parameter that the file's bytes cannot fill as they are.
+    for a ring depth below two, when even the staging ring alone does not
+    fit, and for a disk-resident parameter that the file's bytes cannot fill
+    as they are.
     """
+    require_int("staging_buffers", staging_buffers, minimum=MIN_STAGING_BUFFERS)
     offloaded = plan.offloaded
     reads = {layer.offload_index: read_layout(layer, stored) for layer in offloaded}
     for count in range(len(offloaded) + 1):
@@ -127,14 +141,15 @@ def plan_disk_tier(plan: OffloadPlan, stored: Mapping[str, StoredTensor], host_b
         staging = max((reads[layer.offload_index].staging_bytes for layer in chosen), default=0)
         on_disk = {layer.offload_index for layer in chosen}
         host = sum(layer.nbytes for layer in offloaded if layer.offload_index not in on_disk)
-        if host + staging * RING_BUFFERS <= host_budget:
+        if host + staging * staging_buffers <= host_budget:
             break
     else:
+        fewer = f", or pass fewer staging_buffers (at least {MIN_STAGING_BUFFERS})" if staging_buffers > MIN_STAGING_BUFFERS else ""
         raise OptionError(
             f"host_budget={format_bytes(host_budget)} is too small: with all {len(offloaded)} offloaded layers on "
-            f"disk, the staging ring alone needs {RING_BUFFERS} x {format_bytes(staging)} = "
-            f"{format_bytes(staging * RING_BUFFERS)} (two of the largest layer as read from disk); raise host_budget "
-            "to at least that"
+            f"disk, the staging ring alone needs {staging_buffers} x {format_bytes(staging)} = "
+            f"{format_bytes(staging * staging_buffers)} (staging_buffers={staging_buffers}, each buffer as large as "
+            f"the largest layer as read from disk); raise host_budget to at least that{fewer}"
         )
     if not chosen:
         return None
@@ -144,6 +159,7 @@ def plan_disk_tier(plan: OffloadPlan, stored: Mapping[str, StoredTensor], host_b
         host_budget,
         {layer.offload_index: reads[layer.offload_index] for layer in chosen},
         staging,
+        staging_buffers,
         {placement.name: stored[placement.name] for layer in chosen for placement in layer.params},
     )
 

@@ -37,21 +37,30 @@ so the buffer is released after its copy has returned, and a consumer that did
 not wait for a fill would copy stale bytes: ordering mistakes show as wrong
 numbers in CPU tests.
 
-Host memory: the ring's :data:`~prefetch_compile.disk_layout.RING_BUFFERS`
-buffers of ``layout.staging_bytes``, page-locked on a CUDA device for the
-runtime's lifetime. ``O_DIRECT`` reads leave nothing in the page cache (see
+Host memory: the ring's ``layout.staging_buffers`` buffers of
+``layout.staging_bytes``, page-locked on a CUDA device for the runtime's
+lifetime. ``O_DIRECT`` reads leave nothing in the page cache (see
 :mod:`prefetch_compile.direct_io`).
+
+Where the time goes: :meth:`DiskTier.stream_stats` says how the reader thread
+spent its time (reading, waiting for a buffer's copy to finish, idle with
+nothing queued) and how long the consumer blocked in ``take``, so that a
+stream slower than the disk can be told apart from a disk that was slower: a
+reader busy all the time at a low rate is the disk; one that idles or waits is
+the ring. Each is a ``time.perf_counter`` pair around a wait that is there anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
+import time
 import weakref
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from typing import Iterator, Protocol
 
 import torch
@@ -82,6 +91,36 @@ class _Fill:
 
 
 @dataclass(frozen=True)
+class StreamStats:
+    """What the disk tier's stream did since it was built: the reader thread's time, and the consumer's.
+
+    Cumulative: ``later - earlier`` of two snapshots is what happened in
+    between. The reader thread's times run up to the snapshot (the state it is
+    in counts so far), so over a window ``read_s + copy_wait_s + idle_s`` is
+    the window's wall time less a few microseconds of bookkeeping per read,
+    and ``read_s`` over the wall time is how busy the disk was kept. Counts
+    and bytes come when a read completes, so a window's ``bytes_read /
+    read_s`` may be off by the part of one read at either end.
+    """
+
+    layers_read: int = 0  # reads completed into a staging buffer: taken, discarded, or read ahead and not yet taken
+    bytes_read: int = 0  # what those reads moved from the files (whole aligned extents, less what lay past a file's end)
+    read_s: float = 0.0  # seconds the reader thread spent inside reads (a failed read's too, without its bytes)
+    copy_wait_s: float = 0.0  # seconds it waited for the copy out of a buffer to finish before refilling the buffer
+    idle_s: float = 0.0  # seconds it had nothing queued: every buffer filled and not yet taken (or held), or nothing to read ahead
+    take_wait_s: float = 0.0  # seconds the consumer (the host thread) blocked in ``take`` until its layer was read
+    discarded: int = 0  # layers read ahead and then dropped because another layer was asked for first
+
+    def __sub__(self, earlier: StreamStats) -> StreamStats:
+        return StreamStats(*(now - then for now, then in zip(astuple(self), astuple(earlier))))
+
+    @property
+    def read_bytes_per_s(self) -> float | None:
+        """The disk's rate as the reader saw it, inside its reads; None when no time went to reading."""
+        return self.bytes_read / self.read_s if self.read_s > 0 else None
+
+
+@dataclass(frozen=True)
 class StagedLayer:
     """A disk-resident layer, read into a staging buffer: its pieces, and the way to hand the buffer back."""
 
@@ -101,7 +140,7 @@ class DiskTier:
         self.layout = layout
         paths = [extent.path for layer in layout.layers.values() for extent in layer.extents]
         reader = DirectReader(paths)
-        buffers = [lazy_host_buffer(layout.staging_bytes) for _ in range(layout.ring_buffers)]
+        buffers = [lazy_host_buffer(layout.staging_bytes) for _ in range(layout.staging_buffers)]
         # The order in which the runtime asks for disk-resident layers after the first pass (see the module docstring).
         schedule = [index for index in sorted(layout.layers) if plan.next_in_slot(index) != index]
         self._ring = _Ring(layout, reader, buffers, sorted(layout.layers), schedule, pin=device.type == "cuda")
@@ -131,15 +170,15 @@ class DiskTier:
         """Reads handed to a copy, per disk-resident layer (offload index), since the runtime was built.
 
         Counted when the runtime takes the layer, not when the reader thread finishes it: a
-        read ahead that nobody has taken yet is in neither this count nor ``discarded``, so
-        the count after a forward does not depend on how far the reader has got.
+        read ahead that nobody has taken yet is in neither this count nor ``discarded`` (it
+        is in :meth:`stream_stats`'s ``layers_read``), so the count after a forward does not
+        depend on how far the reader has got.
         """
-        return self._ring.counts()[0]
+        return self._ring.taken()
 
-    @property
-    def discarded(self) -> int:
-        """Layers read ahead and then dropped because another layer was asked for first."""
-        return self._ring.counts()[1]
+    def stream_stats(self) -> StreamStats:
+        """The stream's counters and times so far (subtract two snapshots for a window)."""
+        return self._ring.stream_stats()
 
     def close(self) -> None:
         """Stop the reader thread and release the files and the staging memory (also done when collected)."""
@@ -171,7 +210,9 @@ class _Ring:
         self._fills: deque[_Fill] = deque()
         self._copied: list[CopyDone | None] = [None] * len(buffers)  # what each buffer's next fill waits for
         self._reads = dict.fromkeys(layout.layers, 0)
-        self._discarded = 0
+        self._stats = StreamStats()  # closed intervals; replaced whole under the lock, so a snapshot is a reference
+        self._state: str | None = None  # what the reader thread is doing (a StreamStats time field) ...
+        self._since = 0.0  # ... since this time.perf_counter()
         self._closed = False
         self._cond = threading.Condition()
         self._pinned = contextlib.ExitStack()
@@ -187,6 +228,7 @@ class _Ring:
 
     # ---------------------------------------------------------------- consumer side
     def take(self, offload_index: int) -> StagedLayer:
+        began = time.perf_counter()
         with self._cond:
             if self._closed:
                 raise RuntimeError("the disk tier of this model is closed; its disk-resident layers cannot be read")
@@ -197,6 +239,7 @@ class _Ring:
                 if self._closed:
                     raise RuntimeError("the disk tier of this model was closed while a layer was being read")
                 self._cond.wait()
+            self._add(take_wait_s=time.perf_counter() - began)
             if fill.error is not None:
                 self._fills.popleft()
                 self._queue_next(fill.buffer)  # the buffer holds nothing the next fill must wait for
@@ -218,7 +261,7 @@ class _Ring:
         """Drop the read-ahead and queue ``offload_index`` first, then the schedule from the layer after it."""
         while any(fill.state == "reading" for fill in self._fills):
             self._cond.wait()  # a read in progress finishes into its buffer; nobody takes it
-        self._discarded += sum(fill.state == "filled" and fill.error is None for fill in self._fills)
+        self._add(discarded=sum(fill.state == "filled" and fill.error is None for fill in self._fills))
         self._fills.clear()
         later = [index for index in self._schedule if index > offload_index]
         self._order = itertools.cycle(later + [index for index in self._schedule if index <= offload_index])
@@ -238,24 +281,40 @@ class _Ring:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._closed and (fill := _first_queued(self._fills)) is None:
-                    self._cond.wait()
-                if self._closed:
-                    return
+                fill = self._next_queued()
+                if fill is None:
+                    return  # closed
                 fill.state = "reading"
                 copied, self._copied[fill.buffer] = self._copied[fill.buffer], None
+                self._enter("read_s" if copied is None else "copy_wait_s")
+            nbytes = 0
             try:
                 if copied is not None:
                     copied.synchronize()  # the copy that reads this buffer has finished
-                self._read(self.layout.layers[fill.offload_index], self.buffers[fill.buffer])
+                    with self._cond:
+                        self._enter("read_s")
+                nbytes = self._read(self.layout.layers[fill.offload_index], self.buffers[fill.buffer])
             except BaseException as error:  # handed to the consumer, raised on its thread
                 fill.error = error
             with self._cond:
+                self._enter(None)
+                self._add(layers_read=int(fill.error is None), bytes_read=nbytes)
                 fill.state = "filled"
                 self._cond.notify_all()
 
-    def _read(self, layer: DiskLayer, buffer: torch.Tensor) -> None:
-        base = buffer.data_ptr()
+    def _next_queued(self) -> _Fill | None:
+        """The first queued fill, idle until there is one; None once the ring is closed. Under the lock."""
+        fill = _first_queued(self._fills)
+        if fill is None and not self._closed:
+            self._enter("idle_s")
+            while not self._closed and (fill := _first_queued(self._fills)) is None:
+                self._cond.wait()
+            self._enter(None)
+        return None if self._closed else fill
+
+    def _read(self, layer: DiskLayer, buffer: torch.Tensor) -> int:
+        """Read ``layer``'s extents into ``buffer``; the bytes read."""
+        base, nbytes = buffer.data_ptr(), 0
         for extent in layer.extents:
             got = self.reader.read(extent.path, extent.file_offset, extent.nbytes, base + extent.staging_offset)
             if got < extent.needed:
@@ -263,10 +322,30 @@ class _Ring:
                     f"{extent.path} ends at byte {extent.file_offset + got}, before the end of "
                     f"{', '.join(extent.names)} (layer {layer.name}): the file shrank since it was loaded"
                 )
+            nbytes += got
+        return nbytes
 
-    def counts(self) -> tuple[dict[int, int], int]:
+    # ---------------------------------------------------------------- counters (all under the lock)
+    def _enter(self, state: str | None) -> None:
+        """The reader thread's time from now on goes to ``state``, a time field of StreamStats (None: to none)."""
+        now = time.perf_counter()
+        if self._state is not None:
+            self._add(**{self._state: now - self._since})
+        self._state, self._since = state, now
+
+    def _add(self, **increments: int | float) -> None:
+        stats = self._stats
+        self._stats = dataclasses.replace(stats, **{name: getattr(stats, name) + value for name, value in increments.items()})
+
+    def stream_stats(self) -> StreamStats:
         with self._cond:
-            return dict(self._reads), self._discarded
+            if self._state is None:
+                return self._stats
+            return dataclasses.replace(self._stats, **{self._state: getattr(self._stats, self._state) + time.perf_counter() - self._since})
+
+    def taken(self) -> dict[int, int]:
+        with self._cond:
+            return dict(self._reads)
 
     def close(self) -> None:
         with self._cond:

@@ -39,7 +39,7 @@ from torch import nn
 
 from .checkpoint import CheckpointError, FileReader, StoredTensor, few, read_checkpoint_headers
 from .config import OptionError, parse_bytes, plan_options
-from .disk_layout import DiskLayout, plan_disk_tier
+from .disk_layout import STAGING_BUFFERS, DiskLayout, plan_disk_tier
 from .disk_tier import DiskTier
 from .memory import HostArena, PinnedStaging, param_view
 from .offload import _check_device, assemble_runtime
@@ -75,6 +75,7 @@ def load_checkpoint(
     *,
     init_buffers: Callable[[nn.Module], None] | None = None,
     host_budget: int | str | None = None,
+    staging_buffers: int | None = None,
     **plan: Any,
 ) -> PrefetchRuntime:
     """Load ``checkpoint`` into ``model`` (built on the meta device), offloaded as :func:`offload` would.
@@ -111,7 +112,19 @@ def load_checkpoint(
     than host memory"). It needs a safetensors checkpoint, not an iterable.
     A disk-resident layer is staged whole, so with ``host_budget`` copies are
     never chunked (``chunked_copies=True`` is refused).
+
+    ``staging_buffers`` (with ``host_budget`` only; default
+    :data:`~prefetch_compile.disk_layout.STAGING_BUFFERS`, at least 2) is the
+    depth of the disk tier's staging ring: how many disk-resident layers the
+    reader thread may hold read ahead. Each buffer is as large as the largest
+    disk-resident layer and counts in ``host_budget``, so a deeper ring leaves
+    fewer layers in host memory.
     """
+    if staging_buffers is not None and host_budget is None:
+        raise OptionError(
+            f"staging_buffers={staging_buffers!r} only applies with a host_budget (it is the depth of the disk "
+            "tier's staging ring); pass host_budget as well, or drop staging_buffers"
+        )
     options = plan_options(plan)
     if host_budget is not None:
         if options.chunked_copies is True:
@@ -128,7 +141,7 @@ def load_checkpoint(
     if isinstance(checkpoint, (str, os.PathLike)):
         stored = read_checkpoint_headers(checkpoint)
         _check_all(targets, stored)
-    layout = _disk_layout(plan, stored, host_budget)
+    layout = _disk_layout(plan, stored, host_budget, STAGING_BUFFERS if staging_buffers is None else staging_buffers)
     _materialise_buffers(model, targets, init_buffers)
 
     host = HostArena(plan, on_disk=layout.layers if layout else ())
@@ -145,7 +158,9 @@ def load_checkpoint(
     return assemble_runtime(model, plan, device, host, offloaded, disk)
 
 
-def _disk_layout(plan: OffloadPlan, stored: dict[str, StoredTensor] | None, host_budget: int | str | None) -> DiskLayout | None:
+def _disk_layout(
+    plan: OffloadPlan, stored: dict[str, StoredTensor] | None, host_budget: int | str | None, staging_buffers: int
+) -> DiskLayout | None:
     if host_budget is None:
         return None
     budget = parse_bytes(host_budget, "host_budget")
@@ -154,7 +169,7 @@ def _disk_layout(plan: OffloadPlan, stored: dict[str, StoredTensor] | None, host
             "host_budget needs a safetensors checkpoint (a file or a directory) to read the layers beyond the budget "
             "back from at every forward; an iterable of tensors can be read only once"
         )
-    layout = plan_disk_tier(plan, stored, budget)
+    layout = plan_disk_tier(plan, stored, budget, staging_buffers)
     if layout is None:
         log.info(
             f"prefetch_compile: host_budget={format_bytes(budget)} holds all {len(plan.offloaded)} offloaded layers "

@@ -22,8 +22,8 @@ import prefetch_compile
 from prefetch_compile import CheckpointError, OptionError
 from prefetch_compile.checkpoint import read_checkpoint_headers
 from prefetch_compile.direct_io import ALIGNMENT, DirectReader
-from prefetch_compile.disk_layout import RING_BUFFERS, plan_disk_tier, read_layout, spread
-from prefetch_compile.disk_tier import DiskTier
+from prefetch_compile.disk_layout import STAGING_BUFFERS, plan_disk_tier, read_layout, spread
+from prefetch_compile.disk_tier import DiskTier, StreamStats
 from prefetch_compile.plan import build_plan
 from prefetch_compile.config import PlanOptions
 from model_zoo import tiny_decoder_config
@@ -73,15 +73,16 @@ def staging_bytes(checkpoint) -> int:
     return max(read_layout(layer, stored).staging_bytes for layer in plan.offloaded)
 
 
-def budget_for(checkpoint, host_layers: int) -> int:
+def budget_for(checkpoint, host_layers: int, staging_buffers: int = STAGING_BUFFERS) -> int:
     """A host budget that holds ``host_layers`` layers next to the staging ring (and less than one more)."""
-    return host_layers * LAYER_BYTES + RING_BUFFERS * staging_bytes(checkpoint) + ALIGNMENT
+    return host_layers * LAYER_BYTES + staging_buffers * staging_bytes(checkpoint) + ALIGNMENT
 
 
-def load(checkpoint, host_layers=2, **knobs):
+def load(checkpoint, host_layers=2, staging_buffers=None, **knobs):
     model = meta_llama()
-    budget = budget_for(checkpoint, host_layers)
-    runtime = prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **{**PLAN, **knobs}, host_budget=budget)
+    budget = budget_for(checkpoint, host_layers, staging_buffers or STAGING_BUFFERS)
+    ring = {} if staging_buffers is None else {"staging_buffers": staging_buffers}
+    runtime = prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **{**PLAN, **knobs}, host_budget=budget, **ring)
     return model, runtime
 
 
@@ -105,7 +106,7 @@ def test_layers_beyond_the_budget_are_read_from_disk_and_give_the_original_logit
     compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
     assert torch.equal(logits(compiled, tokens), want)
     assert torch.equal(logits(compiled, tokens), want)
-    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.stream_stats().discarded == 0
 
 
 def test_every_offloaded_layer_is_read_once_per_forward(checkpoint, original):
@@ -120,7 +121,7 @@ def test_every_offloaded_layer_is_read_once_per_forward(checkpoint, original):
     after = runtime.disk.reads
     assert {index: after[index] - reads[index] for index in after} == dict.fromkeys(runtime.disk.layout.layers, forwards)
     assert runtime.counters.copies - copies == forwards * LAYERS  # host-resident and disk-resident alike
-    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.stream_stats().discarded == 0
 
 
 def test_layers_alone_in_their_slots_are_read_once(checkpoint, original):
@@ -136,7 +137,7 @@ def test_layers_alone_in_their_slots_are_read_once(checkpoint, original):
     # Slots 0 and 1 take turns: layers 0 and 1 are placed, then re-read at the end of each forward for the
     # next; layers 6 and 7 are read once in each forward. A read is counted when it is copied, so exactly.
     assert {index: reads[index] for index in reads if index not in lone} == {0: 4, 1: 4, 6: 3, 7: 3}
-    assert runtime.disk.discarded == 0 and runtime.counters.ensure_misses == 0
+    assert runtime.disk.stream_stats().discarded == 0 and runtime.counters.ensure_misses == 0
 
 
 def test_generate_with_a_dynamic_cache_gives_the_original_tokens(checkpoint, original):
@@ -208,6 +209,151 @@ def test_a_budget_too_small_for_the_staging_ring_is_refused(checkpoint):
         prefetch_compile.load_checkpoint(meta_llama(), checkpoint, "cpu", host_budget="lots")
 
 
+def test_a_deeper_staging_ring_gives_the_same_logits_and_counts_in_the_budget(checkpoint, original):
+    model, runtime = load(checkpoint, host_layers=2, staging_buffers=3, prefetch_step=2)
+    stats = runtime.stats()
+    assert sorted(runtime.disk.layout.layers) == [0, 2, 3, 4, 6, 7] and runtime.disk.layout.staging_buffers == 3
+    assert len(runtime.disk.staging_buffers) == 3 and stats.staging_bytes == 3 * staging_bytes(checkpoint)
+    assert runtime.host.nbytes + stats.staging_bytes <= budget_for(checkpoint, 2, staging_buffers=3)
+    tokens = torch.randint(0, 128, (2, 9))
+    want = logits(original, tokens)
+    assert torch.equal(logits(model, tokens), want)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    assert torch.equal(logits(compiled, tokens), want)
+    reads = runtime.disk.reads
+    for _ in range(3):
+        assert torch.equal(logits(compiled, tokens), want)
+    after = runtime.disk.reads
+    assert {index: after[index] - reads[index] for index in after} == dict.fromkeys(runtime.disk.layout.layers, 3)
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.stream_stats().discarded == 0
+
+    # The same budget: with two buffers it holds two layers in host memory, with three one (a buffer > a layer).
+    budget = budget_for(checkpoint, 1, staging_buffers=3)
+    for buffers, host_layers in [(2, 2), (3, 1)]:
+        _, runtime = load_with_budget(checkpoint, budget, staging_buffers=buffers)
+        assert (runtime.stats().disk_layers, runtime.host.nbytes) == (LAYERS - host_layers, host_layers * LAYER_BYTES)
+        assert runtime.host.nbytes + runtime.stats().staging_bytes <= budget
+        runtime.disk.close()
+
+
+def load_with_budget(checkpoint, budget: int, **options):
+    model = meta_llama()
+    return model, prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **PLAN, host_budget=budget, **options)
+
+
+@pytest.mark.parametrize("bad", [1, 0, -2, 2.5, True, "3", None])
+def test_a_bad_staging_buffers_is_refused_naming_it(checkpoint, bad):
+    model = meta_llama()
+    if bad is None:  # without a host budget there is no ring to size
+        with pytest.raises(OptionError, match=r"^staging_buffers=3 only applies with a host_budget"):
+            prefetch_compile.load_checkpoint(model, checkpoint, "cpu", **PLAN, staging_buffers=3)
+    else:
+        with pytest.raises(OptionError, match=f"^staging_buffers must be an integer >= 2, got {bad!r}$"):
+            load_with_budget(checkpoint, budget_for(checkpoint, 2), staging_buffers=bad)
+    assert all(param.is_meta for param in model.parameters())
+
+
+def test_a_budget_too_small_for_a_deeper_ring_says_so(checkpoint):
+    staging = staging_bytes(checkpoint)
+    with pytest.raises(OptionError) as error:
+        load_with_budget(checkpoint, 3 * staging - 1, staging_buffers=3)
+    assert str(error.value) == (
+        f"host_budget={(3 * staging - 1) / 1024:.2f} KiB is too small: with all 8 offloaded layers on disk, the staging "
+        f"ring alone needs 3 x {staging / 1024:.2f} KiB = {3 * staging / 1024:.2f} KiB (staging_buffers=3, each buffer "
+        "as large as the largest layer as read from disk); raise host_budget to at least that, or pass fewer "
+        "staging_buffers (at least 2)"
+    )
+    _, runtime = load_with_budget(checkpoint, 3 * staging, staging_buffers=3)  # the ring alone: every layer on disk
+    assert runtime.stats().disk_layers == LAYERS and runtime.host.nbytes == 0
+
+
+def test_stream_stats_subtract_field_by_field():
+    later = StreamStats(layers_read=5, bytes_read=100, read_s=2.0, copy_wait_s=0.5, idle_s=1.0, take_wait_s=0.25, discarded=1)
+    earlier = StreamStats(layers_read=2, bytes_read=40, read_s=0.5, copy_wait_s=0.25, idle_s=0.5, take_wait_s=0.125, discarded=0)
+    window = later - earlier
+    assert window == StreamStats(layers_read=3, bytes_read=60, read_s=1.5, copy_wait_s=0.25, idle_s=0.5, take_wait_s=0.125, discarded=1)
+    assert window.read_bytes_per_s == 40.0 and StreamStats().read_bytes_per_s is None
+
+
+def disk_tier(checkpoint, staging_buffers: int) -> DiskTier:
+    """A disk tier on its own: layers 0, 2, 3, 4, 6, 7 on disk, two slots (none alone), read in that order."""
+    plan = build_plan(meta_llama(), PlanOptions(**PLAN, prefetch_step=2))
+    layout = plan_disk_tier(plan, read_checkpoint_headers(checkpoint), budget_for(checkpoint, 2, staging_buffers), staging_buffers)
+    return DiskTier(layout, plan, torch.device("cpu"))
+
+
+def file_bytes(tier: DiskTier, index: int) -> int:
+    """What reading layer ``index`` moves from its files: its extents, less what lies past a file's end."""
+    return sum(min(extent.nbytes, extent.path.stat().st_size - extent.file_offset) for extent in tier.layout.layers[index].extents)
+
+
+def settled(tier: DiskTier, layers_read: int) -> StreamStats:
+    """The stream's stats once the reader has completed ``layers_read`` reads (it then idles: the ring is full)."""
+    deadline = time.monotonic() + 30
+    while (stats := tier.stream_stats()).layers_read < layers_read:
+        assert time.monotonic() < deadline, f"the reader completed {stats.layers_read} reads, not {layers_read}"
+        time.sleep(0.001)
+    return stats
+
+
+def test_stream_stats_count_every_read_and_its_bytes_and_the_discarded_ones(checkpoint):
+    tier = disk_tier(checkpoint, staging_buffers=3)
+    order = sorted(tier.layout.layers)
+    assert order == [0, 2, 3, 4, 6, 7]
+    first = settled(tier, 3)  # the ring full: the first three read ahead, nothing taken
+    time.sleep(0.05)
+    assert tier.stream_stats().layers_read == 3  # and no further: every buffer is filled
+    assert first.bytes_read == sum(file_bytes(tier, index) for index in order[:3])
+    assert first.copy_wait_s == 0.0 and first.take_wait_s == 0.0 and first.discarded == 0
+    for _ in range(2):  # two passes over the layers, in the order the runtime asks
+        for index in order:
+            tier.take(index).release(None)
+    window = settled(tier, 3 + 2 * len(order)) - first
+    assert window.layers_read == 2 * len(order)  # the three read ahead now are the same three layers as before
+    assert window.bytes_read == 2 * sum(file_bytes(tier, index) for index in order)
+    assert window.discarded == 0 and tier.reads == dict.fromkeys(order, 2)
+
+    before = tier.stream_stats()
+    tier.take(4).release(None)  # out of order: the ring holds 0, 2, 3, all three dropped
+    after = settled(tier, before.layers_read + 4) - before  # 4, then 6, 7 and 0 read ahead
+    assert (after.layers_read, after.discarded) == (4, 3)
+    assert after.bytes_read == sum(file_bytes(tier, index) for index in (4, 6, 7, 0))
+    assert tier.reads == {**dict.fromkeys(order, 2), 4: 3}
+    tier.close()
+
+
+class LateCopy:
+    """A copy that is done ``seconds`` after the reader starts waiting for it."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def synchronize(self) -> None:
+        time.sleep(self.seconds)
+
+
+def test_stream_stats_put_the_reader_time_in_read_copy_wait_and_idle_and_the_consumer_time_in_take_wait(checkpoint, monkeypatch):
+    gate, read = threading.Event(), DirectReader.read
+
+    def gated_read(self, *args):
+        gate.wait()
+        return read(self, *args)
+
+    monkeypatch.setattr(DirectReader, "read", gated_read)
+    tier = disk_tier(checkpoint, staging_buffers=2)
+    threading.Timer(0.2, gate.set).start()
+    staged = tier.take(0)  # blocks until the gate opens: the reader is inside its first read all along
+    stats = tier.stream_stats()
+    assert stats.take_wait_s >= 0.15 and stats.read_s >= 0.15
+    staged.release(LateCopy(0.1))  # buffer 0's next fill (layer 3) waits for this copy
+    full = settled(tier, 3)  # layers 0 and 2, then 3 once buffer 0's copy is done
+    assert full.copy_wait_s >= 0.1
+    time.sleep(0.1)  # the ring is full (2 and 3 read ahead): the reader idles, and the snapshot counts it so far
+    idle = tier.stream_stats() - full
+    assert idle.idle_s >= 0.1 and (idle.layers_read, idle.read_s, idle.copy_wait_s) == (0, 0.0, 0.0)
+    tier.close()
+
+
 def test_an_iterable_checkpoint_cannot_have_a_disk_tier(original):
     with pytest.raises(OptionError, match="^host_budget needs a safetensors checkpoint"):
         prefetch_compile.load_checkpoint(meta_llama(), original.state_dict().items(), "cpu", host_budget="1MiB")
@@ -249,7 +395,7 @@ def test_a_slow_reader_is_waited_for(checkpoint, original, monkeypatch):
     tokens = torch.randint(0, 128, (2, 6))
     for _ in range(2):
         assert torch.equal(logits(model, tokens), logits(original, tokens))
-    assert runtime.disk.discarded == 0
+    assert runtime.disk.stream_stats().discarded == 0
 
 
 class SlowCopy:
@@ -297,7 +443,7 @@ def test_a_staging_buffer_is_refilled_only_after_its_copy_has_finished(checkpoin
     for index, destination, copy in copies:
         copy.synchronize()
         assert torch.equal(destination, expected[index]), f"layer {index} was overwritten while it was being copied"
-    assert tier.discarded == 0
+    assert tier.stream_stats().discarded == 0
     tier.close()
 
 
@@ -314,7 +460,7 @@ def test_an_out_of_order_request_restarts_the_ring(checkpoint, original):
         want = original.model.layers[4](hidden, position_embeddings=rotary)
     got, want = (value[0] if isinstance(value, tuple) else value for value in (got, want))
     assert torch.equal(got, want)
-    assert runtime.counters.ensure_misses == 1 and runtime.disk.discarded >= 1
+    assert runtime.counters.ensure_misses == 1 and runtime.disk.stream_stats().discarded >= 1
     assert torch.equal(logits(model, tokens), logits(original, tokens))
 
 

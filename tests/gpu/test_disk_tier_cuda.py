@@ -12,7 +12,7 @@ import prefetch_compile
 from prefetch_compile import OptionError
 from prefetch_compile.checkpoint import read_checkpoint_headers
 from prefetch_compile.config import PlanOptions
-from prefetch_compile.disk_layout import RING_BUFFERS, read_layout
+from prefetch_compile.disk_layout import STAGING_BUFFERS, read_layout
 from prefetch_compile.loading import STAGING_BYTES
 from prefetch_compile.plan import build_plan
 
@@ -48,15 +48,17 @@ def checkpoint(tmp_path):
     return tmp_path, original.to(DEVICE)
 
 
-def load(directory: Path, host_layers: int, prefetch_step: int):
+def load(directory: Path, host_layers: int, prefetch_step: int, staging_buffers: int = STAGING_BUFFERS):
     """Loaded with a host budget for ``host_layers`` layers next to the staging ring: the others are on disk."""
     model = meta_llama()
     plan = build_plan(model, PlanOptions(**PLAN, prefetch_step=prefetch_step))
     stored = read_checkpoint_headers(directory)
     staging = max(read_layout(layer, stored).staging_bytes for layer in plan.offloaded)
-    budget = host_layers * plan.offloaded[0].nbytes + RING_BUFFERS * staging + 4096
-    runtime = prefetch_compile.load_checkpoint(model, directory, DEVICE, **PLAN, prefetch_step=prefetch_step, host_budget=budget)
-    assert runtime.stats().disk_layers == LAYERS - host_layers
+    budget = host_layers * plan.offloaded[0].nbytes + staging_buffers * staging + 4096
+    runtime = prefetch_compile.load_checkpoint(
+        model, directory, DEVICE, **PLAN, prefetch_step=prefetch_step, host_budget=budget, staging_buffers=staging_buffers
+    )
+    assert runtime.stats().disk_layers == LAYERS - host_layers and len(runtime.disk.staging_buffers) == staging_buffers
     return model, runtime
 
 
@@ -65,10 +67,10 @@ def logits(model, tokens):
         return model(input_ids=tokens, use_cache=False).logits
 
 
-@pytest.mark.parametrize("prefetch_step", [1, 2])
-def test_layers_read_from_disk_give_the_resident_logits(checkpoint, prefetch_step):
+@pytest.mark.parametrize("prefetch_step,staging_buffers", [(1, 2), (2, 2), (2, 3)])
+def test_layers_read_from_disk_give_the_resident_logits(checkpoint, prefetch_step, staging_buffers):
     directory, original = checkpoint
-    model, runtime = load(directory, host_layers=3, prefetch_step=prefetch_step)
+    model, runtime = load(directory, host_layers=3, prefetch_step=prefetch_step, staging_buffers=staging_buffers)
     assert runtime.host.pinned and all(buffer.is_pinned() for buffer in runtime.disk.staging_buffers)
     tokens = torch.randint(0, 256, (2, 12), device=DEVICE)
     want = logits(original, tokens)
@@ -86,7 +88,7 @@ def test_layers_read_from_disk_give_the_resident_logits(checkpoint, prefetch_ste
         assert torch.equal(logits(compiled, tokens), want)
     torch.cuda.synchronize()
     assert {index: count - reads[index] for index, count in runtime.disk.reads.items()} == dict.fromkeys(reads, 3)
-    assert runtime.counters.ensure_misses == 0 and runtime.disk.discarded == 0
+    assert runtime.counters.ensure_misses == 0 and runtime.disk.stream_stats().discarded == 0
 
 
 def test_copies_that_run_late_never_read_a_refilled_staging_buffer(checkpoint):
@@ -103,7 +105,7 @@ def test_copies_that_run_late_never_read_a_refilled_staging_buffer(checkpoint):
     want = logits(original, tokens)
     for _ in range(3):
         assert torch.equal(logits(model, tokens), want)
-    assert runtime.disk.discarded == 0
+    assert runtime.disk.stream_stats().discarded == 0
 
 
 def test_cuda_graphs_are_refused(checkpoint):
