@@ -7,7 +7,7 @@ resident model's bytes, or sizes like ``6GiB``):
 * the planner's plan, from a cost table built in this run (pinned bandwidth
   from the per-device cache, per-layer compute from a calibration that compiles
   one block at the case's shape, the rest from the roofline), and the
-  activations of a meta-device trace;
+  activations of a fake-tensor trace;
 * a grid of group patterns (the last ``n`` of every ``g`` layers, ``g`` up to
   8) x ``prefetch_step`` x {all parameters, MLP only}: for each (step,
   parameters) pair the ``--grid-per-cell`` patterns that fit the budget with the
@@ -85,6 +85,7 @@ import llama_like  # noqa: E402  (examples/llama_like.py)
 
 from prefetch_compile.calibration import (  # noqa: E402
     calibrated_cost_table,
+    chunk_reads,
     device_profile,
     read_spans,
     roofline_cost_table,
@@ -200,14 +201,15 @@ class PlannerGrid:
         one_layer = llama_like.build(llama_like.LlamaShape(**{**asdict(self.shape), "layers": 1}), "cpu", self.dtype)
         for case in self.cases:
             tokens = torch.zeros(case.batch, case.seq, dtype=torch.long, device="meta")
-            trace = trace_forward(model, (tokens,))
+            trace = trace_forward(model, (tokens,), device=self.device)
             self.activations[case.name] = trace.activation_bytes
             cost = roofline_cost_table(trace, profile)
             if args.calibrate:
                 one = calibrated_cost_table(one_layer, trace_forward(one_layer, (tokens,)), profile, self.device, args.compiler)
                 layers = one.layer_seconds * self.shape.layers
                 spans = {names: read_spans(trace, profile, layers, names) for names in self.footprint.blocks}
-                cost = CostTable(cost.bandwidth, layers, cost.outside_seconds, one.source, spans)
+                chunks = {names: chunk_reads(trace, profile, layers, names) for names in self.footprint.blocks}
+                cost = CostTable(cost.bandwidth, layers, cost.outside_seconds, one.source, spans, chunks)
             if args.compile == "block":  # the eager hooks wait at the block's start and start after its end
                 cost = CostTable(cost.bandwidth, cost.layer_seconds, cost.outside_seconds, cost.source)
             self.costs[case.name] = cost

@@ -251,10 +251,22 @@ def compile_with_aot_eager(gm: fx.GraphModule, example_inputs: list[Any], graph_
     return aot_autograd(fw_compiler=forward_compiler)(gm, example_inputs)
 
 
-# The budget planner's meta-device trace (prefetch_compile/calibration.py): a dispatch mode that
+# The budget planner's fake-tensor trace (prefetch_compile/calibration.py): a dispatch mode that
 # sees every op's outputs, and pytree helpers to walk nested arguments.
 from torch.utils import _pytree as pytree  # noqa: E402, F401  (re-exported)
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402, F401  (re-exported)
+
+
+def fake_tensor_mode() -> TorchDispatchMode:
+    """A fresh fake-tensor mode with static shapes, for the planner's trace of a forward.
+
+    Inside it factory functions make fake tensors (any device, no memory, no
+    data), and a real tensor that meets a fake one (a module's plain tensor
+    attribute) is faked on the fly instead of refused.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
 
 
 def returns_new_memory(op: Callable) -> bool:

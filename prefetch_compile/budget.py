@@ -27,15 +27,15 @@ def plan_within_budget(
 ) -> BudgetPlan:
     """The planner's choice for ``model`` on ``device``; logs it at INFO.
 
-    Activations come from ``options.activation_bytes`` or a meta-device trace
-    of ``options.example_inputs``; compute times from ``options.cost_table``, or
+    Activations come from ``options.activation_bytes`` or a fake-tensor trace
+    of ``options.example_inputs`` as ``device`` would run it; compute times from ``options.cost_table``, or
     a calibration of one compiled layer per kind (``calibrate=True``), or the
     roofline of the traced FLOPs and bytes.
     """
     footprint = measure_footprint(model, device.type, layers)
     trace = None
     if options.example_inputs is not None:
-        trace = trace_forward(model, options.example_inputs, footprint.layer_list_path)
+        trace = trace_forward(model, options.example_inputs, footprint.layer_list_path, device)
     activation_bytes = options.activation_bytes if options.activation_bytes is not None else trace.activation_bytes
     cost = _cost_table(model, device, options, trace, compiler)
     chosen = plan_for_budget(footprint, cost, options.budget, activation_bytes)

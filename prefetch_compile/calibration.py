@@ -5,7 +5,7 @@
   result is cached as JSON under ``~/.cache/prefetch_compile/`` (or
   ``$PREFETCH_COMPILE_CACHE_DIR``), since a bandwidth sweep costs seconds and
   the link does not change between runs.
-* :func:`trace_forward` runs the forward once on the meta device (no memory,
+* :func:`trace_forward` runs the forward once on fake tensors (no memory,
   no compute): it records the peak of live activation bytes, the FLOPs inside
   and outside each layer, and each layer's inputs, for the planner's memory
   accounting, the roofline and the calibration.
@@ -15,8 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import os
 import re
 import statistics
@@ -24,7 +26,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +34,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._torch_internals import TorchDispatchMode, pytree, returns_new_memory
-from .cost_model import BandwidthCurve, CostTable
+from ._torch_internals import TorchDispatchMode, fake_tensor_mode, pytree, returns_new_memory
+from .cost_model import BandwidthCurve, ChunkRead, CostTable
 from .discovery import find_layer_list, matches_offload_params
+from .passes.prefetch import CHUNKS_PER_LAYER
 from .planner import PARAM_FILTERS
+
+log = logging.getLogger("prefetch_compile")
 
 CACHE_ENV = "PREFETCH_COMPILE_CACHE_DIR"
 PROFILE_VERSION = 1
@@ -87,6 +92,7 @@ class ForwardTrace:
     outside_written_bytes: int
     layer_inputs: tuple[tuple[tuple, dict], ...]  # each layer's (args, kwargs), tensors replaced by TensorSpecs
     layer_ops: tuple[tuple[OpCost, ...], ...]  # where in each layer its parameters are read
+    param_bytes: Mapping[str, int]  # bytes of each parameter by dotted name (what OpCost.reads names)
 
 
 def device_profile(device: torch.device, cache_dir: str | Path | None = None, refresh: bool = False) -> DeviceProfile:
@@ -134,24 +140,69 @@ def _copy_seconds(sizes: list[int], device: torch.device, pinned: bool) -> list[
     ]
 
 
-def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str | None = None) -> ForwardTrace:
-    """Run ``model(*example_inputs)`` on the meta device and record what each layer does.
+def trace_forward(
+    model: nn.Module, example_inputs: Sequence[Any], layers: str | None = None, device: torch.device | None = None
+) -> ForwardTrace:
+    """Run ``model(*example_inputs)`` on fake tensors and record what each layer does.
 
-    Parameters and buffers are swapped for meta tensors through
-    ``torch.func.functional_call``, so the model itself is not touched and the
-    trace costs no memory; only the inputs' shapes and dtypes matter.
+    Parameters, buffers and inputs are swapped for fake tensors (shapes, dtypes
+    and a device, no data) through ``torch.func.functional_call``, so the model
+    itself is not touched and the trace costs no memory; only the inputs'
+    shapes and dtypes matter. Fake rather than meta tensors, because models
+    read them the way they read a compiled forward, which is how the plan will
+    run: Hugging Face's mask and cache code sees a fake tensor as a trace
+    (``is_tracing``) and takes its compile path, where on the meta device it
+    took the eager shortcuts that ask a mask for its values (``.all()``, which
+    a meta tensor cannot answer); and a fake tensor has the device the model
+    will run on (``device``, else that of the model's parameters), so code that
+    picks a kernel by device picks the one the device runs. A compiled ``forward``
+    (``model.forward = torch.compile(...)``) runs eagerly here.
+
+    Where an op's fake kernel refuses what the device's kernel runs (on the
+    CPU, ``torch._grouped_mm`` in float32, which Hugging Face MoE layers call
+    outside torch.compile), the forward is measured instead: run once for real
+    where the model's weights are, at the same shapes, with the same recorder.
+    That costs one eager forward and no weight memory beyond the model's own.
     """
     path, blocks = find_layer_list(model, layers)
-    meta = {name: _to_meta(t) for name, t in [*model.named_parameters(), *model.named_buffers()]}
-    inputs = tuple(pytree.tree_map(_to_meta, tuple(example_inputs)))
-    recorder = _LiveBytes({id(tensor): name for name, tensor in meta.items()})
+    where = next(iter(model.parameters())).device
+    device = device if device is not None else where
+    try:
+        with fake_tensor_mode() as fake:
+            tensors = {name: _fake_like(t, device) for name, t in _named_tensors(model)}
+            inputs = tuple(pytree.tree_map(lambda value: _fake_like(value, device), tuple(example_inputs)))
+        return _record(model, path, blocks, tensors, inputs, fake)
+    except Exception as error:  # noqa: BLE001  (any refusal of a fake kernel; the real forward re-raises real errors)
+        log.info(
+            "prefetch_compile: the fake-tensor trace of the forward failed (%s: %s); measuring it with one real "
+            "forward on %s instead",
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+            where,
+        )
+    inputs = tuple(pytree.tree_map(lambda value: _real_like(value, where), tuple(example_inputs)))
+    return _record(model, path, blocks, dict(_named_tensors(model)), inputs, contextlib.nullcontext())
+
+
+def _record(
+    model: nn.Module,
+    path: str,
+    blocks: nn.ModuleList | nn.Sequential,
+    tensors: dict[str, torch.Tensor],
+    inputs: tuple[Any, ...],
+    mode: contextlib.AbstractContextManager,
+) -> ForwardTrace:
+    """Run the forward with ``tensors`` as its parameters and buffers, in ``mode``, and record it."""
+    recorder = _LiveBytes({id(tensor): name for name, tensor in tensors.items()})
     recorder.live = sum(_nbytes(t) for t in pytree.tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
     recorder.peak = recorder.live
     layer_inputs: list[tuple[tuple, dict] | None] = [None] * len(blocks)
     handles = []
     for index, block in enumerate(blocks):
         def before(module: nn.Module, args: tuple, kwargs: dict, index: int = index) -> None:
-            layer_inputs[index] = pytree.tree_map(_spec, (args, kwargs))  # geometry only: holding tensors would keep them live
+            # Geometry only (holding tensors would keep them live), taken now: a KV cache among the
+            # arguments is updated in place by this layer and the ones after it.
+            layer_inputs[index] = _map_tensors((args, kwargs), _spec)
             recorder.layer = index
 
         def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -160,8 +211,9 @@ def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str |
         handles.append(block.register_forward_pre_hook(before, with_kwargs=True))
         handles.append(block.register_forward_hook(after, with_kwargs=True))
     try:
-        with torch.no_grad(), _FusedAttention(recorder), FlopCounterMode(display=False) as flops, recorder:
-            torch.func.functional_call(model, meta, inputs)
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"), mode:
+            with _FusedAttention(recorder), FlopCounterMode(display=False) as flops, recorder:
+                torch.func.functional_call(model, tensors, inputs)
     finally:
         for handle in handles:
             handle.remove()
@@ -186,6 +238,7 @@ def trace_forward(model: nn.Module, example_inputs: Sequence[Any], layers: str |
         outside_written_bytes=recorder.written.get(None, 0),
         layer_inputs=tuple(layer_inputs),
         layer_ops=tuple(tuple(recorder.ops.get(index, ())) for index in range(len(blocks))),
+        param_bytes={name: _nbytes(tensor) for name, tensor in model.named_parameters()},
     )
 
 
@@ -199,7 +252,8 @@ def roofline_cost_table(
     )
     outside = profile.roofline_seconds(trace.outside_flops, trace.outside_param_bytes + 2 * trace.outside_written_bytes)
     spans = {names: read_spans(trace, profile, layers, names) for names in filters}
-    return CostTable(profile.h2d, layers, outside, source="roofline", read_spans=spans)
+    chunks = {names: chunk_reads(trace, profile, layers, names) for names in filters}
+    return CostTable(profile.h2d, layers, outside, source="roofline", read_spans=spans, chunk_reads=chunks)
 
 
 def calibrated_cost_table(
@@ -214,7 +268,10 @@ def calibrated_cost_table(
     roofline = roofline_cost_table(trace, profile)
     layers = calibrate_layers(model, trace, device, compiler)
     spans = {names: read_spans(trace, profile, layers, names) for names in filters}
-    return CostTable(profile.h2d, layers, roofline.outside_seconds, source="calibrated", read_spans=spans)
+    chunks = {names: chunk_reads(trace, profile, layers, names) for names in filters}
+    return CostTable(
+        profile.h2d, layers, roofline.outside_seconds, source="calibrated", read_spans=spans, chunk_reads=chunks
+    )
 
 
 def read_spans(
@@ -238,6 +295,53 @@ def read_spans(
     return tuple(spans)
 
 
+def chunk_reads(
+    trace: ForwardTrace, profile: DeviceProfile, layer_seconds: Sequence[float], names: tuple[str, ...]
+) -> tuple[tuple[ChunkRead, ...], ...]:
+    """Per layer, the chunks a chunked copy would move the parameters ``names`` selects in, and when each is read.
+
+    As the prefetch pass cuts them: parameters in first-read order, consecutive
+    ones merged while a chunk stays within ``1 / CHUNKS_PER_LAYER`` of the
+    layer's read bytes (the pass also needs them adjacent in the block, which
+    holds for the registration order of the decoder blocks it chunks). Times
+    are placed as in :func:`read_spans`. A layer that reads nothing selected
+    has no chunks.
+    """
+    layers = []
+    for ops, seconds in zip(trace.layer_ops, layer_seconds):
+        costs = [profile.roofline_seconds(op.flops, op.nbytes) for op in ops]
+        total = sum(costs) or 1.0
+        starts = [seconds * sum(costs[:i]) / total for i in range(len(ops))]
+        ends = [seconds * sum(costs[: i + 1]) / total for i in range(len(ops))]
+        first: dict[str, int] = {}
+        last: dict[str, int] = {}
+        for i, op in enumerate(ops):
+            for name in op.reads:
+                if matches_offload_params(name, names):
+                    first.setdefault(name, i)
+                    last[name] = i
+        order = sorted(first, key=lambda name: (first[name], name))
+        read_bytes = sum(trace.param_bytes[name] for name in order)
+        runs: list[list[str]] = []
+        for name in order:
+            size = trace.param_bytes[name]
+            if runs and sum(trace.param_bytes[n] for n in runs[-1]) + size <= read_bytes / CHUNKS_PER_LAYER:
+                runs[-1].append(name)
+            else:
+                runs.append([name])
+        layers.append(
+            tuple(
+                ChunkRead(
+                    share=sum(trace.param_bytes[n] for n in run) / read_bytes,
+                    first=starts[min(first[n] for n in run)],
+                    last=ends[max(last[n] for n in run)],
+                )
+                for run in runs
+            )
+        )
+    return tuple(layers)
+
+
 def calibrate_layers(
     model: nn.Module, trace: ForwardTrace, device: torch.device, compiler: str = "inductor", reps: int = 10
 ) -> tuple[float, ...]:
@@ -245,22 +349,32 @@ def calibrate_layers(
 
     A copy, so the model's own layers are neither moved nor compiled; layers of
     one kind share the measurement, so a stack of identical blocks costs one
-    compile.
+    compile. A layer that updates a KV cache among its arguments gets a fresh
+    copy of the cache object for every call (its tensors shared, materialised
+    once), so each timed call sees the cache as the traced forward left it for
+    that layer, not grown by the calls before.
     """
     _, blocks = find_layer_list(model, trace.layer_list_path)
     measured: dict[tuple, float] = {}
     seconds = []
+    warmups = 2
     for block, inputs in zip(blocks, trace.layer_inputs):
         kind = _layer_kind(block, inputs)
         if kind not in measured:
             replica = copy.deepcopy(block).to(device).eval()
-            args, kwargs = pytree.tree_map(lambda value: _materialise(value, device), inputs)
+            template = _map_tensors(inputs, lambda spec: _materialise(spec, device), _is_spec)
+            calls = iter([_map_tensors(template, _same) for _ in range(warmups + 1 + reps)])
             compiled = torch.compile(replica, backend=compiler, dynamic=False)
+
+            def call() -> object:
+                args, kwargs = next(calls)
+                return compiled(*args, **kwargs)
+
             with torch.no_grad():
-                for _ in range(2):
-                    compiled(*args, **kwargs)
-                measured[kind] = _median_seconds(lambda: compiled(*args, **kwargs), device, reps)
-            del replica, compiled, args, kwargs
+                for _ in range(warmups):
+                    call()
+                measured[kind] = _median_seconds(call, device, reps)
+            del replica, compiled, template, calls
         seconds.append(measured[kind])
     return tuple(seconds)
 
@@ -315,9 +429,9 @@ class _LiveBytes(TorchDispatchMode):
 
 
 class _FusedAttention(TorchFunctionMode):
-    """Scaled dot-product attention as a fused kernel runs it, not as the meta device's math fallback.
+    """Scaled dot-product attention as a fused kernel runs it, not as the fake (meta) kernels' math fallback.
 
-    On the meta device attention decomposes into matmuls that materialise the
+    On fake tensors attention decomposes into matmuls that materialise the
     whole score matrix (gigabytes at long sequences), which no GPU kernel does.
     Here it returns an empty output of the right shape and books the FLOPs of a
     fused kernel (half of them skipped when causal) to the current layer.
@@ -384,9 +498,28 @@ def _median_seconds(fn: Callable[[], object], device: torch.device, reps: int) -
 
 
 def _layer_kind(block: nn.Module, inputs: tuple[tuple, dict]) -> tuple:
+    """What decides a layer's time: its class, parameter shapes and argument geometry.
+
+    An object argument (a KV cache) counts by its class, not its contents: the
+    traced forward fills the cache layer by layer, but each layer reads its own
+    entry, which every layer of one forward finds in the same state.
+    """
     params = tuple((name, tuple(p.shape), p.dtype) for name, p in block.named_parameters())
-    leaves = tuple(leaf if isinstance(leaf, TensorSpec) else repr(leaf) for leaf in pytree.tree_flatten(inputs)[0])
+    leaves = tuple(
+        leaf if isinstance(leaf, (TensorSpec, *_PLAIN)) else type(leaf) for leaf in pytree.tree_flatten(inputs)[0]
+    )
     return type(block), params, leaves
+
+
+_PLAIN = (bool, int, float, str, type(None), torch.dtype, torch.device)
+
+
+def _is_spec(value: Any) -> bool:
+    return isinstance(value, TensorSpec)
+
+
+def _same(value: Any) -> Any:
+    return value
 
 
 def _spec(value: Any) -> Any:
@@ -401,10 +534,58 @@ def _materialise(value: Any, device: torch.device) -> Any:
     return real.normal_() if real.is_floating_point() else real.zero_()
 
 
-def _to_meta(value: Any) -> Any:
+def _named_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [*model.named_parameters(), *model.named_buffers()]
+
+
+def _real_like(value: Any, device: torch.device) -> Any:
+    """An input for the measured forward: a real tensor on ``device`` (a meta one materialised), other values as they are."""
     if not isinstance(value, torch.Tensor):
         return value
-    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if value.device.type == "meta":
+        return _materialise(_spec(value), device)
+    return value.to(device)
+
+
+def _fake_like(value: Any, device: torch.device) -> Any:
+    """A fake tensor of ``value``'s geometry on ``device``; other values as they are.
+
+    Called inside the fake mode, where a factory function makes a fake tensor.
+    """
+    if not isinstance(value, torch.Tensor):
+        return value
+    return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device=device)
+
+
+def _map_tensors(value: Any, fn: Callable[[Any], Any], is_tensor: Callable[[Any], bool] = torch.is_tensor) -> Any:
+    """A snapshot of ``value``: ``fn`` applied to every tensor in it, containers and plain objects copied.
+
+    A KV cache (``DynamicCache``, ``StaticCache``) is an object holding a list
+    of per-layer objects that a layer fills or replaces in place, which pytree
+    does not enter. Each plain object (one with a ``__dict__``; not a module, a
+    class or a function) is copied with ``copy.copy`` and its attributes mapped,
+    so the snapshot keeps the state of the moment, and a layer that updates it
+    leaves the original, and the next snapshot, as they were. ``is_tensor`` says
+    what counts as a tensor (a :class:`TensorSpec`, to map back).
+    """
+    return _mapped(value, fn, is_tensor, {})
+
+
+def _mapped(value: Any, fn: Callable[[Any], Any], is_tensor: Callable[[Any], bool], memo: dict[int, Any]) -> Any:
+    leaves, spec = pytree.tree_flatten(value)
+    return pytree.tree_unflatten([_mapped_leaf(leaf, fn, is_tensor, memo) for leaf in leaves], spec)
+
+
+def _mapped_leaf(leaf: Any, fn: Callable[[Any], Any], is_tensor: Callable[[Any], bool], memo: dict[int, Any]) -> Any:
+    if is_tensor(leaf):
+        return fn(leaf)
+    state = getattr(leaf, "__dict__", None)
+    if not isinstance(state, dict) or isinstance(leaf, (type, nn.Module)) or callable(leaf):
+        return leaf
+    if id(leaf) not in memo:  # an object reached twice (or from itself) is copied once
+        memo[id(leaf)] = replica = copy.copy(leaf)
+        vars(replica).update({name: _mapped(attribute, fn, is_tensor, memo) for name, attribute in state.items()})
+    return memo[id(leaf)]
 
 
 def _nbytes(tensor: torch.Tensor) -> int:

@@ -11,10 +11,18 @@ the steady state that back-to-back calls measure.
 
 Inputs are a :class:`CostTable`: the pinned host-to-device bandwidth as a
 function of copy size, the compute time of each layer of the layer list, and the
-compute outside it (embedding, head). Reads of an offloaded layer are taken to
-span its whole compute (first read at its start, last at its end): exact for
-whole layers, conservative for an MLP-only plan, whose first read comes after
-the attention.
+compute outside it (embedding, head), and where in each layer its offloaded
+parameters are read: the compute before the first and after the last read
+(``read_spans``), and, for chunked copies, the same per chunk (``chunk_reads``).
+
+A chunked copy (one slot shared by several layers, see ``plan.chunks_copies``)
+moves a layer's block in chunks ordered by first read: chunk *j* of the
+incoming layer overwrites the bytes of chunk *j* of the outgoing one, so it may
+start once the outgoing layer's last reader of chunk *j* has run, and the
+compute stream waits for it before its own first reader of chunk *j*. The
+copy stream thus starts working while the outgoing layer still computes, and
+the incoming layer's later chunks may arrive while its earlier ones are read.
+With the whole layer as one chunk this is the whole-layer rule above.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -68,6 +76,24 @@ class BandwidthCurve:
 
 
 @dataclass(frozen=True)
+class ChunkRead:
+    """One chunk of a layer's copy: its share of the block's bytes, and when the layer reads it."""
+
+    share: float  # fraction of the layer's offloaded bytes
+    first: float  # seconds into the layer's compute when its first reader starts
+    last: float  # seconds into the layer's compute when its last reader ends
+
+
+@dataclass(frozen=True)
+class ChunkCopy:
+    """One chunk as the simulator takes it: how long it copies, and when its layer reads it."""
+
+    seconds: float
+    first: float
+    last: float
+
+
+@dataclass(frozen=True)
 class CostTable:
     """Everything the prediction needs to know about the device and the model at one input shape."""
 
@@ -78,10 +104,27 @@ class CostTable:
     # Per parameter filter (offload_params), per layer: seconds of the layer's compute before the first
     # and after the last read of what the filter offloads. A filter not listed reads over the whole layer.
     read_spans: Mapping[tuple[str, ...], tuple[tuple[float, float], ...]] = field(default_factory=dict)
+    # Per parameter filter, per layer: the chunks a chunked copy moves the filter's bytes in, in copy order.
+    # A filter not listed is priced as one chunk per layer (a whole-layer copy) even where the plan chunks.
+    chunk_reads: Mapping[tuple[str, ...], tuple[tuple[ChunkRead, ...], ...]] = field(default_factory=dict)
 
     def spans(self, names: tuple[str, ...], layers: Sequence[int]) -> list[tuple[float, float]]:
         per_layer = self.read_spans.get(names)
         return [per_layer[i] if per_layer else (0.0, 0.0) for i in layers]
+
+    def chunks(self, names: tuple[str, ...], layers: Sequence[int]) -> list[tuple[ChunkRead, ...]] | None:
+        """The chunks of each of ``layers``, or None where the table has none or the layers' differ.
+
+        Chunk *j* of one layer overwrites chunk *j* of the layer before it in the slot only if
+        every layer is cut alike (the plan cuts at parameter starts that all offloaded blocks
+        share); the table's chunks are trusted only then.
+        """
+        per_layer = self.chunk_reads.get(names)
+        if not per_layer or not layers:
+            return None
+        chosen = [per_layer[i] for i in layers]
+        shares = {tuple(chunk.share for chunk in chunks) for chunks in chosen}
+        return chosen if len(shares) == 1 and len(chosen[0]) > 1 else None
 
     def to_dict(self) -> dict:
         """Plain JSON types (filters become lists), the form :meth:`from_json` reads."""
@@ -91,6 +134,10 @@ class CostTable:
             "outside_seconds": self.outside_seconds,
             "source": self.source,
             "read_spans": [{"offload_params": list(names), "spans": spans} for names, spans in self.read_spans.items()],
+            "chunk_reads": [
+                {"offload_params": list(names), "chunks": [[astuple(chunk) for chunk in layer] for layer in layers]}
+                for names, layers in self.chunk_reads.items()
+            ],
         }
 
     def to_json(self, path: str | Path) -> None:
@@ -104,8 +151,19 @@ class CostTable:
             tuple(entry["offload_params"]): tuple((float(pre), float(post)) for pre, post in entry["spans"])
             for entry in raw.get("read_spans", [])
         }
+        chunks = {
+            tuple(entry["offload_params"]): tuple(
+                tuple(ChunkRead(*map(float, chunk)) for chunk in layer) for layer in entry["chunks"]
+            )
+            for entry in raw.get("chunk_reads", [])
+        }
         return cls(
-            bandwidth, tuple(raw["layer_seconds"]), raw.get("outside_seconds", 0.0), raw.get("source", "injected"), spans
+            bandwidth,
+            tuple(raw["layer_seconds"]),
+            raw.get("outside_seconds", 0.0),
+            raw.get("source", "injected"),
+            spans,
+            chunks,
         )
 
 
@@ -159,29 +217,67 @@ def simulate(
     spans = list(read_spans) if read_spans is not None else [(0.0, 0.0)] * len(offloaded)
     if len(spans) != len(offloaded):
         raise ValueError(f"{len(offloaded)} offloaded layers but {len(spans)} read spans")
-    if list(offloaded) != sorted(set(offloaded)) or (offloaded and not 0 <= offloaded[0] <= offloaded[-1] < len(layer_seconds)):
-        raise ValueError(f"offloaded layers must be increasing indices into {len(layer_seconds)} layers: {offloaded}")
+    _check_offloaded(layer_seconds, offloaded)
+    chunks = [
+        (ChunkCopy(seconds, pre, layer_seconds[layer] - post),)
+        for layer, seconds, (pre, post) in zip(offloaded, copy_seconds, spans)
+    ]
+    return simulate_chunks(layer_seconds, offloaded, chunks, slots, outside_seconds, forwards)
+
+
+def simulate_chunks(
+    layer_seconds: Sequence[float],
+    offloaded: Sequence[int],
+    chunks: Sequence[Sequence[ChunkCopy]],
+    slots: int,
+    outside_seconds: float = 0.0,
+    forwards: int = STEADY_STATE_FORWARDS,
+) -> Schedule:
+    """:func:`simulate` with each offloaded layer's copy in chunks (``chunks[k]``, in copy order).
+
+    Chunk j of offloaded layer ``k + slots`` is issued once layer k's last
+    reader of chunk j has run, and layer ``k + slots`` waits for it before its
+    first reader of chunk j; the copy stream runs chunks in issue order. Every
+    layer that is copied must have as many chunks as the others.
+    """
+    _check_offloaded(layer_seconds, offloaded)
+    if len(chunks) != len(offloaded):
+        raise ValueError(f"{len(offloaded)} offloaded layers but {len(chunks)} chunk lists")
     slots = min(slots, len(offloaded))
+    copying = len(offloaded) > slots
+    if copying and len({len(layer) for layer in chunks}) != 1:
+        raise ValueError(f"layers that share slots must be cut into as many chunks: {[len(c) for c in chunks]}")
     compute = sum(layer_seconds) + outside_seconds
     position = {layer: k for k, layer in enumerate(offloaded)}
-    copying = len(offloaded) > slots
-    ready = [0.0] * len(offloaded)  # when each layer's latest copy finishes (at offload time for the first slots)
-    began = [0.0] * len(offloaded)
+    ready = [[0.0] * len(layer) for layer in chunks]  # when each chunk's latest copy finishes
+    began = [[0.0] * len(layer) for layer in chunks]
     copy_free = clock = 0.0
     for _ in range(forwards):
         forward_start = clock
         needed, stall = [0.0] * len(offloaded), [0.0] * len(offloaded)
         for layer, seconds in enumerate(layer_seconds):
             k = position.get(layer)
-            if k is not None:
-                needed[k] = clock + spans[k][0]
-                stall[k] = max(0.0, ready[k] - needed[k])
-                clock += stall[k]
-            clock += seconds
-            if k is not None and copying:
-                following = (k + slots) % len(offloaded)
-                began[following] = max(clock - spans[k][1], copy_free)
-                copy_free = ready[following] = began[following] + copy_seconds[following]
+            if k is None:
+                clock += seconds
+                continue
+            following = (k + slots) % len(offloaded)
+            start, delay = clock, 0.0
+            # Waits before their reader, issues after theirs; at one instant the reader that ends comes first,
+            # except a chunk's own wait, which precedes its issue.
+            events = sorted(
+                [(chunk.first, 1, j) for j, chunk in enumerate(chunks[k])]
+                + ([(chunk.last, 0 if chunk.last > chunk.first else 2, j) for j, chunk in enumerate(chunks[k])] if copying else [])
+            )
+            needed[k] = start + min(chunk.first for chunk in chunks[k])
+            for offset, kind, j in events:
+                now = start + delay + offset
+                if kind == 1:
+                    delay += max(0.0, ready[k][j] - now)
+                else:
+                    began[following][j] = max(now, copy_free)
+                    copy_free = ready[following][j] = began[following][j] + chunks[following][j].seconds
+            stall[k] = delay
+            clock = start + delay + seconds
         clock += outside_seconds
     # began[k] for the first slots' layers refers to the copy issued during this last forward, for the next one:
     # shift it back by one period so every entry describes the copy this forward waited for.
@@ -190,11 +286,16 @@ def simulate(
         CopyTiming(
             offload_index=k,
             layer=layer,
-            seconds=copy_seconds[k] if copying else 0.0,
-            began=(began[k] - (period if k < slots else 0.0) - forward_start) if copying else 0.0,
+            seconds=sum(chunk.seconds for chunk in chunks[k]) if copying else 0.0,
+            began=(min(began[k]) - (period if k < slots else 0.0) - forward_start) if copying else 0.0,
             needed=needed[k] - forward_start,
             stall=stall[k],
         )
         for k, layer in enumerate(offloaded)
     )
     return Schedule(forward_seconds=period, compute_seconds=compute, copies=copies)
+
+
+def _check_offloaded(layer_seconds: Sequence[float], offloaded: Sequence[int]) -> None:
+    if list(offloaded) != sorted(set(offloaded)) or (offloaded and not 0 <= offloaded[0] <= offloaded[-1] < len(layer_seconds)):
+        raise ValueError(f"offloaded layers must be increasing indices into {len(layer_seconds)} layers: {offloaded}")

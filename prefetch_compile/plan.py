@@ -254,20 +254,25 @@ def _piece_starts(offloaded: list[LayerPlan], options: PlanOptions) -> tuple[int
     one compiled graph for any block of the same parameter shapes, so the pieces a
     graph's ops name must be the same in every slot.
     """
-    chunked = options.chunked_copies
-    if chunked == "auto":
-        chunked = (
-            options.prefetch_step == 1
-            and len(offloaded) > 1
-            and min(layer.nbytes for layer in offloaded) >= AUTO_CHUNK_MIN_BYTES
-        )
-    if not chunked or not offloaded:
+    sizes = [layer.nbytes for layer in offloaded]
+    if not offloaded or not chunks_copies(options.chunked_copies, options.prefetch_step, sizes):
         return (0,)
     shared: set[int] | None = None
     for layer in offloaded:
         starts = {placement.offset for placement in _first_leaves(layer.params)}
         shared = starts if shared is None else shared & starts
     return tuple(sorted(shared | {0}))
+
+
+def chunks_copies(chunked_copies: bool | str, prefetch_step: int, block_bytes: list[int]) -> bool:
+    """Whether a plan with these knobs and offloaded block sizes cuts its copies into chunks.
+
+    ``"auto"``: one slot shared by several blocks, all at least ``AUTO_CHUNK_MIN_BYTES``. The budget
+    planner's prediction asks the same question, so it prices the copies the plan will make.
+    """
+    if chunked_copies == "auto":
+        return prefetch_step == 1 and len(block_bytes) > 1 and min(block_bytes) >= AUTO_CHUNK_MIN_BYTES
+    return bool(chunked_copies)
 
 
 def _first_leaves(placements: tuple[ParamPlacement, ...]) -> list[ParamPlacement]:

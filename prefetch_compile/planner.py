@@ -10,7 +10,10 @@ true optimum of the cost model within it, and the same for the same inputs:
 * which parameters: all of a layer's, or only those under a name in
   ``PARAM_FILTERS`` (MLP or expert weights: the bulk of the bytes, read last in
   the layer);
-* how many slots: ``prefetch_step`` from 1 to ``max_prefetch_step``.
+* how many slots: ``prefetch_step`` from 1 to ``max_prefetch_step``; where the
+  plan will chunk its copies (one slot, large blocks: ``plan.chunks_copies``),
+  the prediction prices them chunk by chunk, so a chunked step 1 that hides its
+  copies as well as step 2 wins on memory.
 
 Device memory of a plan = every parameter and buffer as the device allocator
 charges it, less what the plan offloads, plus the slot pool, plus the
@@ -26,9 +29,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import OptionError, PlanOptions
-from .cost_model import CostTable, Schedule, simulate
+from .cost_model import ChunkCopy, CostTable, Schedule, simulate, simulate_chunks
 from .discovery import find_layer_list
-from .plan import build_plan
+from .plan import build_plan, chunks_copies
 from .runtime import format_bytes
 
 MAX_GROUP = 8
@@ -182,9 +185,23 @@ def device_bytes(
 
 
 def predict(footprint: Footprint, cost: CostTable, names: tuple[str, ...], indices: tuple[int, ...], step: int) -> Schedule:
-    """The steady-state schedule of one plan under ``cost``."""
-    copies = [cost.bandwidth.copy_seconds(footprint.blocks[names][i]) for i in indices]
-    return simulate(cost.layer_seconds, indices, copies, step, cost.outside_seconds, cost.spans(names, indices))
+    """The steady-state schedule of one plan under ``cost``.
+
+    Where the plan will chunk its copies (the planner's plans leave
+    ``chunked_copies`` at its default, ``"auto"``) and the table says how each
+    layer reads its chunks, the copies are priced chunk by chunk, each chunk at
+    the bandwidth of its own size; otherwise whole layers.
+    """
+    blocks = [footprint.blocks[names][i] for i in indices]
+    chunks = cost.chunks(names, indices) if chunks_copies(PlanOptions.chunked_copies, step, blocks) else None
+    if chunks is None:
+        copies = [cost.bandwidth.copy_seconds(nbytes) for nbytes in blocks]
+        return simulate(cost.layer_seconds, indices, copies, step, cost.outside_seconds, cost.spans(names, indices))
+    chunk_copies = [
+        tuple(ChunkCopy(cost.bandwidth.copy_seconds(round(chunk.share * nbytes)), chunk.first, chunk.last) for chunk in layer)
+        for nbytes, layer in zip(blocks, chunks)
+    ]
+    return simulate_chunks(cost.layer_seconds, indices, chunk_copies, step, cost.outside_seconds)
 
 
 def copied_bytes(footprint: Footprint, names: tuple[str, ...], indices: tuple[int, ...], step: int) -> int:

@@ -13,14 +13,16 @@ from torch import nn
 import prefetch_compile
 from prefetch_compile import calibration
 from prefetch_compile.config import OptionError, parse_backend_options, parse_bytes
-from prefetch_compile.cost_model import BandwidthCurve, CostTable, simulate
+from prefetch_compile.cost_model import BandwidthCurve, ChunkRead, CostTable, simulate
 from prefetch_compile.offload import offload_with_options
 from prefetch_compile.runtime import format_bytes
 from prefetch_compile.planner import (
     CUDA_WORKSPACE_BYTES,
+    Footprint,
     device_bytes,
     measure_footprint,
     plan_for_budget,
+    predict,
     spread_evenly,
 )
 from toy_models import HeterogeneousStack
@@ -446,3 +448,95 @@ def test_hf_llama_is_traced_and_planned():
     assert runtime.stats().offloaded_layers > 0
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, expected)
+
+
+# ------------------------------------------------------------------ chunked copies in the prediction
+MIB = 2**20
+CHUNKED_BLOCK = 32 * MIB  # above plan.AUTO_CHUNK_MIN_BYTES: "auto" chunks such blocks at prefetch_step=1
+
+
+def chunked_footprint(layers: int = 4) -> Footprint:
+    """Four blocks of 32 MiB and 8 MiB outside them, on the CPU (exact bytes)."""
+    blocks = (CHUNKED_BLOCK,) * layers
+    return Footprint("layers", layers * CHUNKED_BLOCK + 8 * MIB, {(): blocks}, {(): blocks}, 1)
+
+
+def spread_chunks(layers: int = 4, chunks: int = 4) -> tuple[tuple[ChunkRead, ...], ...]:
+    """Each layer reads its chunks one after the other over its 1 s of compute (a decoder block's projections)."""
+    return ((tuple(ChunkRead(1 / chunks, j / chunks, (j + 1) / chunks) for j in range(chunks))),) * layers
+
+
+def one_reader_chunks(layers: int = 4, chunks: int = 4) -> tuple[tuple[ChunkRead, ...], ...]:
+    """One op reads the whole block from the layer's start to its end: no chunk is free before the last."""
+    return ((tuple(ChunkRead(1 / chunks, 0.0, 1.0) for _ in range(chunks))),) * layers
+
+
+def test_chunked_step_1_is_predicted_faster_when_reads_are_spread():
+    # Layers 1 and 3 offloaded into one slot, 1 s of compute each, a 32 MiB copy takes 2 s. Whole layers:
+    # each copy starts when the other layer ends and has one kept layer to hide behind: 1 s of stall each.
+    # Chunked: chunk j (0.5 s) starts once the outgoing layer has read its chunk j (0.25 s apart), so the
+    # incoming chunks arrive at 0.75, 1.25, 1.75, 2.25 s after the outgoing layer began, before the
+    # incoming layer (which begins 2 s after it) reads them at 2, 2.25, 2.5, 2.75 s: no stall at all.
+    footprint = chunked_footprint()
+    whole = CostTable(BandwidthCurve.constant(CHUNKED_BLOCK / 2.0), (1.0,) * 4)
+    chunked = CostTable(whole.bandwidth, whole.layer_seconds, chunk_reads={(): spread_chunks()})
+    assert predict(footprint, whole, (), (1, 3), 1).forward_seconds == pytest.approx(6.0)
+    schedule = predict(footprint, chunked, (), (1, 3), 1)
+    assert schedule.forward_seconds == pytest.approx(4.0) and schedule.stall_seconds == pytest.approx(0.0)
+    assert [copy.seconds for copy in schedule.copies] == pytest.approx([2.0, 2.0])
+    # At prefetch_step 2 the plan does not chunk, so the chunk table changes nothing there.
+    assert predict(footprint, chunked, (), (0, 1, 2, 3), 2) == predict(footprint, whole, (), (0, 1, 2, 3), 2)
+
+
+def test_chunked_step_1_equals_whole_layers_when_one_reader_reads_the_whole_layer():
+    footprint = chunked_footprint()
+    whole = CostTable(BandwidthCurve.constant(CHUNKED_BLOCK / 2.0), (1.0,) * 4)
+    chunked = CostTable(whole.bandwidth, whole.layer_seconds, chunk_reads={(): one_reader_chunks()})
+    for indices in [(1, 3), (0, 1, 2, 3)]:
+        expected = predict(footprint, whole, (), indices, 1)
+        got = predict(footprint, chunked, (), indices, 1)
+        assert got.forward_seconds == pytest.approx(expected.forward_seconds)
+        assert [c.stall for c in got.copies] == pytest.approx([c.stall for c in expected.copies])
+
+
+def test_chunking_lets_the_planner_take_step_1_where_it_is_as_fast_as_step_2():
+    # Every copy takes 1 s against 1 s of compute per layer. Budget: the resident model less two blocks.
+    # Whole layers at prefetch_step=1 stall on every copy (it starts when the slot's layer ends, which is
+    # when the next one needs it), so the planner pays a second slot for prefetch_step=2, which hides them.
+    # Chunked, step 1 hides them too (each chunk streams in while the outgoing layer reads the rest),
+    # so the planner keeps one slot: as fast, and it offloads three layers instead of four for the same bytes.
+    footprint = chunked_footprint()
+    budget = footprint.resident_bytes - 2 * CHUNKED_BLOCK
+    whole = CostTable(BandwidthCurve.constant(CHUNKED_BLOCK / 1.0), (1.0,) * 4)
+    chunked = CostTable(whole.bandwidth, whole.layer_seconds, chunk_reads={(): spread_chunks()})
+    without = plan_for_budget(footprint, whole, budget, 0)
+    assert without.options.prefetch_step == 2 and without.schedule.forward_seconds == pytest.approx(4.0)
+    chosen = plan_for_budget(footprint, chunked, budget, 0)
+    assert chosen.options.prefetch_step == 1 and chosen.options.chunked_copies == "auto"
+    assert chosen.schedule.forward_seconds == pytest.approx(without.schedule.forward_seconds)
+    assert chosen.device_bytes <= without.device_bytes <= budget and chosen.copied_bytes < without.copied_bytes
+    # The same layers at prefetch_step=2 are no faster and need a second slot.
+    layers = tuple(copy.layer for copy in chosen.schedule.copies)
+    assert predict(footprint, chunked, (), layers, 2).forward_seconds == pytest.approx(chosen.schedule.forward_seconds)
+    assert device_bytes(footprint, (), layers, 2, 0) == chosen.device_bytes + CHUNKED_BLOCK > budget
+    # Deterministic for the table: planning again gives the same plan.
+    assert plan_for_budget(chunked_footprint(), chunked, budget, 0) == chosen
+
+
+def test_chunk_reads_round_trip_through_json(tmp_path):
+    cost = CostTable(BandwidthCurve.constant(1e9), (1.0,) * 4, chunk_reads={(): spread_chunks(), ("mlp",): one_reader_chunks()})
+    cost.to_json(tmp_path / "cost.json")
+    assert CostTable.from_json(tmp_path / "cost.json") == cost
+
+
+def test_traced_chunks_follow_the_first_reads():
+    """The roofline table's chunks of a layer: in first-read order, covering its bytes, read later and later."""
+    model = Model(layers=2)
+    trace = calibration.trace_forward(model, (torch.randn(2, 8, WIDTH),))
+    profile = calibration.DeviceProfile("x", BandwidthCurve.constant(1.0), matmul_flops_per_s=1e9, memory_bytes_per_s=1e9)
+    cost = calibration.roofline_cost_table(trace, profile)
+    chunks = cost.chunk_reads[()][0]
+    # attn (16x16), mlp.0 (64x16), mlp.2 (16x64): the attention weight alone, then one MLP weight per chunk.
+    assert [chunk.share for chunk in chunks] == pytest.approx([1 / 9, 4 / 9, 4 / 9])
+    assert all(a.first <= a.last <= b.first for a, b in zip(chunks, chunks[1:]))
+    assert chunks[-1].last <= cost.layer_seconds[0]

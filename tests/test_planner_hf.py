@@ -1,0 +1,98 @@
+"""The budget planner on Hugging Face decoders: traced on fake tensors, calibrated, and through ``generate``.
+
+The path users take: ``budget`` on the one-line ``torch.compile(model.forward, ...)``, then ``generate`` with
+a dynamic and with a static cache, and ``offload(model, "cpu", budget=...)``; tokens and logits equal the
+un-offloaded model's and the plan's peak (kept weights + slots + traced activations) stays within the budget.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import prefetch_compile
+from model_zoo import BY_NAME, MIXTRAL
+from prefetch_compile import calibration
+
+pytest.importorskip("transformers")
+
+MODELS = {"llama": BY_NAME["llama"], "qwen2": BY_NAME["qwen2"], "mixtral": MIXTRAL}
+
+
+@pytest.fixture(autouse=True)
+def _private_profile_cache(tmp_path_factory, monkeypatch):
+    """The CPU's copy and compute profile is measured once for this file, not written under ~/.cache."""
+    monkeypatch.setenv(calibration.CACHE_ENV, str(tmp_path_factory.getbasetemp() / "profiles"))
+
+
+def nbytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def prompt_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # left padding: the mask code must build a real mask, not skip it
+    return ids, mask
+
+
+def assert_within_budget(model: torch.nn.Module, budget: int, activations: int) -> None:
+    runtime = prefetch_compile.runtime_of(model)
+    assert runtime is not None and runtime.stats().offloaded_layers > 0
+    stats = runtime.stats()
+    # On the CPU bytes are exact: what stays, the slots and the traced activations are the plan's peak.
+    assert stats.kept_device_bytes + stats.slot_pool_bytes + activations <= budget
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_fake_trace_of_a_padded_batch_takes_the_compiled_mask_path(name):
+    """With an attention mask, Hugging Face's mask code asks the mask for its values outside a trace; on fake
+    tensors it takes the path it takes under torch.compile, so the trace runs (on meta tensors it raised)."""
+    model = MODELS[name].build()
+    ids, mask = prompt_and_mask()
+    trace = calibration.trace_forward(model, (ids, mask))
+    assert trace.layer_list_path == "model.layers" and all(flops > 0 for flops in trace.layer_flops)
+    cache = trace.layer_inputs[1][1]["past_key_values" if "past_key_values" in trace.layer_inputs[1][1] else "cache"]
+    # Layer 1's arguments as they were when it was called: layer 0's cache entry filled, its own still empty.
+    assert isinstance(cache.layers[0].keys, calibration.TensorSpec) and cache.layers[1].keys is None
+    assert trace.activation_bytes > sum(t.numel() * t.element_size() for t in (ids, mask))
+    assert all(p.device.type == "cpu" and not isinstance(p, torch._subclasses.FakeTensor) for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_offload_with_a_budget_calibrates_and_matches(name):
+    model = MODELS[name].build()
+    reference = copy.deepcopy(model)
+    ids, mask = prompt_and_mask()
+    budget = nbytes(model) * 8 // 10
+    activations = calibration.trace_forward(reference, (ids, mask)).activation_bytes
+    runtime = prefetch_compile.offload(model, "cpu", budget=budget, example_inputs=(ids, mask))
+    assert runtime is not None
+    assert_within_budget(model, budget, activations)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_budget_on_the_one_line_path_generates_the_same_tokens(name):
+    """``options={"budget": ...}`` on ``model.forward``: the first generate step plans (calibrating one layer
+    per kind with the same compiler), offloads and compiles; greedy tokens equal the un-offloaded model's with
+    the dynamic cache and then the static one."""
+    model = MODELS[name].build()
+    reference = copy.deepcopy(model)
+    ids, mask = prompt_and_mask()
+    budget = nbytes(model) * 8 // 10
+    activations = calibration.trace_forward(reference, (ids, mask)).activation_bytes
+    options = {"budget": budget, "example_inputs": (ids, mask), "compiler": "aot_eager"}
+    model.forward = torch.compile(model.forward, backend="prefetch_offload", options=options)
+    settings = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        dynamic = model.generate(ids, **settings)
+        assert_within_budget(model, budget, activations)
+        static = model.generate(ids, cache_implementation="static", **settings)
+        expected_dynamic = reference.generate(ids, **settings)
+        expected_static = reference.generate(ids, cache_implementation="static", **settings)
+    assert dynamic.shape == (2, ids.shape[1] + 4)
+    assert torch.equal(dynamic, expected_dynamic) and torch.equal(static, expected_static)
