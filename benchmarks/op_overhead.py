@@ -39,6 +39,10 @@ def microseconds_per_call(fn, args: tuple, calls: int = 20000) -> float:
     return (time.perf_counter() - began) / calls * 1e6
 
 
+def _nine_linears() -> nn.Module:
+    return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(9)))
+
+
 def main() -> dict:
     import prefetch_compile
     from prefetch_compile.ops import START, WAIT
@@ -52,7 +56,7 @@ def main() -> dict:
         for chunks in (False, True)
     )
     nine_per_block = prefetch_compile.offload(
-        nn.Sequential(nn.ModuleList(nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(9))) for _ in range(32))),
+        nn.Sequential(nn.ModuleList(_nine_linears() for _ in range(32))),
         device, group_size=1, prefetch_step=1, layers="0",
     )
     params = [whole.offloaded_params[p.name] for p in whole.offloaded[0].params]

@@ -59,7 +59,11 @@ class EditWatch:
             # A dense parameter is its own one leaf. A subclass parameter's wrapper counts the ops on the
             # parameter, its leaves (plain tensors) the ops on them; both are watched.
             entries = [_Watched(param, tuple(leaves))]
-            entries += [_Watched(get_inner(param, placement.inner), ((layer, placement),)) for layer, placement in leaves if placement.inner]
+            entries += [
+                _Watched(get_inner(param, placement.inner), ((layer, placement),))
+                for layer, placement in leaves
+                if placement.inner
+            ]
             self._positions[name] = list(range(len(watched), len(watched) + len(entries)))
             watched += entries
         self._watched = tuple(watched)
@@ -78,21 +82,20 @@ class EditWatch:
             now = self._versions()
             if now == self._seen:  # the usual case: one list comparison
                 return []
-            positions: Iterable[int] = range(len(now))
+            positions = [position for position, (version, seen) in enumerate(zip(now, self._seen)) if version != seen]
         else:
-            positions = self._chosen(names)
-            now = self._seen.copy()
-            for position in positions:
-                now[position] = self._tensors[position]._version
-        moved = dict.fromkeys(
-            leaf for position in positions if now[position] != self._seen[position] for leaf in self._watched[position].leaves
-        )
-        self._seen = now
-        return list(moved)
+            positions = [
+                position for position in self._chosen(names) if self._tensors[position]._version != self._seen[position]
+            ]
+        self._mark_seen(positions)
+        return list(dict.fromkeys(leaf for position in positions for leaf in self._watched[position].leaves))
 
     def accept(self, names: Iterable[str]) -> None:
         """Count the current versions of ``names`` as seen: they were written by ``load_state_dict`` itself."""
-        for position in self._chosen(names):
+        self._mark_seen(self._chosen(names))
+
+    def _mark_seen(self, positions: Iterable[int]) -> None:
+        for position in positions:
             self._seen[position] = self._tensors[position]._version
 
 

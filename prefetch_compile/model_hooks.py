@@ -14,8 +14,9 @@ weights without a word. This module makes each path correct or refuses it:
 * **load_state_dict()** writes offloaded values into the host arena (and the
   slot when the layer sits there), cast to the parameter's dtype as PyTorch
   does, and tells the runtime's edit watch (``edits.py``) that PyTorch's own
-  copy into the parameter is not a user's in-place edit; ``assign=True`` is refused, and so is a value for a disk-resident
-  parameter (its checkpoint file is never written), before any module loads;
+  copy into the parameter is not a user's in-place edit; ``assign=True`` is
+  refused, and so is a value for a disk-resident parameter (its checkpoint
+  file is never written), before any module loads;
 * **copy.deepcopy / pickling** of the model, a block, or a module holding an
   offloaded parameter is refused: the copy would hold one slot's content.
 

@@ -676,7 +676,8 @@ class PrefetchRuntime:
         fresh CPU tensor read from the checkpoint file. A tensor-subclass
         parameter has several leaves and no single host view: refused.
         """
-        self.settle_edits([name])
+        with self.lock:
+            self.settle_edits([name])
         ((layer, placement), *others) = self._placements[name]
         if placement.inner or others:
             raise RuntimeError(

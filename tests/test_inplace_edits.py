@@ -106,7 +106,8 @@ def test_every_edit_is_kept_when_each_layer_has_its_own_slot(edit):
     x = torch.randn(3, 16)
     with torch.no_grad():
         compiled(x)
-        _edit(EDITS[edit], model.layers[1].gain, model.layers[3].fc.weight, reference.layers[1].gain, reference.layers[3].fc.weight)
+        for target in (model, reference):
+            _edit(EDITS[edit], target.layers[1].gain, target.layers[3].fc.weight)
         for _ in range(2):
             _close(compiled(x), reference(x))
     for name, value in reference.state_dict().items():  # the host copies hold the edits too
@@ -161,7 +162,8 @@ def test_moving_a_parameter_with_set_is_refused_as_a_move():
     model, _, _ = _stack(prefetch_step=1)
     with torch.no_grad():
         model.layers[1].fc.weight.set_(torch.zeros(16, 16))
-        with pytest.raises(RuntimeError, match=r"offloaded parameter layers\.1\.fc\.weight no longer lives in its device slot"):
+        moved = r"offloaded parameter layers\.1\.fc\.weight no longer lives in its device slot"
+        with pytest.raises(RuntimeError, match=moved):
             model(torch.randn(3, 16))
 
 
@@ -200,7 +202,8 @@ def test_hf_llama_one_line_path_keeps_or_refuses_each_edit():
         # Layer 3 does not: refused by name, undone, and the model is right again at the next call.
         want = logits(reference)
         model.model.layers[3].mlp.up_proj.weight.mul_(2)
-        with pytest.raises(InPlaceEditError, match=r"model\.layers\.3\.mlp\.up_proj\.weight: its slot held model\.layers\.1"):
+        refused = r"model\.layers\.3\.mlp\.up_proj\.weight: its slot held model\.layers\.1"
+        with pytest.raises(InPlaceEditError, match=refused):
             logits(compiled)
         torch.testing.assert_close(logits(compiled), want, rtol=1e-4, atol=1e-4)
         reference.model.layers[3].mlp.up_proj.weight.mul_(2)
