@@ -15,12 +15,14 @@ model already in memory.
 from .checkpoint import CheckpointError
 from .config import OptionError, PlanOptions
 from .disk_tier import StreamStats
+from .edits import InPlaceEditError
 from .loading import load_checkpoint
 from .offload import offload, runtime_of
 from .runtime import OffloadStats, PrefetchRuntime
 
 __all__ = [
     "CheckpointError",
+    "InPlaceEditError",
     "OffloadStats",
     "OptionError",
     "PlanOptions",

@@ -13,8 +13,10 @@ weights without a word. This module makes each path correct or refuses it:
   the pinned host arena (a CPU tensor), not the slot's current content;
 * **load_state_dict()** writes offloaded values into the host arena (and the
   slot when the layer sits there), cast to the parameter's dtype as PyTorch
-  does; ``assign=True`` is refused, and so is a value for a disk-resident
-  parameter (its checkpoint file is never written), before any module loads;
+  does, and tells the runtime's edit watch (``edits.py``) that PyTorch's own
+  copy into the parameter is not a user's in-place edit; ``assign=True`` is
+  refused, and so is a value for a disk-resident parameter (its checkpoint
+  file is never written), before any module loads;
 * **copy.deepcopy / pickling** of the model, a block, or a module holding an
   offloaded parameter is refused: the copy would hold one slot's content.
 
@@ -120,6 +122,8 @@ def _owners(model: nn.Module, plan: OffloadPlan) -> dict[nn.Module, dict[str, st
 def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
     """Hooks on the modules that own offloaded parameters, so any ``state_dict`` call that reaches them is right."""
     for owner, attributes in _owners(model, plan).items():
+        # The parameters a running load_state_dict writes, from this owner's load hook to its after-load hook.
+        loaded: list[str] = []
 
         def save(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, attributes=attributes) -> None:
             for attribute, name in attributes.items():
@@ -137,6 +141,7 @@ def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: Pref
             unexpected_keys: list,
             error_msgs: list,
             attributes=attributes,
+            loaded=loaded,
         ) -> None:
             updates = {}
             for attribute, name in attributes.items():
@@ -156,9 +161,16 @@ def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: Pref
                 state_dict[key] = param
             if updates:
                 runtime.load_weights(updates)
+            loaded[:] = updates
+
+        def after_load(module: nn.Module, incompatible_keys: object, loaded=loaded) -> None:
+            # PyTorch's copy of the slot onto each parameter moved its version counter: not a user's edit.
+            runtime.edits.accept(loaded)
+            loaded.clear()
 
         owner.register_state_dict_post_hook(save)
         owner.register_load_state_dict_pre_hook(load)
+        owner.register_load_state_dict_post_hook(after_load)
 
 
 def _refuse_disk_loads(model: nn.Module, runtime: PrefetchRuntime) -> None:

@@ -31,6 +31,9 @@ before each replay (:meth:`restore_slots`) and installs the latter after it.
 
 One lock per runtime serialises the model's forwards across threads: the slot
 pool is shared state, so two threads may not interleave their copies and reads.
+Each entry from outside (:meth:`PrefetchRuntime.acquire`) first settles the
+in-place edits of offloaded parameters made since the last one: kept in the host
+arena, or refused by name (:mod:`prefetch_compile.edits`).
 
 On the CPU the same code runs with synchronous copies, which makes any ordering
 mistake of the pass show up as wrong numbers.
@@ -42,10 +45,11 @@ import logging
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from .edits import EditWatch, refusal
 from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan, ParamPlacement
@@ -193,6 +197,7 @@ class PrefetchRuntime:
                 self._param_locations[id(leaf)] = (layer.offload_index, placement.name)
                 self._pieces_of[id(param)] = self._pieces_of[id(leaf)] = (layer.offload_index, plan.piece_of(placement))
                 self._leaves += [param, leaf]
+        self.edits = EditWatch(self._placements, self.offloaded_params)  # in-place edits, seen at settle_edits()
         self._pieces = tuple(plan.pieces(layer) for layer in self.offloaded)  # (begin, end) of each piece, per layer
         self._all_pieces = range(len(plan.piece_starts))
         self._cuda = device.type == "cuda"
@@ -436,8 +441,9 @@ class PrefetchRuntime:
         if counters.misses_by_graph[graph] == 1:
             log.warning(
                 "prefetch_compile: %s was not resident when %s read it; copied on the spot. A graph break "
-                "inside a block, an eager call of an offloaded block or a forward that raised does this; "
-                "elsewhere it is a planning bug (counted in runtime.counters.ensure_misses, warned once per graph)",
+                "inside a block, an eager call of an offloaded block, a forward that raised or a refused in-place "
+                "edit does this; elsewhere it is a planning bug (counted in runtime.counters.ensure_misses, warned "
+                "once per graph)",
                 layer.name,
                 graph,
             )
@@ -463,8 +469,8 @@ class PrefetchRuntime:
     @contextmanager
     def serving(self, graph: str) -> Iterator[None]:
         """Hold the runtime while one compiled graph or CUDA graph replay runs (see :meth:`acquire`)."""
-        self.acquire(graph)
         try:
+            self.acquire(graph)
             yield
         finally:
             self.release()
@@ -474,6 +480,9 @@ class PrefetchRuntime:
 
         The stream order makes a caller on another stream safe: its copies never
         overwrite a slot that work queued on the previous stream still reads.
+        Entering from outside (not from a graph already held) settles the
+        in-place edits made since the last entry (:meth:`settle_edits`); when
+        that raises, the lock is held all the same and the caller releases it.
         """
         self.lock.acquire()
         self._graphs.append(graph)
@@ -482,6 +491,8 @@ class PrefetchRuntime:
             if self._compute_stream is not None and self._compute_stream != stream:
                 stream.wait_stream(self._compute_stream)
             self._compute_stream = stream
+        if len(self._graphs) == 1:
+            self.settle_edits()
 
     def release(self) -> None:
         self._graphs.pop()
@@ -582,6 +593,43 @@ class PrefetchRuntime:
                 self._copy_in(layer, missing, after=self._freed[index][first] if key in log_.freed else None)
 
     # ----------------------------------------------------------- weights
+    def settle_edits(self, names: Iterable[str] | None = None, superseded: bool = False) -> None:
+        """Keep or undo the in-place edits of offloaded parameters (``names`` only, if given) since the last look.
+
+        Owners change only while the runtime is held, and every entry looks first,
+        so the owner of an edited leaf's bytes now is the one the edit wrote over
+        (see edits.py). The edit is kept, copied to the host arena, when that is
+        the leaf's own layer with no copy into those bytes in flight (a copy
+        stream write racing the edit). Otherwise the bytes are marked as holding
+        no layer, so that the next read copies its layer in again, and
+        :class:`~prefetch_compile.edits.InPlaceEditError` names each edit,
+        unless ``superseded``: new values for these parameters are being loaded.
+        """
+        changed = self.edits.changed(names)
+        if not changed:
+            return
+        self.check_placement(sorted({placement.param_name for _, placement in changed}))  # p.set_(...) moves it
+        refused: list[tuple[str, str]] = []
+        for layer, placement in changed:
+            piece = self.plan.piece_of(placement)
+            index = layer.offload_index
+            holder = self._owners[layer.slot][piece]
+            if self.disk is not None and self.disk.holds(index):
+                why = "its layer is read from the checkpoint files at every forward, which are never written"
+            elif holder is None:
+                why = "its slot held no layer's bytes there"
+            elif holder != index:
+                why = f"its slot held {self.offloaded[holder].name}, whose bytes it changed instead"
+            elif (index, piece) in self._in_flight:
+                why = "its layer was being copied into the slot (a prefetch in flight), which the edit raced"
+            else:
+                param_view(self.host.block(layer), placement).copy_(param_view(self.slots.block(layer), placement))
+                continue
+            self._owners[layer.slot][piece] = None
+            refused.append((placement.name, why))
+        if refused and not superseded:
+            raise refusal(refused)
+
     def load_weights(self, new_values: Mapping[str, torch.Tensor]) -> None:
         """Overwrite parameters in place, offloaded or kept; later eager calls and graph replays see them.
 
@@ -599,6 +647,7 @@ class PrefetchRuntime:
                     f"got {tuple(value.shape)} and {value.dtype}"
                 )
         with self.lock:
+            self.settle_edits(new_values, superseded=True)
             self.synchronize_copies()
             for name, value in new_values.items():
                 if name not in self._placements:
@@ -627,6 +676,8 @@ class PrefetchRuntime:
         fresh CPU tensor read from the checkpoint file. A tensor-subclass
         parameter has several leaves and no single host view: refused.
         """
+        with self.lock:
+            self.settle_edits([name])
         ((layer, placement), *others) = self._placements[name]
         if placement.inner or others:
             raise RuntimeError(

@@ -1,0 +1,111 @@
+"""In-place edits of offloaded parameters: seen through PyTorch's version counters, then kept or refused.
+
+An offloaded parameter is a view of its slot, and the slot holds whichever of
+the layers sharing it was copied there last; the true value lives in the host
+arena. An in-place edit (``with torch.no_grad(): param.mul_(2)``,
+``param.copy_(...)``, ``param[0] = ...``, ``torch.nn.init.*``) writes the
+slot's bytes only: the next copy into the slot loses it, and while another
+layer sits there it overwrites that layer's weights instead.
+
+PyTorch counts the in-place writes to every tensor (``tensor._version``,
+shared by its views and by ``detach()``), and the runtime's own copies write
+through other views of the slot, never through a parameter. A counter that
+moved is therefore a user's edit. :class:`EditWatch` keeps the counters as the
+runtime last saw them; the runtime compares them each time it is entered (a
+compiled graph, a CUDA graph replay, an eager block call) and before it reads
+or writes host values (``state_dict``, ``load_state_dict``, ``load_weights``).
+No Python runs between two such points that could move a slot's owner, so the
+owner the runtime sees is the one the edit wrote over: the edit is kept
+(written to the host arena) when that was the edited layer itself, and refused
+with :class:`InPlaceEditError` otherwise. One look costs one counter read per
+offloaded tensor; none is made per op.
+
+Not seen: writes that bypass the parameter's counter, through ``param.data``
+(a new tensor with a counter of its own), ``untyped_storage()``, ``numpy()``
+or a DLPack alias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+import torch
+
+from .leaves import get_inner
+from .plan import LayerPlan, ParamPlacement
+
+Leaf = tuple[LayerPlan, ParamPlacement]
+
+
+class InPlaceEditError(RuntimeError):
+    """An in-place edit of an offloaded parameter that could not reach its host copy."""
+
+
+@dataclass(frozen=True)
+class _Watched:
+    tensor: torch.Tensor
+    leaves: tuple[Leaf, ...]  # the leaves whose bytes an in-place op on ``tensor`` writes
+
+
+class EditWatch:
+    """The version counter of every offloaded parameter (and leaf), as the runtime last saw it."""
+
+    def __init__(self, placements: Mapping[str, Sequence[Leaf]], params: Mapping[str, torch.Tensor]) -> None:
+        watched: list[_Watched] = []
+        self._positions: dict[str, list[int]] = {}  # parameter name -> its entries in ``watched``
+        for name, leaves in placements.items():
+            param = params[name]
+            # A dense parameter is its own one leaf. A subclass parameter's wrapper counts the ops on the
+            # parameter, its leaves (plain tensors) the ops on them; both are watched.
+            entries = [_Watched(param, tuple(leaves))]
+            entries += [
+                _Watched(get_inner(param, placement.inner), ((layer, placement),))
+                for layer, placement in leaves
+                if placement.inner
+            ]
+            self._positions[name] = list(range(len(watched), len(watched) + len(entries)))
+            watched += entries
+        self._watched = tuple(watched)
+        self._tensors = tuple(entry.tensor for entry in watched)
+        self._seen = self._versions()
+
+    def _versions(self) -> list[int]:
+        return [tensor._version for tensor in self._tensors]
+
+    def _chosen(self, names: Iterable[str]) -> list[int]:
+        return [position for name in names for position in self._positions.get(name, ())]
+
+    def changed(self, names: Iterable[str] | None = None) -> list[Leaf]:
+        """The leaves written in place since the last look (at ``names`` only, if given); they count as seen now."""
+        if names is None:
+            now = self._versions()
+            if now == self._seen:  # the usual case: one list comparison
+                return []
+            positions = [position for position, (version, seen) in enumerate(zip(now, self._seen)) if version != seen]
+        else:
+            positions = [
+                position for position in self._chosen(names) if self._tensors[position]._version != self._seen[position]
+            ]
+        self._mark_seen(positions)
+        return list(dict.fromkeys(leaf for position in positions for leaf in self._watched[position].leaves))
+
+    def accept(self, names: Iterable[str]) -> None:
+        """Count the current versions of ``names`` as seen: they were written by ``load_state_dict`` itself."""
+        self._mark_seen(self._chosen(names))
+
+    def _mark_seen(self, positions: Iterable[int]) -> None:
+        for position in positions:
+            self._seen[position] = self._tensors[position]._version
+
+
+def refusal(refused: Sequence[tuple[str, str]]) -> InPlaceEditError:
+    """The error for edits that could not be kept: (leaf name, why) each."""
+    lines = "\n".join(f"  {name}: {why}" for name, why in refused)
+    return InPlaceEditError(
+        f"in-place edit of {len(refused)} offloaded parameter(s) could not be kept, and was undone:\n{lines}\n"
+        "An offloaded parameter is a view of a device slot shared with other layers; an edit is kept only "
+        "while the slot holds the parameter's own layer. Nothing else changed: the slot's bytes are copied in "
+        "again before they are read, and the parameters keep their values. Write offloaded weights with "
+        "runtime.load_weights({name: value}) or model.load_state_dict(...), or edit them before offloading"
+    )
