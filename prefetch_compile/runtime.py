@@ -181,6 +181,7 @@ class PrefetchRuntime:
         # leaf tensors (what AOT's flattened graphs take, for a subclass parameter; see leaves.py).
         self._param_locations: dict[int, tuple[int, str]] = {}
         self._pieces_of: dict[int, tuple[int, int]] = {}  # the same tensors -> (offload index, piece)
+        self._addresses: dict[int, int] = {}  # each leaf -> the address in its slot it must view
         self._leaves: list[torch.Tensor] = []
         # Parameter name -> its leaves' (layer, placement): one leaf for a dense parameter.
         self._placements: dict[str, list[tuple[LayerPlan, ParamPlacement]]] = {}
@@ -192,6 +193,7 @@ class PrefetchRuntime:
                 self._param_locations[id(param)] = (layer.offload_index, placement.param_name)
                 self._param_locations[id(leaf)] = (layer.offload_index, placement.name)
                 self._pieces_of[id(param)] = self._pieces_of[id(leaf)] = (layer.offload_index, plan.piece_of(placement))
+                self._addresses[id(leaf)] = slots.block(layer).data_ptr() + placement.offset
                 self._leaves += [param, leaf]
         self._pieces = tuple(plan.pieces(layer) for layer in self.offloaded)  # (begin, end) of each piece, per layer
         self._all_pieces = range(len(plan.piece_starts))
@@ -281,6 +283,17 @@ class PrefetchRuntime:
                         "dtype or device (model.to, .half, .float, ...). Convert the model before offload(), "
                         "or load new values with runtime.load_weights / model.load_state_dict"
                     )
+
+    def check_in_slot(self, leaf: torch.Tensor) -> None:
+        """Refuse, at run time, an offloaded leaf that no longer views its slot (one address compare).
+
+        :meth:`check_placement` runs when a graph is compiled, but a conversion and
+        its inverse (``model.to(torch.bfloat16).to(torch.float32)``) leave every
+        guard as it was: Dynamo reuses the graph, whose parameters now hold the
+        values of whatever layer sat in their slot at the conversion.
+        """
+        if leaf.data_ptr() != self._addresses[id(leaf)]:
+            self.check_placement()
 
     # -------------------------------------------------------------- the ops
     def start(self, offload_index: int, pieces: range | None = None) -> None:

@@ -199,6 +199,26 @@ def test_changing_dtype_after_offload_is_refused_at_the_next_call(compiled):
     assert not [w for w in caught if "always_call" in str(w.message)]
 
 
+
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_a_dtype_round_trip_after_offload_is_refused_at_the_next_call(compiler):
+    """``model.to(bfloat16).to(float32)`` leaves every guard as it was, so Dynamo reuses the graph.
+
+    It used to run, silently wrong: each offloaded parameter had been given new storage
+    holding whatever layer sat in its slot at the conversion (layer 1's values for layer 3),
+    while the ops kept copying the right layer into the slot nobody read any more.
+    """
+    model, _, _ = _offloaded(["linear"] * 4, group_size=2)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": compiler})
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        compiled(x)
+        model.to(torch.bfloat16).to(torch.float32)
+        with pytest.raises(RuntimeError, match=r"offloaded parameter layers\.1\.\w+\.?\w* no longer lives in its device slot"):
+            compiled(x)
+        with pytest.raises(RuntimeError, match="no longer lives in its device slot"):
+            compiled(x)  # the refusal released the runtime's lock and is raised again, not deadlocked or skipped
+
 def test_eager_backward_is_refused():
     model, _, _ = _offloaded(["linear"] * 2, group_size=2)
     with pytest.raises(RuntimeError, match=r"layers\.1 is offloaded and grad mode is on"):
