@@ -106,21 +106,40 @@ def test_uncompiled_model_copies_each_layer_once_too(chunked):
 
 
 def test_ensure_misses_are_counted_and_warned_once_per_graph(caplog):
-    """A graph break inside a block reloads that block: correct, but counted and said."""
-    model = SplitStack(4)
-    reference = copy.deepcopy(model)
-    runtime = prefetch_compile.offload(model, "cpu", group_size=1)
+    """A layer nobody prefetched (an eager call of one block between forwards) is copied on the spot: counted and said."""
+    model, reference, runtime = _offloaded(["linear"] * 4, group_size=1)
     compiled = torch.compile(model, backend="prefetch_offload")
     x = torch.randn(3, 16)
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="prefetch_compile"):
         for _ in range(3):
             torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(model.layers[2](x), reference.layers[2](x), rtol=1e-6, atol=1e-6)
     warnings = [r.getMessage() for r in caplog.records if "was not resident" in r.getMessage()]
     assert warnings, "an ensure miss must be logged"
     assert runtime.counters.ensure_misses > 0
     graphs = set(runtime.counters.misses_by_graph)
     assert len(warnings) == len(graphs)  # once per graph, not once per miss
     assert sum(runtime.counters.misses_by_graph.values()) == runtime.counters.ensure_misses
+
+
+def test_a_graph_break_inside_a_block_loads_it_once():
+    """Dynamo runs a block with a graph break eagerly and compiles its halves: its hooks own its loading.
+
+    The first half's start_prefetch used to evict the block before the second half ran,
+    which then copied it again (an ensure miss per block and forward).
+    """
+    model = SplitStack(4)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+        before = runtime.counters.copies
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert runtime.counters.ensure_misses == 0
+    assert runtime.counters.copies - before == 2 * len(runtime.offloaded)  # each layer once per forward
 
 
 # ---------------------------------------------------------------- state_dict
