@@ -6,14 +6,16 @@ ATen graph Inductor would get, no GPU needed), runs one forward and writes the
 graph dumps. With ``--timeline PNG`` it does the same on CUDA with Inductor,
 profiles one warm forward and draws the overlap of compute and copies.
 
-Mistakes in the command line (an unimportable module, a factory that returns
-no ``nn.Module``, a bad knob) are reported as one line with exit code 2.
+Mistakes in the command line (an unimportable module, a bare factory name that
+needs arguments, a factory that returns no ``nn.Module``, a bad knob) are
+reported as one line with exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import sys
 from pathlib import Path
 from types import MappingProxyType
@@ -63,6 +65,7 @@ def load_model(spec: str) -> nn.Module:
         function = getattr(module, factory, None)
         if not callable(function):
             raise CliError(f"module {module_name!r} has no callable {factory!r}")
+        _check_takes_no_arguments(function, spec)
         model = function()
     else:
         try:
@@ -72,6 +75,22 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise CliError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+def _check_takes_no_arguments(function: object, spec: str) -> None:
+    """Refuse, in one line, a bare factory name that needs arguments (a model class that takes a config, say).
+
+    Checked on the signature rather than by catching the call's TypeError, which
+    would also swallow a TypeError raised inside a factory that takes none.
+    """
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call decide
+        return
+    try:
+        signature.bind()
+    except TypeError as error:
+        raise CliError(f"{spec} cannot be called without arguments ({error}); pass a call instead, such as {spec}(...)") from None
 
 
 def make_input(shape: tuple[int, ...], dtype: str, device: torch.device) -> torch.Tensor:

@@ -71,10 +71,12 @@ def _install_block_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchR
             _enter_block(runtime, names, name, offload_index)
             return None
 
-        def after(module: nn.Module, args: object, output: object, following: int = following) -> None:
+        def after(
+            module: nn.Module, args: object, output: object, following: int = following, offload_index: int = offload_index
+        ) -> None:
             if not getattr(module, OFFLOADED_FLAG) or torch.compiler.is_compiling():
                 return
-            _leave_block(runtime, following)
+            _leave_block(runtime, offload_index, following)
 
         # Called from eager code in a compiled region (a block run eagerly after a graph break), a hook is
         # a frame Dynamo would compile: with is_compiling() true there, the eager halves below would never
@@ -99,11 +101,13 @@ def _enter_block(runtime: PrefetchRuntime, names: list[str], name: str, offload_
         )
     runtime.check_placement(names)
     runtime.wait(offload_index)
+    runtime.begin_block(offload_index)
 
 
 @torch.compiler.disable
-def _leave_block(runtime: PrefetchRuntime, following: int) -> None:
+def _leave_block(runtime: PrefetchRuntime, offload_index: int, following: int) -> None:
     try:
+        runtime.end_block(offload_index)
         runtime.start(following)
     finally:
         runtime.release()

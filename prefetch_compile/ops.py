@@ -49,6 +49,7 @@ NAMESPACE = "prefetch_compile"
 def wait_prefetch(chunk_params: list[torch.Tensor]) -> None:
     runtime = runtime_of_tensor(chunk_params[0])
     if runtime is not None:
+        runtime.check_in_slot(chunk_params[0])
         runtime.wait(*runtime.chunk_of(chunk_params[0], chunk_params[-1]))
 
 

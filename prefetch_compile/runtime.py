@@ -181,10 +181,13 @@ class PrefetchRuntime:
         self.compiles: list[CompileRecord] = []  # one per graph compiled against this runtime
         self.lock = threading.RLock()
         self._graphs: list[str] = []  # the graphs holding the lock, innermost last
+        # Offloaded blocks whose eager call (a block run after a graph break) is in progress: see start().
+        self._blocks_running: list[int] = []
         # By identity: each offloaded parameter (what Dynamo's graphs take as inputs) and each of its
         # leaf tensors (what AOT's flattened graphs take, for a subclass parameter; see leaves.py).
         self._param_locations: dict[int, tuple[int, str]] = {}
         self._pieces_of: dict[int, tuple[int, int]] = {}  # the same tensors -> (offload index, piece)
+        self._addresses: dict[int, int] = {}  # each leaf -> the address in its slot it must view
         self._leaves: list[torch.Tensor] = []
         # Parameter name -> its leaves' (layer, placement): one leaf for a dense parameter.
         self._placements: dict[str, list[tuple[LayerPlan, ParamPlacement]]] = {}
@@ -196,6 +199,7 @@ class PrefetchRuntime:
                 self._param_locations[id(param)] = (layer.offload_index, placement.param_name)
                 self._param_locations[id(leaf)] = (layer.offload_index, placement.name)
                 self._pieces_of[id(param)] = self._pieces_of[id(leaf)] = (layer.offload_index, plan.piece_of(placement))
+                self._addresses[id(leaf)] = slots.block(layer).data_ptr() + placement.offset
                 self._leaves += [param, leaf]
         self.edits = EditWatch(self._placements, self.offloaded_params)  # in-place edits, seen at settle_edits()
         self._pieces = tuple(plan.pieces(layer) for layer in self.offloaded)  # (begin, end) of each piece, per layer
@@ -287,6 +291,17 @@ class PrefetchRuntime:
                         "or load new values with runtime.load_weights / model.load_state_dict"
                     )
 
+    def check_in_slot(self, leaf: torch.Tensor) -> None:
+        """Refuse, at run time, an offloaded leaf that no longer views its slot (one address compare).
+
+        :meth:`check_placement` runs when a graph is compiled, but a conversion and
+        its inverse (``model.to(torch.bfloat16).to(torch.float32)``) leave every
+        guard as it was: Dynamo reuses the graph, whose parameters now hold the
+        values of whatever layer sat in their slot at the conversion.
+        """
+        if leaf.data_ptr() != self._addresses[id(leaf)]:
+            self.check_placement()
+
     # -------------------------------------------------------------- the ops
     def start(self, offload_index: int, pieces: range | None = None) -> None:
         """Begin copying a layer's pieces (all by default) into its slot, after all work queued on the compute stream."""
@@ -295,7 +310,7 @@ class PrefetchRuntime:
             self._trace.append(("start", offload_index, pieces))
         layer = self.offloaded[offload_index]
         missing = self._missing(layer, pieces)
-        if not missing:
+        if not missing or (self._blocks_running and self._evicts_running_block(layer, missing)):
             return
         key = (offload_index, pieces.start, pieces.stop)
         if self._capture is not None and key in self._capture.deferred:
@@ -324,6 +339,29 @@ class PrefetchRuntime:
         self.recorder.wait_began(offload_index, pieces, compute, bool(missing))
         self._wait_for_copy(offload_index, pieces)
         self.recorder.wait_ended(offload_index, compute)
+
+    def begin_block(self, offload_index: int) -> None:
+        """An offloaded block's eager call has loaded it and starts running (the block hooks call this)."""
+        self._blocks_running.append(offload_index)
+
+    def end_block(self, offload_index: int) -> None:
+        """The block's eager call is over (or never began: its pre-hook raised); its hook prefetches next."""
+        if offload_index in self._blocks_running:
+            self._blocks_running.remove(offload_index)
+
+    def _evicts_running_block(self, layer: LayerPlan, pieces: list[int]) -> bool:
+        """Whether copying ``pieces`` of ``layer`` would overwrite a block whose eager call is still running.
+
+        A graph break inside a block (an MoE layer's ``nonzero`` routing) makes Dynamo
+        run the block eagerly and compile its parts: a graph of the attention, then
+        eager code and graphs of the experts. The first graph's ``start_prefetch``
+        follows the last read *in that graph*, and would bring the slot's next layer
+        in over the experts that the eager code has yet to read, which no
+        ``wait_prefetch`` guards. The block's own hook issues that prefetch when the
+        block returns.
+        """
+        owners = self._owners[layer.slot]
+        return any(owners[piece] in self._blocks_running for piece in pieces)
 
     def _missing(self, layer: LayerPlan, pieces: range) -> list[int]:
         """The pieces whose bytes in the layer's slot are (or are being filled with) another layer's."""

@@ -72,6 +72,8 @@ def test_dump_dir_compiles_on_cpu_and_writes_the_dumps(capsys, tmp_path):
         (f"{__name__}:not_a_module", "returned int, not an nn.Module"),
         (f"{__name__}:four_blocks(", "cannot evaluate 'four_blocks(' in module"),
         (f"{__name__}:no_such_factory(3)", "name 'no_such_factory' is not defined"),
+        # A bare name that needs arguments used to end in the factory's TypeError traceback.
+        (f"{__name__}:Stack", f"{__name__}:Stack cannot be called without arguments (missing a required argument: 'kinds')"),
     ],
 )
 def test_bad_factory_is_one_line_and_exit_code_2(capsys, spec, message):

@@ -106,21 +106,40 @@ def test_uncompiled_model_copies_each_layer_once_too(chunked):
 
 
 def test_ensure_misses_are_counted_and_warned_once_per_graph(caplog):
-    """A graph break inside a block reloads that block: correct, but counted and said."""
-    model = SplitStack(4)
-    reference = copy.deepcopy(model)
-    runtime = prefetch_compile.offload(model, "cpu", group_size=1)
+    """A layer nobody prefetched (an eager call of one block between forwards) is copied on the spot: counted and said."""
+    model, reference, runtime = _offloaded(["linear"] * 4, group_size=1)
     compiled = torch.compile(model, backend="prefetch_offload")
     x = torch.randn(3, 16)
     with torch.no_grad(), caplog.at_level(logging.WARNING, logger="prefetch_compile"):
         for _ in range(3):
             torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(model.layers[2](x), reference.layers[2](x), rtol=1e-6, atol=1e-6)
     warnings = [r.getMessage() for r in caplog.records if "was not resident" in r.getMessage()]
     assert warnings, "an ensure miss must be logged"
     assert runtime.counters.ensure_misses > 0
     graphs = set(runtime.counters.misses_by_graph)
     assert len(warnings) == len(graphs)  # once per graph, not once per miss
     assert sum(runtime.counters.misses_by_graph.values()) == runtime.counters.ensure_misses
+
+
+def test_a_graph_break_inside_a_block_loads_it_once():
+    """Dynamo runs a block with a graph break eagerly and compiles its halves: its hooks own its loading.
+
+    The first half's start_prefetch used to evict the block before the second half ran,
+    which then copied it again (an ensure miss per block and forward).
+    """
+    model = SplitStack(4)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1)
+    compiled = torch.compile(model, backend="prefetch_offload")
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+        before = runtime.counters.copies
+        for _ in range(2):
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert runtime.counters.ensure_misses == 0
+    assert runtime.counters.copies - before == 2 * len(runtime.offloaded)  # each layer once per forward
 
 
 # ---------------------------------------------------------------- state_dict
@@ -198,6 +217,26 @@ def test_changing_dtype_after_offload_is_refused_at_the_next_call(compiled):
     # The refusal comes alone: the block's always-called hook used to release a lock never taken, and say so.
     assert not [w for w in caught if "always_call" in str(w.message)]
 
+
+
+@pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
+def test_a_dtype_round_trip_after_offload_is_refused_at_the_next_call(compiler):
+    """``model.to(bfloat16).to(float32)`` leaves every guard as it was, so Dynamo reuses the graph.
+
+    It used to run, silently wrong: each offloaded parameter had been given new storage
+    holding whatever layer sat in its slot at the conversion (layer 1's values for layer 3),
+    while the ops kept copying the right layer into the slot nobody read any more.
+    """
+    model, _, _ = _offloaded(["linear"] * 4, group_size=2)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": compiler})
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        compiled(x)
+        model.to(torch.bfloat16).to(torch.float32)
+        with pytest.raises(RuntimeError, match=r"offloaded parameter layers\.1\.\w+\.?\w* no longer lives in its device slot"):
+            compiled(x)
+        with pytest.raises(RuntimeError, match="no longer lives in its device slot"):
+            compiled(x)  # the refusal released the runtime's lock and is raised again, not deadlocked or skipped
 
 def test_eager_backward_is_refused():
     model, _, _ = _offloaded(["linear"] * 2, group_size=2)
