@@ -183,6 +183,7 @@ class PrefetchRuntime:
         self._graphs: list[str] = []  # the graphs holding the lock, innermost last
         # Offloaded blocks whose eager call (a block run after a graph break) is in progress: see start().
         self._blocks_running: list[int] = []
+        self._held_starts: list[tuple[int, range]] = []  # starts that would have evicted a running block
         # By identity: each offloaded parameter (what Dynamo's graphs take as inputs) and each of its
         # leaf tensors (what AOT's flattened graphs take, for a subclass parameter; see leaves.py).
         self._param_locations: dict[int, tuple[int, str]] = {}
@@ -310,7 +311,10 @@ class PrefetchRuntime:
             self._trace.append(("start", offload_index, pieces))
         layer = self.offloaded[offload_index]
         missing = self._missing(layer, pieces)
-        if not missing or (self._blocks_running and self._evicts_running_block(layer, missing)):
+        if not missing:
+            return
+        if self._blocks_running and self._evicts_running_block(layer, missing):
+            self._held_starts.append((offload_index, pieces))  # issued when the running block returns
             return
         key = (offload_index, pieces.start, pieces.stop)
         if self._capture is not None and key in self._capture.deferred:
@@ -345,9 +349,17 @@ class PrefetchRuntime:
         self._blocks_running.append(offload_index)
 
     def end_block(self, offload_index: int) -> None:
-        """The block's eager call is over (or never began: its pre-hook raised); its hook prefetches next."""
+        """The block's eager call is over (or never began: its pre-hook raised): issue the starts it held back.
+
+        They are issued in the order the graphs asked for them, so chunked copies stay
+        chunk by chunk (later than the graph placed them, but never over bytes the
+        block still reads); its hook then prefetches whatever is still missing.
+        """
         if offload_index in self._blocks_running:
             self._blocks_running.remove(offload_index)
+        held, self._held_starts = self._held_starts, []
+        for index, pieces in held:
+            self.start(index, pieces)  # held again if it would evict another block still running
 
     def _evicts_running_block(self, layer: LayerPlan, pieces: list[int]) -> bool:
         """Whether copying ``pieces`` of ``layer`` would overwrite a block whose eager call is still running.
@@ -357,8 +369,8 @@ class PrefetchRuntime:
         eager code and graphs of the experts. The first graph's ``start_prefetch``
         follows the last read *in that graph*, and would bring the slot's next layer
         in over the experts that the eager code has yet to read, which no
-        ``wait_prefetch`` guards. The block's own hook issues that prefetch when the
-        block returns.
+        ``wait_prefetch`` guards. Such a start is held and issued when the block
+        returns (:meth:`end_block`).
         """
         owners = self._owners[layer.slot]
         return any(owners[piece] in self._blocks_running for piece in pieces)
