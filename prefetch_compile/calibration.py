@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import json
 import logging
 import os
@@ -285,13 +286,12 @@ def read_spans(
     """
     spans = []
     for ops, seconds in zip(trace.layer_ops, layer_seconds):
-        costs = [profile.roofline_seconds(op.flops, op.nbytes) for op in ops]
+        windows = _op_windows(ops, seconds, profile)
         reads = [i for i, op in enumerate(ops) if any(matches_offload_params(name, names) for name in op.reads)]
-        total = sum(costs)
-        if not reads or not total:
+        if not reads or windows is None:
             spans.append((0.0, 0.0))
             continue
-        spans.append((seconds * sum(costs[: reads[0]]) / total, seconds * sum(costs[reads[-1] + 1 :]) / total))
+        spans.append((windows[reads[0]][0], windows[-1][1] - windows[reads[-1]][1]))
     return tuple(spans)
 
 
@@ -309,10 +309,7 @@ def chunk_reads(
     """
     layers = []
     for ops, seconds in zip(trace.layer_ops, layer_seconds):
-        costs = [profile.roofline_seconds(op.flops, op.nbytes) for op in ops]
-        total = sum(costs) or 1.0
-        starts = [seconds * sum(costs[:i]) / total for i in range(len(ops))]
-        ends = [seconds * sum(costs[: i + 1]) / total for i in range(len(ops))]
+        windows = _op_windows(ops, seconds, profile) or [(0.0, 0.0)] * len(ops)
         first: dict[str, int] = {}
         last: dict[str, int] = {}
         for i, op in enumerate(ops):
@@ -323,23 +320,39 @@ def chunk_reads(
         order = sorted(first, key=lambda name: (first[name], name))
         read_bytes = sum(trace.param_bytes[name] for name in order)
         runs: list[list[str]] = []
+        run_bytes: list[int] = []
         for name in order:
             size = trace.param_bytes[name]
-            if runs and sum(trace.param_bytes[n] for n in runs[-1]) + size <= read_bytes / CHUNKS_PER_LAYER:
+            if runs and run_bytes[-1] + size <= read_bytes / CHUNKS_PER_LAYER:
                 runs[-1].append(name)
+                run_bytes[-1] += size
             else:
                 runs.append([name])
+                run_bytes.append(size)
         layers.append(
             tuple(
                 ChunkRead(
-                    share=sum(trace.param_bytes[n] for n in run) / read_bytes,
-                    first=starts[min(first[n] for n in run)],
-                    last=ends[max(last[n] for n in run)],
+                    share=nbytes / read_bytes,
+                    first=windows[min(first[n] for n in run)][0],
+                    last=windows[max(last[n] for n in run)][1],
                 )
-                for run in runs
+                for run, nbytes in zip(runs, run_bytes)
             )
         )
     return tuple(layers)
+
+
+def _op_windows(ops: Sequence[OpCost], seconds: float, profile: DeviceProfile) -> list[tuple[float, float]] | None:
+    """When each op runs within a layer of ``seconds``: the time split in proportion to the ops' roofline times.
+
+    None when the ops have no roofline time to split by.
+    """
+    costs = [profile.roofline_seconds(op.flops, op.nbytes) for op in ops]
+    total = sum(costs)
+    if not total:
+        return None
+    ends = [seconds * done / total for done in itertools.accumulate(costs)]
+    return list(zip([0.0, *ends[:-1]], ends))
 
 
 def calibrate_layers(
