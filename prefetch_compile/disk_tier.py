@@ -53,14 +53,13 @@ the ring. Each is a ``time.perf_counter`` pair around a wait that is there anywa
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import logging
 import threading
 import time
 import weakref
 from collections import deque
-from dataclasses import astuple, dataclass
+from dataclasses import astuple, dataclass, replace
 from typing import Iterator, Protocol
 
 import torch
@@ -334,14 +333,13 @@ class _Ring:
         self._state, self._since = state, now
 
     def _add(self, **increments: int | float) -> None:
-        stats = self._stats
-        self._stats = dataclasses.replace(stats, **{name: getattr(stats, name) + value for name, value in increments.items()})
+        self._stats = _plus(self._stats, increments)
 
     def stream_stats(self) -> StreamStats:
         with self._cond:
             if self._state is None:
                 return self._stats
-            return dataclasses.replace(self._stats, **{self._state: getattr(self._stats, self._state) + time.perf_counter() - self._since})
+            return _plus(self._stats, {self._state: time.perf_counter() - self._since})
 
     def taken(self) -> dict[int, int]:
         with self._cond:
@@ -360,6 +358,11 @@ class _Ring:
                 copied.synchronize()  # no copy may still read a buffer that is unpinned and unmapped
         self.reader.close()
         self._pinned.close()
+
+
+def _plus(stats: StreamStats, increments: dict[str, int | float]) -> StreamStats:
+    """``stats`` with ``increments`` added to the fields they name."""
+    return replace(stats, **{name: getattr(stats, name) + value for name, value in increments.items()})
 
 
 def _first_queued(fills: deque[_Fill]) -> _Fill | None:
