@@ -20,7 +20,9 @@ forward's first layers, or a layer read by the next graph) are not captured:
 the warm-up call shows which starts (whole layers, or chunks of one when the
 copies are chunked) have no wait for any of their pieces later in the same
 graph, and those are issued eagerly right after each replay, in the order the
-graph started them. The next forward's graph waits for them through external
+graph started them, each behind the copies the graph made before its start
+(an external event recorded on the copy stream at that point), as in the
+graph's own copy stream. The next forward's graph waits for them through external
 events (wait nodes on the runtime's persistent per-piece events), so the
 copies overlap the host's work between calls instead of being joined at the
 graph's end. Chunked copies are captured and deferred like whole ones.

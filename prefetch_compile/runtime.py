@@ -149,6 +149,8 @@ class CaptureLog:
     copies: int = 0  # copies captured into the graph: each replay makes them again
     copied_bytes: int = 0
     freed: set[ChunkKey] = field(default_factory=set)  # deferred starts whose slot-free point the graph records
+    tails: list[torch.cuda.Event] = field(default_factory=list)  # copy-stream work to join before a segment ends
+    behind_deferred: bool = False  # this segment's copy stream waits for the deferred copies (_queue_behind_deferred)
 
 
 class PrefetchRuntime:
@@ -211,9 +213,9 @@ class PrefetchRuntime:
         # are "external": a capture that waits on one records a wait node for the event itself, so a replay
         # waits for whatever copy last recorded it (the prefetch issued after the previous replay).
         self._ready = [self._external_events() for _ in self.offloaded]
-        # Recorded inside a capture where a deferred prefetch of a chunk (keyed by its first piece) would
-        # have started: the point after which those bytes of the slot are free, for the copy issued after
-        # the replay to wait on.
+        # Recorded inside a capture, on the copy stream, where a deferred prefetch of a chunk (keyed by
+        # its first piece) would have started: after the last reader of those bytes of the slot and after
+        # every copy the graph made before that point, for the copy issued after the replay to wait on.
         self._freed = [self._external_events() for _ in self.offloaded]
         self._owners: list[list[int | None]] = [[None] * len(self._all_pieces) for _ in range(plan.num_slots)]
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
@@ -318,13 +320,50 @@ class PrefetchRuntime:
             return
         key = (offload_index, pieces.start, pieces.stop)
         if self._capture is not None and key in self._capture.deferred:
-            # Issued eagerly after each replay, so the next forward's copy overlaps the host's
-            # work; it waits for this point of the graph (an external event recorded here), not
-            # for the graph's end, so it also overlaps whatever the graph computes after it.
-            self._freed[offload_index][pieces.start].record(torch.cuda.current_stream(self.device))
-            self._capture.freed.add(key)
+            self._mark_freed(key)
             return
         self._copy_in(layer, missing)
+
+    def _queue_behind_deferred(self) -> None:
+        """Inside a capture, at a segment's first copy: order the graph's copies after the deferred ones.
+
+        The copies issued after the last replay (the wrap-around prefetches) and
+        this segment's first copy would otherwise share the link, as copies on
+        one stream never do: the graph waits for the last of them (they run in
+        order on the copy stream) through its external event.
+        """
+        assert self._capture is not None
+        if self._capture.behind_deferred:
+            return
+        self._capture.behind_deferred = True
+        if self._capture.deferred:
+            index, _, stop = self._capture.deferred[-1]
+            self.copy_stream.wait_event(self._ready[index][stop - 1])
+
+    def _mark_freed(self, key: ChunkKey) -> None:
+        """Inside a capture: record where a deferred start stood, for the copy issued after each replay.
+
+        That copy is issued eagerly after the replay, so that the next forward's copy
+        overlaps the host's work, and it waits for this point of the graph (an
+        external event recorded here), not for the graph's end, so that it also
+        overlaps whatever the graph computes after it. The event is recorded on the
+        copy stream once that stream has caught up with the compute stream here:
+        the copy then queues behind the copies the graph made before this point,
+        as it would have in the graph's own copy stream. Recorded on the compute
+        stream alone, it let the deferred copy share the link with the graph's
+        earlier copies still in flight, which slowed the forward being replayed.
+        """
+        compute = torch.cuda.current_stream(self.device)
+        reached = torch.cuda.Event()
+        reached.record(compute)
+        self.copy_stream.wait_event(reached)  # also what pulls the copy stream into the capture
+        index, first, _ = key
+        self._freed[index][first].record(self.copy_stream)
+        tail = torch.cuda.Event()  # the capture must end joined with everything on the copy stream
+        tail.record(self.copy_stream)
+        assert self._capture is not None
+        self._capture.tails.append(tail)
+        self._capture.freed.add(key)
 
     def wait(self, offload_index: int, pieces: range | None = None) -> None:
         """Make the compute stream wait until the layer's pieces (all by default) are resident in its slot."""
@@ -447,6 +486,8 @@ class PrefetchRuntime:
         if recorder is not None:
             recorder.copy_issued(index, pieces, nbytes, compute)
         self.copy_stream.wait_event(fork)
+        if capturing:
+            self._queue_behind_deferred()
         with torch.cuda.stream(self.copy_stream):
             if recorder is not None:
                 recorder.copy_began(self.copy_stream)
@@ -558,6 +599,11 @@ class PrefetchRuntime:
         if not self._cuda or not torch.cuda.is_current_stream_capturing():
             return
         compute = torch.cuda.current_stream(self.device)
+        if self._capture is not None:
+            for tail in self._capture.tails:
+                compute.wait_event(tail)
+            self._capture.tails.clear()
+            self._capture.behind_deferred = False  # the next segment is a graph of its own
         joined: set[int] = set()
         for key, copy in list(self._in_flight.items()):
             if copy.in_capture:

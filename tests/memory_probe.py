@@ -55,6 +55,18 @@ def resident_bytes() -> int:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def resident_split() -> dict[str, int]:
+    """Resident bytes by kind (``/proc/self/status``): anonymous memory, and pages of mapped files (libraries)."""
+    fields = {"RssAnon:": "anon", "RssFile:": "file", "RssShmem:": "shmem"}
+    split = {}
+    with open("/proc/self/status") as status:
+        for line in status:
+            name, *rest = line.split()
+            if name in fields:
+                split[fields[name]] = int(rest[0]) * 1024  # kB
+    return split
+
+
 def peak_resident_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -87,6 +99,7 @@ def place(
         model = Wide(width, depth).requires_grad_(False)  # real weights on the host: the source
     largest = max(param.numel() * param.element_size() for param in model.parameters())
     baseline = resident_bytes()
+    baseline_split = resident_split()
     if mode == "load":
         runtime = prefetch_compile.load_checkpoint(model, directory, device, group_size=2, host_budget=host_budget)
     else:
@@ -103,6 +116,8 @@ def place(
         "baseline": baseline,
         "ru_maxrss": peak_resident_bytes(),
         "after": resident_bytes(),
+        "baseline_split": baseline_split,
+        "after_split": resident_split(),
         "largest_param": largest,
         "offloaded_bytes": stats.offloaded_bytes,
         "host_bytes": runtime.host.nbytes,

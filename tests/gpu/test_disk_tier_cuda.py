@@ -117,6 +117,7 @@ def test_cuda_graphs_are_refused(checkpoint):
     assert isinstance(getattr(error.value, "inner_exception", error.value), OptionError)
 
 
+@pytest.mark.alone
 def test_host_memory_of_loading_and_running_stays_within_the_budget(tmp_path):
     run_probe("write", str(tmp_path))
     budget = 256 * MiB

@@ -151,6 +151,7 @@ def test_reported_savings_match_measurement():
     assert runtime.host.buffer.is_pinned()
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("chunked", [False, True])
 def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path, chunked):
     """From a profiler trace: memcpys run beside kernels, and each starts after every kernel launched before it.
@@ -170,10 +171,9 @@ def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path, 
             compiled(x)
             torch.cuda.synchronize()
     copies_made = runtime.counters.copies - copies_before
-    profile.export_chrome_trace(str(tmp_path / "trace.json"))
-    events = json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+    events = _trace_events(profile, tmp_path)
     kernels = [e for e in events if e.get("cat") == "kernel"]
-    copies = [e for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+    copies = _host_to_device_copies(events)
     # Kernels are launched through the runtime API (cuBLAS) or the driver API (Triton).
     launches = {
         e["args"]["correlation"]: e
@@ -190,6 +190,47 @@ def test_copies_overlap_compute_and_never_overwrite_a_slot_being_read(tmp_path, 
         assert all(k["ts"] + k["dur"] <= copy_start + 1 for k in earlier), "a copy started before a kernel queued ahead of it finished"
         overlapping += any(k["ts"] < copy_end and copy_start < k["ts"] + k["dur"] for k in kernels)
     assert overlapping >= (3 if not chunked else len(copies) // 2), f"only {overlapping} of {len(copies)} copies overlapped a kernel"
+
+
+def _trace_events(profile: torch.profiler.profile, tmp_path) -> list[dict]:
+    profile.export_chrome_trace(str(tmp_path / "trace.json"))
+    return json.loads((tmp_path / "trace.json").read_text())["traceEvents"]
+
+
+def _host_to_device_copies(events: list[dict]) -> list[dict]:
+    return [e for e in events if e.get("cat") == "gpu_memcpy" and "HtoD" in e.get("name", "")]
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_copies_after_a_replay_queue_behind_the_replays_copies(tmp_path, chunked):
+    """With CUDA graphs, no two weight copies share the link at once, as on the one copy stream without graphs.
+
+    The wrap-around prefetches are issued after each replay, outside the graph; each
+    waits for the point of the graph where it would have started and for the copies the
+    graph made before that point. Waiting for the first alone let it run beside the
+    graph's last copies, which then arrived later and held up the replay's end.
+    """
+    model = llama_like.build(small_llama_shape(layers=8), device=DEVICE, dtype=torch.bfloat16, seed=0)
+    runtime = prefetch_compile.offload(model, DEVICE, group_size=2, prefetch_step=1, chunked_copies=chunked)
+    graphed = torch.compile(model, backend="prefetch_offload", options={"cuda_graphs": True})
+    x = tokens(1, 1)  # decode: copy-bound, so copies queue up
+    with torch.inference_mode():
+        for _ in range(3):  # warm up, capture, replay
+            graphed(x)
+        torch.cuda.synchronize()
+        copies_before = runtime.counters.copies
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            for _ in range(2):
+                graphed(x)
+            torch.cuda.synchronize()
+    copies_made = runtime.counters.copies - copies_before
+    copies = sorted(_host_to_device_copies(_trace_events(profile, tmp_path)), key=lambda e: e["ts"])
+    assert copies_made == 2 * (4 if not chunked else 4 * 4)
+    assert len(copies) == copies_made, "the profiler missed copies made inside the graph or after it"
+    concurrent = [
+        (earlier["ts"], later["ts"]) for earlier, later in zip(copies, copies[1:]) if later["ts"] < earlier["ts"] + earlier["dur"] - 1
+    ]
+    assert not concurrent, f"{len(concurrent)} of {len(copies)} copies began before the one ahead of them ended"
 
 
 @pytest.mark.parametrize("prefetch_step,chunked", [(1, False), (2, False), (1, True)])
