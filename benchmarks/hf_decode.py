@@ -72,6 +72,8 @@ def run_variant(args: argparse.Namespace, device: torch.device, dtype: torch.dty
             out = model.generate(prompt, **settings)
             torch.cuda.synchronize(device) if device.type == "cuda" else None
             times.append(time.perf_counter() - began)
+        # One more, untimed, for the logits of every step: where tokens part, they say whether it was a near-tie.
+        scored = model.generate(prompt, **settings, return_dict_in_generate=True, output_logits=True)
     runtime = prefetch_compile.runtime_of(model)
     result = {
         **variant,
@@ -79,12 +81,38 @@ def run_variant(args: argparse.Namespace, device: torch.device, dtype: torch.dty
         "ms_per_token_all": [1e3 * t / args.tokens for t in times],
         "first_generate_s": warm_s,
         "tokens": out[0].tolist(),
+        "scored_tokens_equal": scored.sequences[0].tolist() == out[0].tolist(),
+        "logits": torch.cat(scored.logits).float().cpu(),  # [new tokens, vocab]; dropped from the JSON
         "offloaded_bytes": runtime.stats().offloaded_bytes if runtime else 0,
         "counters": vars(runtime.counters).copy() if runtime else None,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
     }
     del model
     return result
+
+
+def parting(resident: dict, variant: dict, prompt_len: int) -> dict | None:
+    """Where a variant's greedy tokens first differ from the resident model's, and how close that step was.
+
+    ``resident_margin``: the resident logit of its own token minus that of the variant's;
+    ``variant_margin``: the same on the variant's logits, the other way round;
+    ``max_diff_before``: the largest logit difference of the two over the steps before,
+    the size of the rounding differences between them; ``scale``: the largest logit
+    there. A margin below ``max_diff_before`` is a near-tie that rounding can flip.
+    """
+    new_resident, new_variant = resident["tokens"][prompt_len:], variant["tokens"][prompt_len:]
+    step = next((i for i, (a, b) in enumerate(zip(new_resident, new_variant)) if a != b), None)
+    if step is None:
+        return None
+    mine, theirs = new_resident[step], new_variant[step]
+    ours, ref = variant["logits"], resident["logits"]
+    return {
+        "new_token": step,
+        "resident_margin": float(ref[step, mine] - ref[step, theirs]),
+        "variant_margin": float(ours[step, theirs] - ours[step, mine]),
+        "max_diff_before": float((ours[:step] - ref[:step]).abs().max()) if step else 0.0,
+        "scale": float(ref[: step + 1].abs().max()),
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,12 +123,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", default="1,2")
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
+    p.add_argument("--seed", type=int, default=0, help="the prompt's")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     bandwidth = measure_h2d_bandwidth(device, 256 * 2**20)["bytes_per_s"]
+    torch.manual_seed(args.seed)
     prompt = torch.randint(0, 512, (1, args.prompt), device=device)
     variants = [{"kind": "resident"}]
     for step in (int(s) for s in args.steps.split(",")):
@@ -115,6 +145,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"{variant}: {result['ms_per_token']:.2f} ms/token (limit {result['limit_ms_per_token']:.2f}), "
             f"first generate {result['first_generate_s']:.1f}s, counters {result['counters']}", started)
     reference = results[0]["tokens"]
+    for result in results[1:]:
+        result["parted"] = parting(results[0], result, args.prompt)
     print("\n| variant | ms/token | link limit | efficiency | tokens equal to resident | peak GiB |")
     print("|---|---|---|---|---|---|")
     for result in results:
@@ -124,6 +156,11 @@ def main(argv: list[str] | None = None) -> dict:
         equal = sum(a == b for a, b in zip(result["tokens"], reference))
         print(f"| {name} | {result['ms_per_token']:.2f} | {limit:.2f} | {efficiency} | {equal}/{len(reference)} | "
               f"{result['peak_gib'] or 0:.1f} |")
+    for result in results[1:]:
+        if result["parted"]:
+            print(f"ours s{result['step']}{' + graphs' if result['graphs'] else ''} parts from resident: {result['parted']}")
+    for result in results:
+        del result["logits"]
     report = {
         "device": device_name(device), "torch": torch.__version__, "commit": git_commit(None),
         "layers": args.layers, "tokens": args.tokens, "h2d_bytes_per_s": bandwidth, "results": results,

@@ -7,12 +7,13 @@
 
 The default shape is 16 float32 layers of 64 MiB: 1 GiB, of which
 ``group_size=2`` offloads 512 MiB. ``load`` and ``offload`` print one JSON
-line: the resident memory right before placing (``baseline``), the process's
-peak resident memory after (``ru_maxrss``), and the runtime's byte counts. ``ru_maxrss`` is a peak over
-the process's life, so the baseline is taken after everything else (torch, the
-CUDA context, the model on the host) is already in memory. With ``--forwards``
-the blocks run eagerly that many times after placing (the disk tier reads its
-layers at every one) and ``ru_maxrss`` covers them too.
+line: the resident memory right before placing (``baseline``, taken after
+everything else, torch, the CUDA context, the model on the host, is in memory),
+the peak resident memory from then on (``peak``: the high-water mark, reset at
+the baseline), the resident memory after, split into anonymous and file pages,
+and the runtime's byte counts. With ``--forwards`` the blocks run eagerly that
+many times after placing (the disk tier reads its layers at every one) and
+``peak`` covers them too.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -67,8 +67,26 @@ def resident_split() -> dict[str, int]:
     return split
 
 
+def reset_peak() -> None:
+    """Start the process's peak resident memory (``VmHWM``) over from its current resident memory.
+
+    Without this the peak is not this process's own: a process started from a big
+    one (a pytest worker holding models, 1.3 GB) carries the parent's resident size
+    over fork and exec, in ``ru_maxrss`` and ``VmHWM`` alike, and the growth measured
+    from the baseline was then the parent's size, not the load's (seen on the H200:
+    930 MiB under pytest, 642 MiB from a shell, for the same load).
+    """
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # Linux >= 4.0: reset the high-water mark of the resident set
+
+
 def peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    """The most resident memory since :func:`reset_peak` (``VmHWM``)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def write(directory: str, width: int, depth: int) -> None:
@@ -100,6 +118,7 @@ def place(
     largest = max(param.numel() * param.element_size() for param in model.parameters())
     baseline = resident_bytes()
     baseline_split = resident_split()
+    reset_peak()
     if mode == "load":
         runtime = prefetch_compile.load_checkpoint(model, directory, device, group_size=2, host_budget=host_budget)
     else:
@@ -114,7 +133,7 @@ def place(
     stats = runtime.stats()
     return {
         "baseline": baseline,
-        "ru_maxrss": peak_resident_bytes(),
+        "peak": peak_resident_bytes(),
         "after": resident_bytes(),
         "baseline_split": baseline_split,
         "after_split": resident_split(),

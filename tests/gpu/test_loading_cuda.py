@@ -95,7 +95,7 @@ def test_rejected_checkpoint_leaves_no_device_memory_behind(tmp_path):
 def test_host_memory_of_loading_is_the_arena_plus_staging(tmp_path):
     run_probe("write", str(tmp_path))
     result = run_probe("load", str(tmp_path), DEVICE)
-    grown = result["ru_maxrss"] - result["baseline"]
+    grown = result["peak"] - result["baseline"]
     print(f"peak host memory grew {grown / MiB:.1f} MiB for a {result['host_bytes'] / MiB:.1f} MiB arena; resident "
           f"before {_split(result['baseline_split'])}, after {_split(result['after_split'])}")
     assert result["pinned"]
@@ -109,7 +109,7 @@ def _split(split: dict[str, int]) -> str:
 @pytest.mark.alone
 def test_host_memory_of_offloading_a_host_model_is_not_model_plus_arena():
     result = run_probe("offload", DEVICE)
-    grown = result["ru_maxrss"] - result["baseline"]
+    grown = result["peak"] - result["baseline"]
     print(f"peak host memory grew {grown / MiB:.1f} MiB over the model; arena {result['host_bytes'] / MiB:.1f} MiB")
     assert result["pinned"]
     assert grown <= result["largest_param"] + SLACK  # page-locking the whole arena up front would add all of it
