@@ -181,3 +181,23 @@ def git_commit(explicit: str | None) -> str:
 
 def gib(nbytes: int | float | None) -> str:
     return "-" if nbytes is None else f"{nbytes / 2**30:.2f}"
+
+
+def status_bytes(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux: ``5`` to /proc/self/clear_refs)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5\n")
+        return True
+    except OSError:
+        return False

@@ -77,7 +77,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import add_repo_to_path, bench_device, gib, log, measure_h2d_bandwidth, release_memory, run_meta, time_calls, wall_time  # noqa: E402
+from bench_util import (  # noqa: E402
+    add_repo_to_path, bench_device, gib, log, measure_h2d_bandwidth, release_memory, reset_peak_rss, run_meta, status_bytes,
+    time_calls, wall_time,
+)
 
 add_repo_to_path()
 import llama_like  # noqa: E402  (examples/llama_like.py)
@@ -230,26 +233,6 @@ def measure_disk_bandwidth(layers: list[DiskLayer], device: torch.device, max_by
         "o_direct": reader.direct,
         "what": "DirectReader.read of each layer's extents into one page-aligned buffer, one thread, back to back",
     }
-
-
-def status_bytes(field: str) -> int | None:
-    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM) in bytes."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux: ``5`` to /proc/self/clear_refs)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5\n")
-        return True
-    except OSError:
-        return False
 
 
 CASE = re.compile(r"(half|disk)(\d*)")

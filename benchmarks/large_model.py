@@ -36,7 +36,6 @@ import argparse
 import ctypes
 import json
 import logging
-import resource
 import shutil
 import statistics
 import sys
@@ -54,6 +53,7 @@ from bench_util import (  # noqa: E402
     measure_h2d_bandwidth,
     release_memory,
     run_meta,
+    status_bytes,
     time_calls,
     wall_time,
 )
@@ -190,12 +190,12 @@ def _numel(size: tuple[int, ...]) -> int:
 
 # ---------------------------------------------------------------- measuring
 def resident_bytes() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize()
+    return status_bytes("VmRSS") or 0
 
 
 def peak_resident_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """The peak resident memory of this address space (``VmHWM``; ``ru_maxrss`` would count a parent's too)."""
+    return status_bytes("VmHWM") or 0
 
 
 def time_case(compiled, tokens: torch.Tensor, args: argparse.Namespace, device: torch.device) -> dict:

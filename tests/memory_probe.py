@@ -70,11 +70,13 @@ def resident_split() -> dict[str, int]:
 def reset_peak() -> None:
     """Start the process's peak resident memory (``VmHWM``) over from its current resident memory.
 
-    Without this the peak is not this process's own: a process started from a big
-    one (a pytest worker holding models, 1.3 GB) carries the parent's resident size
-    over fork and exec, in ``ru_maxrss`` and ``VmHWM`` alike, and the growth measured
-    from the baseline was then the parent's size, not the load's (seen on the H200:
-    930 MiB under pytest, 642 MiB from a shell, for the same load).
+    ``ru_maxrss`` is not this process's own peak: Linux keeps in it the largest
+    resident size of every address space the process had, the parent's copy it ran
+    in between fork and exec included. Started from a big process (a pytest worker
+    holding models), the probe's growth over its baseline was then the parent's
+    size, not the load's (seen on the H200: 930 MiB under pytest, 642 MiB from a
+    shell, for the same load). ``VmHWM`` is the current address space's own peak;
+    reset here, it starts at the baseline.
     """
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # Linux >= 4.0: reset the high-water mark of the resident set
