@@ -236,8 +236,9 @@ def _nothing_offloaded(path: str, blocks: list[nn.Module], options: PlanOptions)
         why = f"offload_layers={list(options.offload_layers)} names none of its {num_blocks} blocks"
     elif not picked:
         why = (
-            f"its {num_blocks} blocks are fewer than group_size={options.group_size}, and only the last "
-            f"num_in_group={options.num_in_group} of each full group are offloaded; lower group_size"
+            f"block i is offloaded when i % group_size >= group_size - num_in_group "
+            f"(group_size={options.group_size}, num_in_group={options.num_in_group}), and none of its "
+            f"{num_blocks} blocks is; lower group_size or raise num_in_group"
         )
     else:
         why = (

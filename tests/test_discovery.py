@@ -86,7 +86,7 @@ def test_the_chosen_list_is_logged_once_with_its_count(caplog):
 @pytest.mark.parametrize(
     "knobs,reason",
     [
-        ({}, "its 2 blocks are fewer than group_size=4"),
+        ({}, "(group_size=4, num_in_group=1), and none of its 2 blocks is"),
         ({"group_size": 1, "offload_params": ["attention"]}, "no parameter of blocks [0, 1] matches"),
     ],
     ids=["too-few-layers", "no-matching-param"],
