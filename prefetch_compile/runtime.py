@@ -205,6 +205,9 @@ class PrefetchRuntime:
                 self._addresses[id(leaf)] = slots.block(layer).data_ptr() + placement.offset
                 self._leaves += [param, leaf]
         self.edits = EditWatch(self._placements, self.offloaded_params)  # in-place edits, seen at settle_edits()
+        # The host arena's version counter (shared by every view of it: state_dict()'s and host_value()'s values)
+        # as the runtime last saw it: a move is a write into host copies from outside, seen at settle_edits().
+        self._host_version = host.buffer._version
         self._pieces = tuple(plan.pieces(layer) for layer in self.offloaded)  # (begin, end) of each piece, per layer
         self._all_pieces = range(len(plan.piece_starts))
         self._cuda = device.type == "cuda"
@@ -701,8 +704,11 @@ class PrefetchRuntime:
         :class:`~prefetch_compile.edits.InPlaceEditError` names each edit,
         unless ``superseded``: new values for these parameters are being loaded.
         """
+        host_written = self.host.buffer._version != self._host_version
         changed = self.edits.changed(names)
         if not changed:
+            if host_written:
+                self._refresh_from_host()
             return
         self.check_placement(sorted({placement.param_name for _, placement in changed}))  # p.set_(...) moves it
         refused: list[tuple[str, str]] = []
@@ -723,8 +729,33 @@ class PrefetchRuntime:
                 continue
             self._owners[layer.slot][piece] = None
             refused.append((placement.name, why))
+        if host_written:
+            self._refresh_from_host()  # after the kept edits reached the host copies, so they survive the refresh
+        else:
+            self._host_version = self.host.buffer._version  # the kept edits' own writes
         if refused and not superseded:
             raise refusal(refused)
+
+    def _refresh_from_host(self) -> None:
+        """The host arena was written from outside the runtime: copy every host-resident layer in a slot again.
+
+        ``state_dict()`` and :meth:`host_value` return views of the host arena, as
+        plain PyTorch's ``state_dict()`` returns views of the parameters, so
+        ``model.state_dict()[name].copy_(value)`` writes the host copy. A layer whose
+        slot already held it (a slot's first layer between forwards, or a layer alone
+        in its slot for good) would otherwise keep the old bytes until its next copy,
+        or forever. Every view of the arena shares one version counter, so which
+        layer was written is unknown: every host-resident piece in a slot is copied
+        again, once per such write.
+        """
+        self._host_version = self.host.buffer._version
+        for slot_owners in self._owners:
+            by_layer: dict[int, list[int]] = {}
+            for piece, owner in enumerate(slot_owners):
+                if owner is not None and not (self.disk is not None and self.disk.holds(owner)):
+                    by_layer.setdefault(owner, []).append(piece)
+            for owner, pieces in by_layer.items():
+                self._copy_in(self.offloaded[owner], pieces)
 
     def load_weights(self, new_values: Mapping[str, torch.Tensor]) -> None:
         """Overwrite parameters in place, offloaded or kept; later eager calls and graph replays see them.
@@ -755,6 +786,7 @@ class PrefetchRuntime:
                     if self._owners[layer.slot][self.plan.piece_of(placement)] == layer.offload_index:
                         # The slot already holds this layer: refresh it in place so the next read sees the update.
                         param_view(self.slots.block(layer), placement).copy_(leaf)
+            self._host_version = self.host.buffer._version  # its own writes
 
     def refuse_disk_write(self, name: str, caller: str) -> None:
         """Raise if ``name`` is a disk-resident parameter: its value lives in the checkpoint files, read-only."""
