@@ -668,13 +668,20 @@ class PrefetchRuntime:
             return
         self.synchronize_copies()
         for slot, piece, wanted in stale:
-            layer = self.offloaded[wanted]
-            begin, end = self._pieces[wanted][piece]
-            self.slots.block(layer)[begin:end].copy_(self.host.block(layer)[begin:end], non_blocking=self._cuda)
-            self._owners[slot][piece] = wanted
-            self.counters.copies += 1
-            self.counters.copied_bytes += end - begin
+            self._copy_piece_on_compute(self.offloaded[wanted], piece)
             self.counters.restores += 1
+
+    def _copy_piece_on_compute(self, layer: LayerPlan, piece: int) -> None:
+        """Copy one piece of a host-resident layer into its slot on the compute stream (copies synchronised first).
+
+        On the compute stream, a copy is ordered before whatever runs next there, a
+        CUDA graph replay included, which waits on no Python-side record of copies.
+        """
+        begin, end = self._pieces[layer.offload_index][piece]
+        self.slots.block(layer)[begin:end].copy_(self.host.block(layer)[begin:end], non_blocking=self._cuda)
+        self._owners[layer.slot][piece] = layer.offload_index
+        self.counters.copies += 1
+        self.counters.copied_bytes += end - begin
 
     def after_replay(self, end: SlotState, log_: CaptureLog) -> None:
         """After a replay: Python learns what the graph did, then issues the deferred prefetches."""
@@ -746,16 +753,22 @@ class PrefetchRuntime:
         in its slot for good) would otherwise keep the old bytes until its next copy,
         or forever. Every view of the arena shares one version counter, so which
         layer was written is unknown: every host-resident piece in a slot is copied
-        again, once per such write.
+        again, once per such write, on the compute stream, so that a CUDA graph
+        replay, which reads its slots without waiting for Python's copies, is
+        ordered after them.
         """
         self._host_version = self.host.buffer._version
-        for slot_owners in self._owners:
-            by_layer: dict[int, list[int]] = {}
-            for piece, owner in enumerate(slot_owners):
-                if owner is not None and not (self.disk is not None and self.disk.holds(owner)):
-                    by_layer.setdefault(owner, []).append(piece)
-            for owner, pieces in by_layer.items():
-                self._copy_in(self.offloaded[owner], pieces)
+        resident = [
+            (owner, piece)
+            for slot_owners in self._owners
+            for piece, owner in enumerate(slot_owners)
+            if owner is not None and not (self.disk is not None and self.disk.holds(owner))
+        ]
+        if not resident:
+            return
+        self.synchronize_copies()
+        for owner, piece in resident:
+            self._copy_piece_on_compute(self.offloaded[owner], piece)
 
     def load_weights(self, new_values: Mapping[str, torch.Tensor]) -> None:
         """Overwrite parameters in place, offloaded or kept; later eager calls and graph replays see them.
@@ -814,7 +827,10 @@ class PrefetchRuntime:
             )
         if self.disk is not None and self.disk.holds(layer.offload_index):
             return self.disk.read_tensor(name)
-        return param_view(self.host.block(layer), placement)
+        # Made under inference_mode, the view would be an inference tensor (its dtype view is),
+        # whose in-place writes do not move the arena's version counter: the write would go unseen.
+        with torch.inference_mode(False):
+            return param_view(self.host.block(layer), placement)
 
 
 def _byte_runs(pieces: tuple[tuple[int, int], ...], chosen: list[int]) -> list[tuple[int, int]]:

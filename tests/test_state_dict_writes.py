@@ -48,6 +48,21 @@ def test_write_into_state_dict_value_is_seen(kind, prefetch_step, layer, write):
     assert runtime.counters.ensure_misses == 0
 
 
+def test_write_into_state_dict_value_taken_under_inference_mode_is_seen():
+    """Views made under inference_mode are inference tensors, whose writes PyTorch does not count."""
+    torch.manual_seed(0)
+    model = Stack(["linear"] * 4)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=2)
+    name = next(key for key in runtime.offloaded_params if key.endswith("weight"))
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        model(x)
+        model.state_dict()[name].mul_(2.0)
+        reference.get_parameter(name).mul_(2.0)
+        assert torch.equal(model(x), reference(x))
+
+
 def test_host_value_write_then_kept_param_edit_both_survive():
     """A write through host_value() and an in-place edit of a parameter in its slot, before one forward."""
     torch.manual_seed(0)

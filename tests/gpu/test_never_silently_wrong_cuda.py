@@ -100,6 +100,26 @@ def test_replay_after_load_state_dict_and_state_dict_round_trip():
         assert torch.equal(saved[name].to(DEVICE), value), name
 
 
+@pytest.mark.parametrize("prefetch_step", [1, 3])
+def test_replay_after_a_write_into_a_state_dict_value(prefetch_step):
+    """``model.state_dict()[name].mul_(2)`` writes the host copy; the next replay reads the new weights.
+
+    At ``prefetch_step=3`` every offloaded layer is alone in its slot and never copied
+    again, so without the refresh the replay would read the old weights for good.
+    """
+    model, reference, runtime, compiled = _offloaded_llama(prefetch_step)
+    x = _tokens()
+    name = next(n for n in runtime.offloaded_params if n.endswith("weight"))
+    with torch.inference_mode():
+        for _ in range(3):  # warm up, capture, replay
+            compiled(x)
+        model.state_dict()[name].mul_(2.0)
+        reference.get_parameter(name).mul_(2.0)
+        want = reference(x)
+        _exact(compiled(x), want)
+        _exact(compiled(x), want)
+
+
 def test_mutated_input_is_written_back_after_replay():
     """A graph that updates a plain input tensor in place (a KV cache not marked static)."""
 
