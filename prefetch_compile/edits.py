@@ -27,6 +27,7 @@ or a DLPack alias.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -97,6 +98,37 @@ class EditWatch:
     def _mark_seen(self, positions: Iterable[int]) -> None:
         for position in positions:
             self._seen[position] = self._tensors[position]._version
+
+
+class CopyWatch:
+    """Copies of offloaded values handed out (a disk-resident parameter's ``state_dict()`` value), to catch writes.
+
+    Such a value is read from the checkpoint file into a fresh tensor, and the disk
+    tier never writes the file, so a write into it (``model.state_dict()[name].copy_(w)``,
+    which changes a model that is not offloaded) would change nothing. The copies
+    are held weakly with their version counters as handed out; one that moved is a
+    write that was lost, refused at the next look (:meth:`written`).
+    """
+
+    def __init__(self) -> None:
+        self._copies: list[tuple[weakref.ref[torch.Tensor], int, str]] = []
+
+    def add(self, name: str, copy: torch.Tensor) -> None:
+        self._copies.append((weakref.ref(copy), copy._version, name))
+
+    def written(self) -> list[str]:
+        """The names whose copies were written since they were handed out; those and the dead ones are dropped."""
+        kept, written = [], []
+        for ref, version, name in self._copies:
+            copy = ref()
+            if copy is None:
+                continue
+            if copy._version != version:
+                written.append(name)
+            else:
+                kept.append((ref, version, name))
+        self._copies = kept
+        return written
 
 
 def refusal(refused: Sequence[tuple[str, str]]) -> InPlaceEditError:

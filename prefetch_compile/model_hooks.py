@@ -133,7 +133,9 @@ def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: Pref
             for attribute, name in attributes.items():
                 key = prefix + attribute
                 if key in state_dict:
-                    state_dict[key] = runtime.host_value(name).detach()
+                    # As returned, not detached: host values need no grad, and the runtime watches these very
+                    # tensors (a disk-resident value's copy) for writes that would otherwise be lost.
+                    state_dict[key] = runtime.host_value(name)
 
         def load(
             module: nn.Module,

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-from .edits import EditWatch, refusal
+from .edits import CopyWatch, EditWatch, InPlaceEditError, refusal
 from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan, ParamPlacement
@@ -205,6 +205,7 @@ class PrefetchRuntime:
                 self._addresses[id(leaf)] = slots.block(layer).data_ptr() + placement.offset
                 self._leaves += [param, leaf]
         self.edits = EditWatch(self._placements, self.offloaded_params)  # in-place edits, seen at settle_edits()
+        self.disk_copies = CopyWatch()  # disk-resident values handed out by host_value(), whose writes are lost
         # The host arena's version counter (shared by every view of it: state_dict()'s and host_value()'s values)
         # as the runtime last saw it: a move is a write into host copies from outside, seen at settle_edits().
         self._host_version = host.buffer._version
@@ -711,6 +712,14 @@ class PrefetchRuntime:
         :class:`~prefetch_compile.edits.InPlaceEditError` names each edit,
         unless ``superseded``: new values for these parameters are being loaded.
         """
+        lost = self.disk_copies.written()
+        if lost:
+            raise InPlaceEditError(
+                f"written into the state_dict() value of disk-resident parameter(s) {', '.join(lost)}: that value is "
+                "a copy read from the checkpoint file, which the disk tier never writes, so the write changed "
+                "nothing and the model keeps its weights. Disk-resident weights change only by writing the "
+                "checkpoint and loading it again"
+            )
         host_written = self.host.buffer._version != self._host_version
         changed = self.edits.changed(names)
         if not changed:
@@ -826,7 +835,9 @@ class PrefetchRuntime:
                 "live in the host arena separately; save the model before offloading"
             )
         if self.disk is not None and self.disk.holds(layer.offload_index):
-            return self.disk.read_tensor(name)
+            value = self.disk.read_tensor(name)
+            self.disk_copies.add(name, value)
+            return value
         # Made under inference_mode, the view would be an inference tensor (its dtype view is),
         # whose in-place writes do not move the arena's version counter: the write would go unseen.
         with torch.inference_mode(False):
