@@ -118,6 +118,8 @@ class CopyWatch:
 
     def written(self) -> list[str]:
         """The names whose copies were written since they were handed out; those and the dead ones are dropped."""
+        if not self._copies:  # the usual case, at every runtime entry
+            return []
         kept, written = [], []
         for ref, version, name in self._copies:
             copy = ref()

@@ -355,7 +355,7 @@ class PrefetchRuntime:
         the copy then queues behind the copies the graph made before this point,
         as it would have in the graph's own copy stream. Recorded on the compute
         stream alone, it let the deferred copy share the link with the graph's
-        earlier copies still in flight, which slowed the forward being replayed.
+        earlier copies still in flight, which copies on one stream never do.
         """
         compute = torch.cuda.current_stream(self.device)
         reached = torch.cuda.Event()
@@ -834,13 +834,13 @@ class PrefetchRuntime:
                 f"state_dict of offloaded tensor-subclass parameter {name} is not supported: its leaves "
                 "live in the host arena separately; save the model before offloading"
             )
-        if self.disk is not None and self.disk.holds(layer.offload_index):
-            value = self.disk.read_tensor(name)
-            self.disk_copies.add(name, value)
-            return value
-        # Made under inference_mode, the view would be an inference tensor (its dtype view is),
-        # whose in-place writes do not move the arena's version counter: the write would go unseen.
+        # Made under inference_mode, the value would be an inference tensor (a view of the arena by dtype,
+        # or a fresh tensor read from disk), which has no version counter: a write into it would go unseen.
         with torch.inference_mode(False):
+            if self.disk is not None and self.disk.holds(layer.offload_index):
+                value = self.disk.read_tensor(name)
+                self.disk_copies.add(name, value)
+                return value
             return param_view(self.host.block(layer), placement)
 
 

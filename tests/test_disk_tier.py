@@ -495,15 +495,17 @@ def test_state_dict_reads_disk_resident_values_and_loads_into_them_are_refused(c
     assert torch.equal(model.state_dict()[in_host], torch.ones(128, 64))
 
 
-def test_a_write_into_a_disk_resident_state_dict_value_is_refused_at_the_next_call(checkpoint, original):
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_a_write_into_a_disk_resident_state_dict_value_is_refused_at_the_next_call(checkpoint, original, mode):
     """That value is a copy read from the file: the write cannot reach the model, so the next forward says so."""
     model, runtime = load(checkpoint)
     on_disk, in_host = "model.layers.3.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
     tokens = torch.randint(0, 128, (1, 6))
-    state = model.state_dict()
-    state[in_host].mul_(2.0)  # host-resident: seen, as without offloading
-    state[in_host].div_(2.0)
-    state[on_disk].mul_(2.0)
+    with getattr(torch, mode)():  # under inference_mode too: the values handed out still count their writes
+        state = model.state_dict()
+        state[in_host].mul_(2.0)  # host-resident: seen, as without offloading
+        state[in_host].div_(2.0)
+        state[on_disk].mul_(2.0)
     with pytest.raises(prefetch_compile.InPlaceEditError, match=f"disk-resident parameter.*{on_disk}.*changed nothing"):
         logits(model, tokens)
     assert torch.equal(logits(model, tokens), logits(original, tokens))  # refused once; the weights are the file's
