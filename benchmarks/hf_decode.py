@@ -2,24 +2,34 @@
 
 The workload a serving user runs: Llama-8B layer shapes (``--layers`` of them,
 bf16), greedy ``generate`` with ``cache_implementation="static"``, its
-``forward`` compiled. Variants, side by side in one run:
+``forward`` compiled. Variants:
 
 * ``resident``: nothing offloaded, ``torch.compile(model.forward)`` (Inductor,
   ``mode="default"``: ``reduce-overhead`` segfaulted on this decode in torch 2.11);
-* ``ours sN``: ``backend="prefetch_offload"`` with every other layer offloaded
-  (``group_size=2``), ``prefetch_step=N``, without and with ``cuda_graphs``.
+* ``sN`` / ``sN+cg``: ``backend="prefetch_offload"`` with every other layer
+  offloaded (``group_size=2``), ``prefetch_step=N``, without and with ``cuda_graphs``.
 
-Each variant's tokens are checked against the resident model's. The link limit
-is the offloaded bytes per token over the pinned host-to-device bandwidth
+All variants live in one process, each its own model, and are timed in rounds,
+one ``generate`` each per round, in turn and then in reverse order, so that drift
+over the run (clocks, the host) falls on all alike; a variant run after the
+others in a fresh build can differ from them by a few percent (2026-12-02). Per
+step, the per-round ratio graphs / none says whether graphs lose.
+
+Tokens are checked against the resident model's on ``--prompts`` seeded prompts.
+Where a variant's greedy tokens part from the resident model's, the logits of
+both at that step say whether it was a near-tie (see :func:`parting`). The link
+limit is the offloaded bytes per token over the pinned host-to-device bandwidth
 measured in the same run; overlap efficiency is limit / measured.
 
     python benchmarks/hf_decode.py --layers 8 --out bench_out
+    python benchmarks/hf_decode.py --tiny --layers 4 --tokens 6 --rounds 2 --prompts 2   # CPU smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,9 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import add_repo_to_path, device_name, git_commit, log, measure_h2d_bandwidth, release_memory  # noqa: E402
-
-add_repo_to_path()
+from bench_util import device_name, git_commit, log, measure_h2d_bandwidth, timed_call  # noqa: E402
 
 
 def build(layers: int, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -46,52 +54,22 @@ def build(layers: int, tiny: bool, device: torch.device, dtype: torch.dtype):
     return model
 
 
-def run_variant(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, variant: dict, prompt: torch.Tensor) -> dict:
-    import prefetch_compile
+def variant_name(variant: dict) -> str:
+    return "resident" if variant["kind"] == "resident" else f"s{variant['step']}{'+cg' if variant['graphs'] else ''}"
 
-    release_memory(device)
+
+def compiled_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, variant: dict):
+    """A fresh model with its ``forward`` compiled as the README says for ``generate``."""
     model = build(args.layers, args.tiny, device, dtype)
     if variant["kind"] == "resident":
         model.forward = torch.compile(model.forward)
     else:
-        model.forward = torch.compile(
-            model.forward,
-            backend="prefetch_offload",
-            options={"group_size": 2, "num_in_group": 1, "prefetch_step": variant["step"], "cuda_graphs": variant["graphs"]},
-        )
-    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, cache_implementation="static")
-    with torch.inference_mode():
-        began = time.perf_counter()
-        model.generate(prompt, **settings)  # compiles, captures
-        warm_s = time.perf_counter() - began
-        model.generate(prompt, **settings)
-        times = []
-        for _ in range(args.repeats):
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            began = time.perf_counter()
-            out = model.generate(prompt, **settings)
-            torch.cuda.synchronize(device) if device.type == "cuda" else None
-            times.append(time.perf_counter() - began)
-        # One more, untimed, for the logits of every step: where tokens part, they say whether it was a near-tie.
-        scored = model.generate(prompt, **settings, return_dict_in_generate=True, output_logits=True)
-    runtime = prefetch_compile.runtime_of(model)
-    result = {
-        **variant,
-        "ms_per_token": 1e3 * min(times) / args.tokens,
-        "ms_per_token_all": [1e3 * t / args.tokens for t in times],
-        "first_generate_s": warm_s,
-        "tokens": out[0].tolist(),
-        "scored_tokens_equal": scored.sequences[0].tolist() == out[0].tolist(),
-        "logits": torch.cat(scored.logits).float().cpu(),  # [new tokens, vocab]; dropped from the JSON
-        "offloaded_bytes": runtime.stats().offloaded_bytes if runtime else 0,
-        "counters": vars(runtime.counters).copy() if runtime else None,
-        "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
-    del model
-    return result
+        options = {"group_size": 2, "num_in_group": 1, "prefetch_step": variant["step"], "cuda_graphs": variant["graphs"]}
+        model.forward = torch.compile(model.forward, backend="prefetch_offload", options=options)
+    return model
 
 
-def parting(resident: dict, variant: dict, prompt_len: int) -> dict | None:
+def parting(resident: dict, variant: dict) -> dict | None:
     """Where a variant's greedy tokens first differ from the resident model's, and how close that step was.
 
     ``resident_margin``: the resident logit of its own token minus that of the variant's;
@@ -100,7 +78,7 @@ def parting(resident: dict, variant: dict, prompt_len: int) -> dict | None:
     the size of the rounding differences between them; ``scale``: the largest logit
     there. A margin below ``max_diff_before`` is a near-tie that rounding can flip.
     """
-    new_resident, new_variant = resident["tokens"][prompt_len:], variant["tokens"][prompt_len:]
+    new_resident, new_variant = resident["tokens"], variant["tokens"]
     step = next((i for i, (a, b) in enumerate(zip(new_resident, new_variant)) if a != b), None)
     if step is None:
         return None
@@ -115,55 +93,104 @@ def parting(resident: dict, variant: dict, prompt_len: int) -> dict | None:
     }
 
 
+def scored(model, prompt: torch.Tensor, settings: dict) -> dict:
+    out = model.generate(prompt, **settings, return_dict_in_generate=True, output_logits=True)
+    return {"tokens": out.sequences[0, prompt.shape[1]:].tolist(), "logits": torch.cat(out.logits).float().cpu()}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--tokens", type=int, default=48, help="new tokens per generate")
+    p.add_argument("--tokens", type=int, default=40, help="new tokens per generate")
     p.add_argument("--prompt", type=int, default=16, help="prompt length")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=8, help="timed rounds, one generate per variant each")
+    p.add_argument("--prompts", type=int, default=6, help="seeded prompts whose tokens are checked")
     p.add_argument("--steps", default="1,2")
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
-    p.add_argument("--seed", type=int, default=0, help="the prompt's")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    # Every variant compiles LlamaForCausalLM.forward again (Dynamo guards on the instance): never fall back to eager.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 1024
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     started = time.perf_counter()
     bandwidth = measure_h2d_bandwidth(device, 256 * 2**20)["bytes_per_s"]
-    torch.manual_seed(args.seed)
-    prompt = torch.randint(0, 512, (1, args.prompt), device=device)
+    prompts = []
+    for seed in range(args.prompts):
+        torch.manual_seed(seed)
+        prompts.append(torch.randint(0, 512, (1, args.prompt), device=device))
     variants = [{"kind": "resident"}]
     for step in (int(s) for s in args.steps.split(",")):
         variants += [{"kind": "ours", "step": step, "graphs": False}, {"kind": "ours", "step": step, "graphs": True}]
+    settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, cache_implementation="static")
+    import prefetch_compile
+
+    models = {}
+    for variant in variants:
+        name = variant_name(variant)
+        models[name] = model = compiled_model(args, device, dtype, variant)  # outside inference_mode, as users build
+        with torch.inference_mode():
+            first_s, _ = timed_call(lambda: model.generate(prompts[0], **settings), device)  # compiles, captures
+            model.generate(prompts[0], **settings)
+        variant["first_generate_s"] = first_s
+        log(f"{name}: built, first generate {first_s:.1f}s", started)
+
+    with torch.inference_mode():
+        checks = {name: [scored(model, prompt, settings) for prompt in prompts] for name, model in models.items()}
+
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for round_ in range(args.rounds):
+            order = list(models.items()) if round_ % 2 == 0 else list(reversed(models.items()))
+            for name, model in order:
+                seconds, _ = timed_call(lambda: model.generate(prompts[0], **settings), device)
+                times[name].append(seconds / args.tokens)
+
     results = []
     for variant in variants:
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        result = run_variant(args, device, dtype, variant, prompt)
-        result["limit_ms_per_token"] = 1e3 * result["offloaded_bytes"] / bandwidth
-        results.append(result)
-        log(f"{variant}: {result['ms_per_token']:.2f} ms/token (limit {result['limit_ms_per_token']:.2f}), "
-            f"first generate {result['first_generate_s']:.1f}s, counters {result['counters']}", started)
-    reference = results[0]["tokens"]
-    for result in results[1:]:
-        result["parted"] = parting(results[0], result, args.prompt)
-    print("\n| variant | ms/token | link limit | efficiency | tokens equal to resident | peak GiB |")
-    print("|---|---|---|---|---|---|")
-    for result in results:
-        name = "resident (compiled)" if result["kind"] == "resident" else f"ours s{result['step']}{' + graphs' if result['graphs'] else ''}"
-        limit = result["limit_ms_per_token"]
-        efficiency = f"{limit / result['ms_per_token']:.2f}" if limit else "-"
-        equal = sum(a == b for a, b in zip(result["tokens"], reference))
-        print(f"| {name} | {result['ms_per_token']:.2f} | {limit:.2f} | {efficiency} | {equal}/{len(reference)} | "
-              f"{result['peak_gib'] or 0:.1f} |")
-    for result in results[1:]:
-        if result["parted"]:
-            print(f"ours s{result['step']}{' + graphs' if result['graphs'] else ''} parts from resident: {result['parted']}")
-    for result in results:
-        del result["logits"]
+        name = variant_name(variant)
+        runtime = prefetch_compile.runtime_of(models[name])
+        partings = [parting(ref, mine) for ref, mine in zip(checks["resident"], checks[name])]
+        offloaded = runtime.stats().offloaded_bytes if runtime else 0
+        results.append({
+            **variant,
+            "name": name,
+            "ms_per_token_median": 1e3 * statistics.median(times[name]),
+            "ms_per_token_min": 1e3 * min(times[name]),
+            "ms_per_token_rounds": [1e3 * t for t in times[name]],
+            "limit_ms_per_token": 1e3 * offloaded / bandwidth,
+            "tokens_equal": [sum(a == b for a, b in zip(ref["tokens"], mine["tokens"])) for ref, mine in zip(checks["resident"], checks[name])],
+            "partings": partings,
+            "counters": vars(runtime.counters).copy() if runtime else None,
+        })
+    ratios = {}
+    for step in (int(s) for s in args.steps.split(",")):
+        per_round = [g / n for g, n in zip(times[f"s{step}+cg"], times[f"s{step}"])]
+        ratios[f"s{step}"] = {
+            "median": statistics.median(per_round), "min": min(per_round), "max": max(per_round),
+            "rounds_graphs_slower": sum(r > 1 for r in per_round), "rounds": len(per_round), "per_round": per_round,
+        }
+
+    print(f"\n| variant | ms/token median [min] over {args.rounds} rounds | link limit | efficiency (limit / median) "
+          f"| new tokens equal to resident, {args.prompts} prompts |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        limit = r["limit_ms_per_token"]
+        efficiency = f"{limit / r['ms_per_token_median']:.3f}" if limit else "-"
+        equal = " ".join(f"{n}/{args.tokens}" for n in r["tokens_equal"])
+        print(f"| {r['name']} | {r['ms_per_token_median']:.2f} [{r['ms_per_token_min']:.2f}] | {limit:.2f} | {efficiency} | {equal} |")
+    print("\n| plan | graphs / none per round: median [min, max] | rounds graphs slower |")
+    print("|---|---|---|")
+    for plan, ratio in ratios.items():
+        print(f"| {plan} | {ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}] | {ratio['rounds_graphs_slower']}/{ratio['rounds']} |")
+    for r in results:
+        for seed, parted in enumerate(r["partings"]):
+            if parted:
+                print(f"{r['name']} parts from resident on prompt {seed}: {parted}")
     report = {
-        "device": device_name(device), "torch": torch.__version__, "commit": git_commit(None),
-        "layers": args.layers, "tokens": args.tokens, "h2d_bytes_per_s": bandwidth, "results": results,
+        "device": device_name(device), "torch": torch.__version__, "commit": git_commit(None), "args": vars(args),
+        "h2d_bytes_per_s": bandwidth, "results": results, "graphs_over_none": ratios,
     }
     if args.out:
         out = Path(args.out)

@@ -34,7 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 
 from .leaves import get_inner
-from .plan import LayerPlan, ParamPlacement
+from .plan import LayerPlan, OffloadPlan, ParamPlacement
 
 Leaf = tuple[LayerPlan, ParamPlacement]
 
@@ -131,6 +131,25 @@ class CopyWatch:
                 kept.append((ref, version, name))
         self._copies = kept
         return written
+
+
+def check_counted(plan: OffloadPlan, params: Mapping[str, torch.Tensor]) -> None:
+    """Refuse offloaded parameters without a version counter: parameters made under ``torch.inference_mode()``.
+
+    Such a parameter is an inference tensor, whose in-place writes PyTorch does not
+    count, so :class:`EditWatch` could not see an edit that the next copy into its
+    slot would lose. Checked before anything is moved, so a refused model is left
+    as it was.
+    """
+    for layer in plan.offloaded:
+        for placement in layer.params:
+            if get_inner(params[placement.param_name], placement.inner).is_inference():
+                raise ValueError(
+                    f"{placement.param_name} is an inference tensor (the model was built or loaded under "
+                    "torch.inference_mode()), whose in-place writes PyTorch does not count, so an edit of it "
+                    "after offloading could be lost unseen; build or load the model outside inference_mode "
+                    "(calling it under inference_mode is fine)"
+                )
 
 
 def refusal(refused: Sequence[tuple[str, str]]) -> InPlaceEditError:

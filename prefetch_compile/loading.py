@@ -68,6 +68,7 @@ class _Target:
     written: bool = False
 
 
+@torch.inference_mode(False)  # the parameters and the arena it makes count their writes (see edits.py)
 def load_checkpoint(
     model: nn.Module,
     checkpoint: Checkpoint,

@@ -18,6 +18,7 @@ from torch import nn
 
 from .budget import plan_within_budget
 from .config import BudgetOptions, OptionError, PlanOptions, check_budget_alone, parse_budget_options, plan_options
+from .edits import check_counted
 from .leaves import get_inner, set_inner
 from .memory import HostArena, SlotPool, aliased_param_view, param_view
 from .plan import OffloadPlan, build_plan, log_plan_choice
@@ -119,10 +120,14 @@ def runtime_of(model: nn.Module) -> PrefetchRuntime | None:
     return None
 
 
+@torch.inference_mode(False)
 def offload_with_options(model: nn.Module, device: torch.device, options: PlanOptions) -> PrefetchRuntime:
+    """Offload as ``options`` say. Outside inference_mode, whatever the caller's mode: the arena, the slots and
+    their views are made as normal tensors, whose version counters the runtime watches (see ``edits.py``)."""
     device = _check_device(device)
     _check_not_offloaded(model)
     plan = build_plan(model, options)
+    check_counted(plan, dict(model.named_parameters()))
     log_plan_choice(model, plan)
     host = HostArena(plan)
     offloaded = _move_offloaded_to_host(model, plan, host)
