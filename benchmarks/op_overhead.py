@@ -6,17 +6,26 @@ path into the op and the runtime's bookkeeping, which a forward without CUDA
 graphs pays twice per offloaded layer, or twice per chunk with chunked copies
 (the ``*_chunk_us`` numbers: ops that name one piece of a chunked plan).
 
+``tiny_forward`` times a whole forward where nothing but the ops' host time can
+show: a tiny Llama-like decoder (hidden 64, ``--tiny-layers`` blocks, every other
+one offloaded, one slot), compiled with ``backend="prefetch_offload"`` without CUDA
+graphs, against the same model compiled by plain Inductor (median of
+``--tiny-calls`` back-to-back forwards, each waited for, after ``TINY_WARMUP``
+calls, which are past the forwards the runtime records for its first log line).
+
 ``edit_check_per_layer_us`` is the look for in-place edits that the runtime
 makes once each time it is entered (a compiled graph, a replay, an eager block
 call; see ``prefetch_compile/edits.py``), on 32 offloaded blocks of nine
 parameters each (a Llama decoder block's count), divided by the 32 blocks.
 
-    python benchmarks/op_overhead.py
+    python benchmarks/op_overhead.py [--tiny-layers 16] [--out DIR]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -25,9 +34,12 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import add_repo_to_path, device_name  # noqa: E402
+from bench_util import add_repo_to_path, device_name, git_commit, wall_time  # noqa: E402
 
 add_repo_to_path()
+import llama_like  # noqa: E402  (examples/llama_like.py)
+
+TINY_WARMUP = 8  # the first call compiles; the runtime records forwards 2-4 for its log line
 
 
 def microseconds_per_call(fn, args: tuple, calls: int = 20000) -> float:
@@ -43,10 +55,39 @@ def _nine_linears() -> nn.Module:
     return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(9)))
 
 
-def main() -> dict:
+def tiny_forward(device: torch.device, layers: int, calls: int) -> dict:
+    """Median ms of a tiny decoder's forward: plain Inductor, and ours with every other block offloaded."""
+    import prefetch_compile
+
+    shape = llama_like.tiny_shape(layers)
+    tokens = llama_like.sample_tokens(shape, 1, 8, device)
+    result: dict = {"layers": layers, "offloaded": layers // 2, "ops_per_forward": 2 * (layers // 2)}
+    for name in ("inductor", "ours"):
+        model = llama_like.build(shape, device, torch.float32)
+        if name == "ours":
+            prefetch_compile.offload(model, device, group_size=2, prefetch_step=1, chunked_copies=False)
+            compiled = torch.compile(model, backend="prefetch_offload")
+        else:
+            compiled = torch.compile(model)
+        with torch.inference_mode():
+            for _ in range(TINY_WARMUP):
+                compiled(tokens)
+            times = [wall_time(lambda: compiled(tokens), device) for _ in range(calls)]
+        result[f"{name}_ms"] = statistics.median(times) * 1e3
+    result["ratio"] = result["ours_ms"] / result["inductor_ms"]
+    result["extra_us_per_op"] = (result["ours_ms"] - result["inductor_ms"]) * 1e3 / result["ops_per_forward"]
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
     import prefetch_compile
     from prefetch_compile.ops import START, WAIT
 
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tiny-layers", type=int, default=16, help="blocks of the tiny decoder (0: skip it)")
+    p.add_argument("--tiny-calls", type=int, default=50)
+    p.add_argument("--out", type=Path, default=None, help="directory for op_overhead.json")
+    args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     whole, chunked = (
         prefetch_compile.offload(
@@ -72,8 +113,14 @@ def main() -> dict:
             "start_chunk_us": microseconds_per_call(START, (piece, [], live)),
             "runtime_wait_body_us": microseconds_per_call(whole.wait, (0,)),
             "edit_check_per_layer_us": microseconds_per_call(nine_per_block.settle_edits, ()) / 32,
+            "commit": git_commit(None),
         }
+    if args.tiny_layers:
+        result["tiny_forward"] = tiny_forward(torch.device(device), args.tiny_layers, args.tiny_calls)
     print(json.dumps(result, indent=1))
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "op_overhead.json").write_text(json.dumps(result, indent=1))
     return result
 
 

@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 def _offload_compile_and_run(model: nn.Module, options: PlanOptions, args: argparse.Namespace) -> None:
-    from .timeline import draw_timeline, export_trace
+    from .timeline import draw_timeline, export_trace, recorded_copies
 
     device = torch.device("cuda" if args.timeline is not None else "cpu")
     runtime = offload_with_options(model, device, options)
@@ -144,6 +144,7 @@ def _offload_compile_and_run(model: nn.Module, options: PlanOptions, args: argpa
             for _ in range(TIMELINE_WARMUP_CALLS):
                 compiled(example)
             trace = args.timeline.with_suffix(".json")
+            runtime.start_recording()
             export_trace(lambda: compiled(example), trace)
     if args.dump_dir is not None:
         print(f"\ndumps of {len(runtime.compiles)} graph(s) in {args.dump_dir}:")
@@ -151,7 +152,7 @@ def _offload_compile_and_run(model: nn.Module, options: PlanOptions, args: argpa
             stem = "graph_" + record.graph.replace("/", "_")
             print(f"  {stem}_before.py  {stem}_after.py  {stem}_plan.txt")
     if args.timeline is not None:
-        labels = draw_timeline(trace, args.timeline, runtime.plan)
+        labels = draw_timeline(trace, args.timeline, recorded_copies(runtime))
         copied = ", ".join(label for label in labels if label is not None) or "none"
         print(f"\ntimeline: {args.timeline} (trace {trace}); layer copies in issue order: {copied}")
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import bisect
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -101,11 +102,13 @@ class OffloadPlan:
     # Byte offsets at which every offloaded layer's block starts a parameter: where its copies may be cut.
     piece_starts: tuple[int, ...] = (0,)
 
-    @property
+    # Cached: the plan is frozen, and every start_prefetch asks for the slot's next layer
+    # (next_in_slot), which rebuilding this tuple made most of the op's host time.
+    @cached_property
     def offloaded(self) -> tuple[LayerPlan, ...]:
         return tuple(layer for layer in self.layers if layer.offloaded)
 
-    @property
+    @cached_property
     def num_slots(self) -> int:
         return min(self.options.prefetch_step, len(self.offloaded))
 

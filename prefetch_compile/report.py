@@ -20,15 +20,19 @@ compute-only time.
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tabulate import tabulate
 
 from .plan import LayerPlan
 from .runtime import format_bytes
+
+
+# Forwards (counted from 1) that every runtime records without start_recording() and sums up in one log
+# line: the first one compiles (on the one-line path it also offloads), so the next three.
+FIRST_TIMED_FORWARDS = range(2, 5)
 
 
 @dataclass
@@ -101,6 +105,15 @@ class CopyReport:
             return None
         return max(compute_only_s, self.copied_bytes / self.forwards / self.bandwidth) / measured_s
 
+    def totals(self) -> str:
+        """The totals in one line (the log line of the first timed forwards is this)."""
+        bandwidth = "-" if self.bandwidth is None else f"{self.bandwidth / 1e9:.1f} GB/s"
+        return (
+            f"{self.forwards} forwards, {self.copies} copies, {format_bytes(self.copied_bytes)} copied, "
+            f"achieved bandwidth {bandwidth}, stall per forward {self.stall_per_forward * 1e3:.3f} ms, "
+            f"ensure-path misses {self.misses}"
+        )
+
     def render(self, compute_only_s: float | None = None, measured_s: float | None = None) -> str:
         rows = [
             {
@@ -114,12 +127,7 @@ class CopyReport:
             }
             for layer in self.layers
         ]
-        bandwidth = "-" if self.bandwidth is None else f"{self.bandwidth / 1e9:.1f} GB/s"
-        totals = (
-            f"{self.forwards} forwards, {self.copies} copies, {format_bytes(self.copied_bytes)} copied, "
-            f"achieved bandwidth {bandwidth}, stall per forward {self.stall_per_forward * 1e3:.3f} ms, "
-            f"ensure-path misses {self.misses}"
-        )
+        totals = self.totals()
         if compute_only_s is not None and measured_s is not None:
             efficiency = self.efficiency(compute_only_s, measured_s)
             totals += f", overlap efficiency {'-' if efficiency is None else f'{efficiency:.2f}'}"
@@ -127,27 +135,54 @@ class CopyReport:
 
 
 class CopyRecorder:
-    """Collects the marks the runtime reports; :meth:`report` turns them into a :class:`CopyReport`."""
+    """Collects the marks the runtime reports; :meth:`report` turns them into a :class:`CopyReport`.
 
-    def __init__(self, layers: tuple[LayerPlan, ...], device: torch.device) -> None:
+    ``window`` (forward numbers, counted from 1) limits recording to those forwards:
+    what came before the window's first forward is dropped when it begins, and
+    nothing is recorded from the forward after its last one (:attr:`closed`).
+    """
+
+    def __init__(self, layers: tuple[LayerPlan, ...], device: torch.device, window: range | None = None) -> None:
         self.layers = layers
         self.cuda = device.type == "cuda"
+        self.window = window
+        self.closed = False
         self.reset()
 
     def reset(self) -> None:
         self._pending: dict[tuple[int, int], _Copy] = {}  # by (offload index, piece): copies not yet waited for
+        self._clear()
+        self.forwards_begun = 0  # see _begins_forward
+        self._previous: int | None = None  # offload index of the last wait
+        self._waited: set[int] = set()  # pieces waited for in this forward (a single offloaded layer's)
+
+    def _clear(self) -> None:
+        """Drop what was recorded, but not the copies still to be waited for (they pair with later waits)."""
         self._copies: list[tuple[int, _Copy]] = []
         self._waits: list[tuple[int, _Wait]] = []
         self._current: _Copy | None = None  # the copy being issued, between copy_issued and copy_ended
+        # (offload index, bytes) of each host-to-device memcpy, in issue order, those of CUDA graph replays
+        # and of the restores before them included: what names the copies of a profiler trace (timeline.py).
+        self.memcpys: list[tuple[int, int]] = []
+
+    @property
+    def forwards(self) -> int:
+        """Forwards recorded: those begun, less the ones before the window."""
+        recorded = self.forwards_begun
+        if self.window is not None:
+            recorded = min(recorded, self.window.stop - 1) - (self.window.start - 1)
+        return max(0, recorded)
 
     # ------------------------------------------------------------ called by the runtime
     def copy_issued(
-        self, offload_index: int, pieces: Sequence[int], nbytes: int, compute: torch.cuda.Stream | None
+        self, offload_index: int, pieces: Sequence[int], memcpy_bytes: Sequence[int], compute: torch.cuda.Stream | None
     ) -> None:
+        """A copy of ``pieces`` of a layer is about to be issued, as one memcpy per entry of ``memcpy_bytes``."""
         self._current = None
-        if self._capturing():
+        if self._capturing() or self.closed:
             return
-        self._current = copy = _Copy(issued=self._mark(compute), nbytes=nbytes)
+        self.memcpys += [(offload_index, nbytes) for nbytes in memcpy_bytes]
+        self._current = copy = _Copy(issued=self._mark(compute), nbytes=sum(memcpy_bytes))
         for piece in pieces:
             self._pending[(offload_index, piece)] = copy
         self._copies.append((offload_index, copy))
@@ -160,25 +195,68 @@ class CopyRecorder:
         if self._current is not None:
             self._current.ended = self._mark(stream)
 
+    def untimed_copies(self, memcpys: Sequence[tuple[int, int]]) -> None:
+        """Memcpys made without the runtime's timing marks: a replay's captured copies, a restore's."""
+        if not self.closed:
+            self.memcpys += memcpys
+
     def wait_began(self, offload_index: int, pieces: range, compute: torch.cuda.Stream | None, missed: bool) -> None:
-        if self._capturing():
+        if self._capturing() or self.closed:
             return
+        if self._begins_forward(offload_index, pieces):
+            self.forwards_begun += 1
+            if self.window is not None and self.forwards_begun == self.window.start:
+                self._clear()
+            elif self.window is not None and self.forwards_begun == self.window.stop:
+                self.closed = True
+                return
         copies = [self._pending.pop((offload_index, piece), None) for piece in pieces]
         copy = next((copy for copy in copies if copy is not None), None)
         self._waits.append((offload_index, _Wait(self._mark(compute), pieces, missed=missed, copy=copy)))
 
+    def _begins_forward(self, offload_index: int, pieces: range) -> bool:
+        """Whether this wait is the first of a forward: a return to the first offloaded layer after other layers.
+
+        A forward waits for its first offloaded layer once per piece it reads, and may wait for the
+        same pieces twice (a block compiled on its own waits in its graph and in its eager hook), so
+        neither waits nor pieces count forwards; a return to the first layer after other layers does.
+        With one offloaded layer there is no other layer to separate the forwards: a wait for a piece
+        already waited for begins the next one.
+        """
+        first = self.layers[0].offload_index
+        previous, self._previous = self._previous, offload_index
+        if len(self.layers) > 1:
+            return offload_index == first and previous != first
+        again = not self._waited.isdisjoint(pieces)
+        if again or previous is None:
+            self._waited = set(pieces)
+            return True
+        self._waited.update(pieces)
+        return False
+
     def wait_ended(self, offload_index: int, compute: torch.cuda.Stream | None) -> None:
-        if self._capturing() or not self._waits or self._waits[-1][0] != offload_index:
+        if self._capturing() or self.closed or not self._waits or self._waits[-1][0] != offload_index:
             return
         self._waits[-1][1].ended = self._mark(compute)
 
     # ------------------------------------------------------------ reading
-    def report(self) -> CopyReport:
-        """Per-layer means over everything recorded since :meth:`reset`."""
+    def _events(self) -> Iterator[torch.cuda.Event]:
         if self.cuda:
-            torch.cuda.synchronize()
+            for _, copy in self._copies:
+                yield from (mark for mark in (copy.issued, copy.began, copy.ended) if mark is not None)
+            for _, wait in self._waits:
+                yield from (mark for mark in (wait.began, wait.ended) if mark is not None)
+
+    def complete(self) -> bool:
+        """Whether every mark recorded has been reached on its stream, so that a report waits for nothing."""
+        return all(event.query() for event in self._events())
+
+    def report(self) -> CopyReport:
+        """Per-layer means over everything recorded since :meth:`reset` (waits for its marks, not for the device)."""
+        for event in self._events():
+            event.synchronize()
         rows = []
-        forwards = self._forwards()
+        forwards = self.forwards
         for layer in self.layers:
             index = layer.offload_index
             copies = [c for i, c in self._copies if i == index and c.began is not None and c.ended is not None]
@@ -199,28 +277,6 @@ class CopyRecorder:
                 )
             )
         return CopyReport(tuple(rows), forwards)
-
-    def _forwards(self) -> int:
-        """Forwards recorded: the runs of waits on the first offloaded layer, between waits on other layers.
-
-        A forward waits for its first offloaded layer once per piece it reads, and may wait for the
-        same pieces twice (a block compiled on its own waits in its graph and in its eager hook), so
-        neither waits nor pieces count forwards; a return to the first layer after other layers does.
-        With one offloaded layer there is no other layer to separate the runs: its most waited-for
-        piece counts them.
-        """
-        if not self.layers:
-            return 0
-        first = self.layers[0].offload_index
-        waited = [(index, wait) for index, wait in self._waits if wait.ended is not None]
-        if all(index == first for index, _ in waited):
-            pieces = Counter(piece for _, wait in waited for piece in wait.pieces)
-            return max(pieces.values(), default=0)
-        runs, previous = 0, None
-        for index, _ in waited:
-            runs += index == first and previous != first
-            previous = index
-        return runs
 
     # ------------------------------------------------------------ marks
     def _mark(self, stream: torch.cuda.Stream | None) -> object:

@@ -148,6 +148,7 @@ class CaptureLog:
     consumed: set[tuple[int, int]] = field(default_factory=set)  # (offload index, piece) of eager copies the graph waits for
     copies: int = 0  # copies captured into the graph: each replay makes them again
     copied_bytes: int = 0
+    memcpys: list[tuple[int, int]] = field(default_factory=list)  # theirs, as (offload index, bytes), in capture order
     freed: set[ChunkKey] = field(default_factory=set)  # deferred starts whose slot-free point the graph records
     tails: list[torch.cuda.Event] = field(default_factory=list)  # copy-stream work to join before a segment ends
     behind_deferred: bool = False  # this segment's copy stream waits for the deferred copies (_queue_behind_deferred)
@@ -226,7 +227,14 @@ class PrefetchRuntime:
         self._compute_stream: torch.cuda.Stream | None = None
         self._capture: CaptureLog | None = None
         self._trace: list[tuple[str, int, range]] | None = None
-        self.recorder: CopyRecorder | None = None  # set by start_recording(); told of every copy and wait
+        self.recorder: CopyRecorder | None = None  # told of every copy and wait (see start_recording)
+        # Records the first timed forwards for one log line and first_report, until start_recording().
+        self._first_forwards: CopyRecorder | None = None
+        self.first_report: CopyReport | None = None
+        if self.offloaded:
+            from .report import FIRST_TIMED_FORWARDS, CopyRecorder
+
+            self.recorder = self._first_forwards = CopyRecorder(self.offloaded, device, FIRST_TIMED_FORWARDS)
         for tensor in self._leaves:
             setattr(tensor, OWNER_ATTRIBUTE, self)
 
@@ -465,10 +473,13 @@ class PrefetchRuntime:
         else:
             host = self.host.block(layer)
             sources = tuple((host[begin:end], begin) for begin, end in runs)
+        memcpy_bytes = [source.numel() for source, _ in sources]  # uint8 views: one memcpy each
+        if self._capture is not None:
+            self._capture.memcpys += [(index, nbytes) for nbytes in memcpy_bytes]
         recorder = self.recorder
         if not self._cuda:
             if recorder is not None:
-                recorder.copy_issued(index, pieces, nbytes, None)
+                recorder.copy_issued(index, pieces, memcpy_bytes, None)
                 recorder.copy_began(None)
             try:
                 for source, offset in sources:
@@ -488,7 +499,7 @@ class PrefetchRuntime:
             fork = torch.cuda.Event()
             fork.record(compute)
         if recorder is not None:
-            recorder.copy_issued(index, pieces, nbytes, compute)
+            recorder.copy_issued(index, pieces, memcpy_bytes, compute)
         self.copy_stream.wait_event(fork)
         if capturing:
             self._queue_behind_deferred()
@@ -548,17 +559,52 @@ class PrefetchRuntime:
         """Record every copy and wait from now on, for :meth:`report` (a few microseconds per copy)."""
         from .report import CopyRecorder
 
+        self._first_forwards = None
         self.recorder = CopyRecorder(self.offloaded, self.device)
         return self.recorder
 
     def report(self) -> CopyReport:
         """Per offloaded layer: bytes, copy time, the window that hid it, the stall; and totals.
 
-        Covers the forwards since :meth:`start_recording`; ``print(report.render())`` shows it.
+        Covers the forwards since :meth:`start_recording`, or without it the first
+        timed forwards (``report.FIRST_TIMED_FORWARDS``) once the forward after them
+        has begun; ``print(report.render())`` shows it.
         """
-        if self.recorder is None:
-            raise RuntimeError("nothing recorded: call runtime.start_recording() before the forwards to report on")
-        return self.recorder.report()
+        if self.recorder is not None and self.recorder is not self._first_forwards:
+            return self.recorder.report()
+        if self._first_forwards is not None and self._first_forwards.closed:
+            self._log_first_forwards(wait=True)
+        if self.first_report is None:
+            raise RuntimeError(
+                "nothing recorded: call runtime.start_recording() before the forwards to report on (without it, "
+                "report() covers the first timed forwards once the one after them has begun; CUDA graph replays "
+                "record nothing)"
+            )
+        return self.first_report
+
+    def _log_first_forwards(self, wait: bool = False) -> None:
+        """Log the first timed forwards' totals, once the device has reached their marks (or ``wait``: now).
+
+        Looked at each time the runtime is entered or left from outside, once the
+        forward following them has begun; a look queries events and never
+        synchronises the device. Without
+        it a user learns whether the copies hide only by asking for :meth:`report`.
+        """
+        recorder = self._first_forwards
+        assert recorder is not None
+        if not wait and not recorder.complete():
+            return
+        self.first_report = recorder.report()
+        self._first_forwards = None
+        if self.recorder is recorder:
+            self.recorder = None
+        log.info(
+            "prefetch_compile: forwards %d-%d of '%s': %s (runtime.report() shows each offloaded layer)",
+            recorder.window.start,
+            recorder.window.stop - 1,
+            self.plan.layer_list_path,
+            self.first_report.totals(),
+        )
 
     # ------------------------------------------------------- stream discipline
     @contextmanager
@@ -587,11 +633,18 @@ class PrefetchRuntime:
                 stream.wait_stream(self._compute_stream)
             self._compute_stream = stream
         if len(self._graphs) == 1:
+            self._look_at_first_forwards()
             self.settle_edits()
 
     def release(self) -> None:
+        if len(self._graphs) == 1:
+            self._look_at_first_forwards()
         self._graphs.pop()
         self.lock.release()
+
+    def _look_at_first_forwards(self) -> None:
+        if self._first_forwards is not None and self._first_forwards.closed:
+            self._log_first_forwards()
 
     @property
     def current_graph(self) -> str:
@@ -636,6 +689,9 @@ class PrefetchRuntime:
         return SlotState(tuple(tuple(owners) for owners in self._owners), dict(self._in_flight))
 
     def begin_capture(self, deferred: tuple[ChunkKey, ...]) -> None:
+        if self._first_forwards is not None and not self._first_forwards.closed:
+            # Replays run the captured copies and waits without the runtime: no forward would be recorded again.
+            self.recorder = self._first_forwards = None
         self._capture = CaptureLog(deferred)
 
     def end_capture(self, before: SlotState) -> tuple[SlotState, CaptureLog]:
@@ -683,12 +739,16 @@ class PrefetchRuntime:
         self._owners[layer.slot][piece] = layer.offload_index
         self.counters.copies += 1
         self.counters.copied_bytes += end - begin
+        if self.recorder is not None:
+            self.recorder.untimed_copies([(layer.offload_index, end - begin)])
 
     def after_replay(self, end: SlotState, log_: CaptureLog) -> None:
         """After a replay: Python learns what the graph did, then issues the deferred prefetches."""
         self._owners = [list(owners) for owners in end.owners]
         self.counters.copies += log_.copies
         self.counters.copied_bytes += log_.copied_bytes
+        if self.recorder is not None:
+            self.recorder.untimed_copies(log_.memcpys)
         for key in log_.consumed:
             self._in_flight.pop(key, None)
         for key in log_.deferred:

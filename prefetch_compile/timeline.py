@@ -4,18 +4,17 @@
 ``draw_timeline`` reads the trace's kernels and host-to-device copies back and
 draws one lane per stream.
 
-Copies are labelled with their layer without touching the hot path (no
-``record_function`` per copy, which would cost time and vanish inside CUDA
-graph replays). Instead :func:`label_copies` relies on two facts of the
-runtime: each layer travels as exactly one copy of ``layer.nbytes`` bytes, and
-copies are issued in offload order, cyclically (after layer i's last read comes
-layer ``next_in_slot(i)``, and every forward ends by bringing in the first
-layers again). Copies of a size no layer has (inputs, say) get no label; the
-position in the cycle is the one whose block sizes fit the observed sizes best,
-and among equally good ones the steady state of a model that already ran
-once: the first copy of a forward brings in offload index ``num_slots``. A
-model that re-reads a layer out of order (a layer split by a graph break is
-copied again where it is needed) shifts the labels after that copy.
+Copies are labelled with their layer from what the runtime recorded while the
+trace ran (``runtime.start_recording()``: the recorder's ``memcpys``, each
+host-to-device memcpy the runtime issued, with its offload index and bytes, a
+CUDA graph replay's captured ones included), not from a ``record_function`` per
+copy (time on the hot path, and gone inside graph replays) nor from byte sizes
+(chunked copies, and blocks of equal size, make those ambiguous). Memcpys issued
+on one stream run in issue order, so the trace's host-to-device copies are
+matched to the recorded ones in order; a copy that is not the next recorded one
+(an input moved to the device) gets no label. :func:`export_trace` lets the
+copies queued before the traced call finish before it starts, so the trace holds
+the call's own copies only.
 """
 
 from __future__ import annotations
@@ -23,11 +22,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
-from .plan import OffloadPlan
+if TYPE_CHECKING:
+    from .runtime import PrefetchRuntime
 
 KERNEL, COPY = "kernel", "copy"
 
@@ -51,6 +51,8 @@ def export_trace(fn: Callable[[], object], path: str | Path) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # copies queued earlier (the last call's prefetches) stay out of the trace
     with torch.profiler.profile(activities=activities) as profiler:
         fn()
         if torch.cuda.is_available():
@@ -74,38 +76,46 @@ def read_gpu_events(trace_json_path: str | Path) -> list[GpuEvent]:
     return sorted(events, key=lambda event: event.start)
 
 
-def label_copies(copy_bytes: Sequence[int], plan: OffloadPlan) -> list[str | None]:
-    """The layer name of each host-to-device copy, in issue order (None for a copy that is no layer's)."""
-    layers = plan.offloaded
-    if not layers:
-        return [None] * len(copy_bytes)
-    block_sizes = {layer.nbytes for layer in layers}
-    ours = [index for index, nbytes in enumerate(copy_bytes) if nbytes in block_sizes]
+def label_copies(copy_bytes: Sequence[int], recorded: Sequence[tuple[str, int]]) -> list[str | None]:
+    """The layer name of each host-to-device copy of a trace, given the ``(layer name, bytes)`` memcpys recorded.
 
-    def fit(phase: int) -> tuple[int, bool]:
-        matches = sum(copy_bytes[index] == layers[(phase + rank) % len(layers)].nbytes for rank, index in enumerate(ours))
-        return matches, phase == plan.num_slots % len(layers)
-
-    phase = max(range(len(layers)), key=fit)
-    labels: list[str | None] = [None] * len(copy_bytes)
-    for rank, index in enumerate(ours):
-        labels[index] = layers[(phase + rank) % len(layers)].name
+    Both are in issue order; a trace copy is the next recorded memcpy when its byte
+    count is that memcpy's, and is labelled None (not a layer's) otherwise.
+    """
+    labels: list[str | None] = []
+    upcoming = iter(recorded)
+    expected = next(upcoming, None)
+    for nbytes in copy_bytes:
+        if expected is not None and nbytes == expected[1]:
+            labels.append(expected[0])
+            expected = next(upcoming, None)
+        else:
+            labels.append(None)
     return labels
 
 
-def draw_timeline(trace_json_path: str | Path, png_path: str | Path, plan: OffloadPlan | None = None) -> list[str | None]:
+def recorded_copies(runtime: PrefetchRuntime) -> list[tuple[str, int]]:
+    """``(layer name, bytes)`` of each memcpy the runtime's recorder saw (start it before the traced call)."""
+    if runtime.recorder is None:
+        raise RuntimeError("nothing recorded: call runtime.start_recording() before the call to trace")
+    return [(runtime.offloaded[index].name, nbytes) for index, nbytes in runtime.recorder.memcpys]
+
+
+def draw_timeline(
+    trace_json_path: str | Path, png_path: str | Path, recorded: Sequence[tuple[str, int]] | None = None
+) -> list[str | None]:
     """Draw the compute stream and the copy stream(s) of a trace as lanes; return the copies' labels.
 
     The compute stream is the one with the most kernel time; every stream that
     carries a host-to-device copy gets a lane too. Copies are labelled with
-    their layer when ``plan`` is given (see :func:`label_copies`; copies of no
-    layer are grey), with their size otherwise.
+    their layer when the ``recorded`` memcpys are given (:func:`recorded_copies`,
+    :func:`label_copies`; copies of no layer are grey), with their size otherwise.
     """
     from matplotlib.figure import Figure  # optional dependency: only drawing needs it
 
     events = read_gpu_events(trace_json_path)
     copies = [event for event in events if event.kind == COPY]
-    labels = label_copies([copy.nbytes for copy in copies], plan) if plan is not None else [None] * len(copies)
+    labels = label_copies([copy.nbytes for copy in copies], recorded) if recorded is not None else [None] * len(copies)
     lanes = _lanes(events)
     origin = min((event.start for event in events), default=0.0)
 
@@ -121,7 +131,7 @@ def draw_timeline(trace_json_path: str | Path, png_path: str | Path, plan: Offlo
         if event.kind == KERNEL and event.stream in rows:
             add(event, "tab:blue")
     for copy, label in zip(copies, labels):
-        if plan is not None and label is None:  # a copy of no layer (an input, say)
+        if recorded is not None and label is None:  # a copy of no layer (an input, say)
             add(copy, "tab:gray")
             continue
         add(copy, "tab:orange")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -103,3 +104,57 @@ def test_report_needs_recording_first():
     runtime = prefetch_compile.offload(Stack(["linear"] * 2), "cpu", group_size=2)
     with pytest.raises(RuntimeError, match=r"call runtime.start_recording\(\) before the forwards"):
         runtime.report()
+
+
+def _forwards_line(caplog) -> list[str]:
+    return [record.getMessage() for record in caplog.records if "forwards 2-4 of" in record.getMessage()]
+
+
+def test_the_first_timed_forwards_are_logged_in_one_line_without_start_recording(caplog):
+    """The README's one line and nothing else: forwards 2-4 (the first compiles) are summed up in one INFO line
+    once forward 5 has begun, and runtime.report() returns that report."""
+    model = Stack(["linear"] * 4)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 2, "compiler": "aot_eager"})
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"), torch.no_grad():
+        for _ in range(4):
+            compiled(torch.randn(2, 16))
+        runtime = prefetch_compile.runtime_of(model)
+        assert _forwards_line(caplog) == []
+        with pytest.raises(RuntimeError, match="covers the first timed forwards once the one after them has begun"):
+            runtime.report()
+        compiled(torch.randn(2, 16))
+        compiled(torch.randn(2, 16))
+    (line,) = _forwards_line(caplog)
+    assert "of 'layers': 3 forwards, 6 copies" in line and "ensure-path misses 0" in line
+    report = runtime.report()
+    assert report.forwards == 3 and report.copies == 6 and report.misses == 0
+    assert report.copied_bytes == 3 * sum(layer.nbytes for layer in runtime.offloaded)
+    assert runtime.recorder is None  # nothing is recorded after the logged forwards
+
+
+def test_start_recording_replaces_the_first_forwards_log(caplog):
+    model = Stack(["linear"] * 4)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1)
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"), torch.no_grad():
+        model(torch.randn(2, 16))
+        runtime.start_recording()
+        for _ in range(6):
+            model(torch.randn(2, 16))
+    assert _forwards_line(caplog) == []
+    assert runtime.report().forwards == 6
+
+
+def test_first_forwards_of_blocks_compiled_one_by_one_count_forwards_not_waits(caplog):
+    """Each block waits twice per call (graph and hook), and the first forwards' window is counted in forwards."""
+    model = llama_like.build(llama_like.tiny_shape(4), "cpu", torch.float32, seed=0)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=2)
+    for block in model.layers:
+        block.compile(backend="prefetch_offload", options={"compiler": "aot_eager"}, dynamic=False)
+    tokens = llama_like.sample_tokens(model.shape, 1, 4, seed=0)
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"), torch.no_grad():
+        for _ in range(5):
+            model(tokens)
+    assert len(_forwards_line(caplog)) == 1
+    report = runtime.report()
+    assert report.forwards == 3
+    assert [(row.copies, row.waits) for row in report.layers] == [(3, 6)] * 4

@@ -7,22 +7,19 @@ import json
 import pytest
 import torch
 
-from prefetch_compile.config import PlanOptions
-from prefetch_compile.plan import build_plan
-from prefetch_compile.timeline import COPY, KERNEL, draw_timeline, export_trace, label_copies, read_gpu_events
-from toy_models import HeterogeneousStack, Stack
+import prefetch_compile
+from prefetch_compile.timeline import (
+    COPY,
+    KERNEL,
+    draw_timeline,
+    export_trace,
+    label_copies,
+    read_gpu_events,
+    recorded_copies,
+)
+from toy_models import Stack
 
 INPUT_BYTES = 96  # an activation copied in: no layer's block is this small
-
-
-def uniform_plan():
-    """Four equal blocks, all offloaded through one slot: labels come from order alone."""
-    return build_plan(Stack(["linear"] * 4), PlanOptions(group_size=1, prefetch_step=1))
-
-
-def sized_plan():
-    """Four blocks of different byte sizes, two slots."""
-    return build_plan(HeterogeneousStack([8, 16, 32, 64, 128]), PlanOptions(group_size=1, prefetch_step=2))
 
 
 def write_trace(path, copy_bytes, compute_stream=7, copy_stream=13):
@@ -46,35 +43,62 @@ def write_trace(path, copy_bytes, compute_stream=7, copy_stream=13):
     return path
 
 
-def test_steady_state_copies_are_labelled_in_offload_order_from_num_slots():
-    plan = uniform_plan()
-    nbytes = plan.offloaded[0].nbytes
-    labels = label_copies([INPUT_BYTES, nbytes, nbytes, nbytes, nbytes], plan)
-    assert labels == [None, "layers.1", "layers.2", "layers.3", "layers.0"]
+def recorded_forward(chunked: bool) -> tuple[list[tuple[str, int]], object]:
+    """What the recorder saw in one steady forward of four blocks offloaded through one slot."""
+    model = Stack(["linear"] * 4)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=1, chunked_copies=chunked)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad():
+        compiled(torch.randn(2, 16))
+        runtime.start_recording()
+        compiled(torch.randn(2, 16))
+    return recorded_copies(runtime), runtime
 
 
-def test_block_sizes_fix_where_in_the_cycle_the_trace_starts():
-    plan = sized_plan()
-    sizes = [layer.nbytes for layer in plan.offloaded]
-    assert len(set(sizes)) == len(sizes)
-    observed = [sizes[3], INPUT_BYTES, sizes[0], sizes[1]]
-    assert label_copies(observed, plan) == ["layers.3", None, "layers.0", "layers.1"]
+def test_the_recorder_names_every_memcpy_of_a_forward_in_issue_order():
+    """One slot: layers 1, 2, 3 come in during the forward and layer 0 for the next one, each once."""
+    recorded, runtime = recorded_forward(chunked=False)
+    assert recorded == [(f"layers.{i}", runtime.offloaded[i].nbytes) for i in (1, 2, 3, 0)]
 
 
-def test_draw_timeline_from_a_synthetic_trace(tmp_path):
+def test_chunked_copies_are_named_chunk_by_chunk():
+    """Three pieces per block (weight, bias, gain): one memcpy per chunk, all of a layer's bytes once."""
+    recorded, runtime = recorded_forward(chunked=True)
+    names = [name for name, _ in recorded]
+    assert names == [name for i in (1, 2, 3, 0) for name in [f"layers.{i}"] * 3]
+    for i in range(4):
+        assert sum(n for name, n in recorded if name == f"layers.{i}") == runtime.offloaded[i].nbytes
+
+
+def test_label_copies_matches_recorded_memcpys_in_order_and_skips_other_copies():
+    recorded = [("layers.1", 64), ("layers.1", 32), ("layers.2", 64), ("layers.2", 32)]
+    observed = [INPUT_BYTES, 64, 32, 64, INPUT_BYTES, 32, 64]
+    assert label_copies(observed, recorded) == [None, "layers.1", "layers.1", "layers.2", None, "layers.2", None]
+
+
+def test_draw_timeline_from_a_synthetic_trace_and_a_real_recording(tmp_path):
     pytest.importorskip("matplotlib")
-    plan = sized_plan()
-    sizes = [layer.nbytes for layer in plan.offloaded]
-    trace = write_trace(tmp_path / "trace.json", [sizes[2], sizes[3], INPUT_BYTES, sizes[0], sizes[1]])
+    recorded, _ = recorded_forward(chunked=True)
+    sizes = [nbytes for _, nbytes in recorded]
+    trace = write_trace(tmp_path / "trace.json", [INPUT_BYTES, *sizes])
 
     events = read_gpu_events(trace)
-    assert [event.kind for event in events].count(KERNEL) == 5
-    assert [event.stream for event in events if event.kind == COPY] == [13] * 5  # the DtoH copy is not one
+    assert [event.kind for event in events].count(KERNEL) == len(sizes) + 1
+    assert [event.stream for event in events if event.kind == COPY] == [13] * (len(sizes) + 1)  # not the DtoH one
 
     png = tmp_path / "timeline.png"
-    labels = draw_timeline(trace, png, plan)
+    labels = draw_timeline(trace, png, recorded)
     assert png.read_bytes().startswith(b"\x89PNG")
-    assert labels == ["layers.2", "layers.3", None, "layers.0", "layers.1"]
+    assert labels == [None, *(name for name, _ in recorded)]
+
+
+def test_recorded_copies_needs_a_recording():
+    runtime = prefetch_compile.offload(Stack(["linear"] * 4), "cpu", group_size=2)
+    runtime.start_recording()
+    assert recorded_copies(runtime) == []
+    runtime.recorder = None
+    with pytest.raises(RuntimeError, match="start_recording"):
+        recorded_copies(runtime)
 
 
 def test_a_cpu_trace_draws_an_empty_picture(tmp_path):
