@@ -6,8 +6,9 @@
 # Parts: tests (the GPU suite, in parallel, then the `alone` tests), ops (op_overhead.py), hf (hf_decode.py),
 # ab (graphs_ab.py), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
 # layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
-# Everything is written under $RESULTS (default /tmp/round) and packed into $OUT/round.tgz at the end (the
-# tool brings back 8 files at most); each part's output also goes to stdout, for the call's output_tail.
+# Everything is written under $RESULTS (default /tmp/round) and packed into $OUT/round.tgz after each part (the
+# tool brings back 8 files at most, and what a call cut at its time limit left); each part's output also goes
+# to stdout, for the call's output_tail.
 # Wheels the image lacks (diffusers, torchao) are carried in .whl/ (ignored by git).
 set -uo pipefail
 COMMIT=$1
@@ -29,6 +30,7 @@ part() {  # part NAME COMMAND...: run, log to $RESULTS/NAME.log, report its seco
     echo "=== $name: $*"
     "$@" 2>&1 | tee "$RESULTS/$name.log" | grep -v -E "^\s*$|Warning|warn\(" | tail -n 40
     echo "=== $name: rc=${PIPESTATUS[0]} in $((SECONDS - began)) s"
+    mkdir -p "$OUT" && tar czf "$OUT/round.tgz" -C "$RESULTS" .
 }
 
 for name in "$@"; do
@@ -37,9 +39,9 @@ for name in "$@"; do
             part gpu_tests_parallel python3 -m pytest tests/gpu -n 8 -m "not alone" -q -p no:cacheprovider --durations=5
             part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
         ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
-        hf) part hf_decode python3 benchmarks/hf_decode.py --layers 8 --tokens 40 --rounds 6 --prompts 3 --out "$RESULTS/hf" ;;
+        hf) part hf_decode python3 benchmarks/hf_decode.py --layers 8 --tokens 32 --rounds 5 --prompts 2 --out "$RESULTS/hf" ;;
         ab) part graphs_ab python3 benchmarks/graphs_ab.py --layers 16 --rounds 12 --per-round 4 --out "$RESULTS/ab" ;;
-        grid) part planner_grid python3 benchmarks/planner_grid.py --layers 32 --iters 6 --out "$RESULTS/grid" ;;
+        grid) part planner_grid python3 benchmarks/planner_grid.py --layers 32 --iters 6 --budget-s 280 --out "$RESULTS/grid" ;;
         compile)
             export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
             part compile_cold python3 benchmarks/compile_time.py --graph-cache --llama8b --layers 32 --skip-resident --out "$RESULTS/compile_cold"
@@ -52,5 +54,3 @@ for name in "$@"; do
         *) echo "unknown part $name" ;;
     esac
 done
-mkdir -p "$OUT"
-tar czf "$OUT/round.tgz" -C "$RESULTS" .
