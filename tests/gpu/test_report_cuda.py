@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import logging
 
 import pytest
@@ -20,15 +19,6 @@ def small_llama(layers: int = 8):
     """About 25 MB per layer in bf16: copies long enough to time."""
     shape = llama_like.LlamaShape(vocab=1024, hidden=1024, intermediate=4096, heads=16, kv_heads=4, layers=layers)
     return llama_like.build(shape, device=DEVICE, dtype=torch.bfloat16, seed=0)
-
-
-@pytest.fixture(autouse=True)
-def _clean_cuda():
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
-    yield
-    torch._dynamo.reset()
 
 
 def forwards_lines(caplog) -> list[str]:
