@@ -46,6 +46,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     if runtime is None:
         return _inner_compile(gm, example_inputs, parsed, lambda graph: None)
     _check_inference(example_inputs)
+    runtime.compiling()
     runtime.check_placement([location[1] for value in example_inputs if (location := runtime.locate(value))])
     if parsed.compile.cuda_graphs and runtime.disk is not None:
         raise OptionError(

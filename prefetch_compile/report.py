@@ -30,9 +30,10 @@ from .plan import LayerPlan
 from .runtime import format_bytes
 
 
-# Forwards (counted from 1) that every runtime records without start_recording() and sums up in one log
-# line: the first one compiles (on the one-line path it also offloads), so the next three.
-FIRST_TIMED_FORWARDS = range(2, 5)
+# How many forwards every runtime records without start_recording() and sums up in one log line: the
+# ones after the last graph compiled, whose compile would otherwise count in the copies' windows (the
+# first forward compiles, and on the one-line path offloads; generate compiles again for its decode).
+FIRST_TIMED_FORWARDS = 3
 
 
 @dataclass
@@ -164,6 +165,11 @@ class CopyRecorder:
         # (offload index, bytes) of each host-to-device memcpy, in issue order, those of CUDA graph replays
         # and of the restores before them included: what names the copies of a profiler trace (timeline.py).
         self.memcpys: list[tuple[int, int]] = []
+
+    def postpone(self, first: int) -> None:
+        """Start the window at forward ``first`` (a later one) instead, keeping its length."""
+        assert self.window is not None and first > self.forwards_begun
+        self.window = range(first, first + len(self.window))
 
     @property
     def forwards(self) -> int:

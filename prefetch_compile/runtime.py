@@ -228,13 +228,15 @@ class PrefetchRuntime:
         self._capture: CaptureLog | None = None
         self._trace: list[tuple[str, int, range]] | None = None
         self.recorder: CopyRecorder | None = None  # told of every copy and wait (see start_recording)
-        # Records the first timed forwards for one log line and first_report, until start_recording().
+        # Records the first timed forwards (after the last compile) for one log line and first_report, until
+        # start_recording().
         self._first_forwards: CopyRecorder | None = None
         self.first_report: CopyReport | None = None
         if self.offloaded:
             from .report import FIRST_TIMED_FORWARDS, CopyRecorder
 
-            self.recorder = self._first_forwards = CopyRecorder(self.offloaded, device, FIRST_TIMED_FORWARDS)
+            window = range(2, 2 + FIRST_TIMED_FORWARDS)  # the first forward compiles
+            self.recorder = self._first_forwards = CopyRecorder(self.offloaded, device, window)
         for tensor in self._leaves:
             setattr(tensor, OWNER_ATTRIBUTE, self)
 
@@ -283,6 +285,16 @@ class PrefetchRuntime:
         record = CompileRecord(graph, waits, ops_inserted, seconds)
         self.compiles.append(record)
         return record
+
+    def compiling(self) -> None:
+        """A graph reading this runtime's parameters is being compiled (the backend says so, cache hits too).
+
+        The forward that compiles it (begun, or the next to begin) shows the compile
+        in its copies' windows, so the first timed forwards are the ones after it.
+        """
+        first = self._first_forwards
+        if first is not None and not first.closed:
+            first.postpone(max(first.window.start, first.forwards_begun + 2))
 
     def check_placement(self, names: Sequence[str] | None = None) -> None:
         """Refuse offloaded parameters that no longer view their slot.
@@ -567,8 +579,9 @@ class PrefetchRuntime:
         """Per offloaded layer: bytes, copy time, the window that hid it, the stall; and totals.
 
         Covers the forwards since :meth:`start_recording`, or without it the first
-        timed forwards (``report.FIRST_TIMED_FORWARDS``) once the forward after them
-        has begun; ``print(report.render())`` shows it.
+        timed forwards (``report.FIRST_TIMED_FORWARDS`` of them, after the last graph
+        compiled) once the forward after them has begun; ``print(report.render())``
+        shows it.
         """
         if self.recorder is not None and self.recorder is not self._first_forwards:
             return self.recorder.report()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_report_needs_recording_first():
 
 
 def _forwards_line(caplog) -> list[str]:
-    return [record.getMessage() for record in caplog.records if "forwards 2-4 of" in record.getMessage()]
+    return [record.getMessage() for record in caplog.records if re.search(r"forwards \d+-\d+ of", record.getMessage())]
 
 
 def test_the_first_timed_forwards_are_logged_in_one_line_without_start_recording(caplog):
@@ -125,7 +126,7 @@ def test_the_first_timed_forwards_are_logged_in_one_line_without_start_recording
         compiled(torch.randn(2, 16))
         compiled(torch.randn(2, 16))
     (line,) = _forwards_line(caplog)
-    assert "of 'layers': 3 forwards, 6 copies" in line and "ensure-path misses 0" in line
+    assert "forwards 2-4 of 'layers': 3 forwards, 6 copies" in line and "ensure-path misses 0" in line
     report = runtime.report()
     assert report.forwards == 3 and report.copies == 6 and report.misses == 0
     assert report.copied_bytes == 3 * sum(layer.nbytes for layer in runtime.offloaded)
@@ -145,16 +146,40 @@ def test_start_recording_replaces_the_first_forwards_log(caplog):
 
 
 def test_first_forwards_of_blocks_compiled_one_by_one_count_forwards_not_waits(caplog):
-    """Each block waits twice per call (graph and hook), and the first forwards' window is counted in forwards."""
+    """Each block waits twice per call (graph and hook), and the first forwards' window is counted in forwards.
+
+    The blocks compile inside forward 1, after its first wait: the window starts two forwards after the count
+    at the last compile, at forward 3."""
     model = llama_like.build(llama_like.tiny_shape(4), "cpu", torch.float32, seed=0)
     runtime = prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=2)
     for block in model.layers:
         block.compile(backend="prefetch_offload", options={"compiler": "aot_eager"}, dynamic=False)
     tokens = llama_like.sample_tokens(model.shape, 1, 4, seed=0)
     with caplog.at_level(logging.INFO, logger="prefetch_compile"), torch.no_grad():
-        for _ in range(5):
+        for _ in range(6):
             model(tokens)
-    assert len(_forwards_line(caplog)) == 1
+    (line,) = _forwards_line(caplog)
+    assert "forwards 3-5 of 'layers'" in line
     report = runtime.report()
     assert report.forwards == 3
     assert [(row.copies, row.waits) for row in report.layers] == [(3, 6)] * 4
+
+
+def test_the_first_timed_forwards_of_generate_come_after_its_decode_compile(caplog):
+    """generate compiles its prefill at forward 1 and its decode at forward 2: the forwards logged are 3-5, whose
+    copies' windows hold no compile (forward 2's window of the first layer held the whole decode compile)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, eos_token_id=None,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.forward = torch.compile(model.forward, backend="prefetch_offload", options={"group_size": 2, "prefetch_step": 1})
+    prompt = torch.randint(3, 128, (1, 7))
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"), torch.no_grad():
+        model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, cache_implementation="static")
+    (line,) = _forwards_line(caplog)
+    assert "forwards 3-5 of 'model.layers': 3 forwards, 6 copies" in line
+    report = prefetch_compile.runtime_of(model).report()
+    assert all(row.window_s < 0.05 for row in report.layers), report.render()  # milliseconds, not a compile
