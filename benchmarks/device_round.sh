@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/device_round.sh COMMIT PART [PART ...]
 #
-# Parts: tests (the GPU suite, in parallel, then the `alone` tests), ops (op_overhead.py), hf (hf_decode.py),
+# Parts: tests (the GPU suite in parallel, less the `alone` tests), alone (those, one at a time), ops (op_overhead.py), hf (hf_decode.py),
 # ab (graphs_ab.py), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
 # layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
 # Everything is written under $RESULTS (default /tmp/round) and packed into $OUT/round.tgz after each part (the
@@ -35,13 +35,12 @@ part() {  # part NAME COMMAND...: run, log to $RESULTS/NAME.log, report its seco
 
 for name in "$@"; do
     case $name in
-        tests)
-            part gpu_tests_parallel python3 -m pytest tests/gpu -n 8 -m "not alone" -q -p no:cacheprovider --durations=5
-            part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
+        tests) part gpu_tests_parallel python3 -m pytest tests/gpu -n 8 -m "not alone" -q -p no:cacheprovider --durations=5 ;;
+        alone) part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
         ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
         hf) part hf_decode python3 benchmarks/hf_decode.py --layers 8 --tokens 32 --rounds 5 --prompts 2 --out "$RESULTS/hf" ;;
-        ab) part graphs_ab python3 benchmarks/graphs_ab.py --layers 16 --rounds 12 --per-round 4 --out "$RESULTS/ab" ;;
-        grid) part planner_grid python3 benchmarks/planner_grid.py --layers 32 --iters 6 --budget-s 280 --out "$RESULTS/grid" ;;
+        ab) part graphs_ab python3 benchmarks/graphs_ab.py --layers 16 --rounds 10 --per-round 4 --out "$RESULTS/ab" ;;
+        grid) part planner_grid python3 benchmarks/planner_grid.py --layers 32 --iters 6 --budget-s ${GRID_SECONDS:-280} --out "$RESULTS/grid" ;;
         compile)
             export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
             part compile_cold python3 benchmarks/compile_time.py --graph-cache --llama8b --layers 32 --skip-resident --out "$RESULTS/compile_cold"
