@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import OptionError, PlanOptions
 from .offload import offload_with_options
-from .plan import build_plan
+from .plan import build_plan, log_plan_choice
 from .plan_table import plan_rows, plan_summary, render_plan_table, render_summary
 
 INPUT_DTYPES = MappingProxyType({"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "long": torch.long})
@@ -112,6 +112,7 @@ def _run(args: argparse.Namespace) -> None:
         layers=args.layers,
     )
     plan = build_plan(model, options)
+    log_plan_choice(model, plan)  # a plan that offloads nothing, or saves nothing, is a WARNING here too
     print(f"{args.factory}: {type(model).__name__}, {options}\n")
     print(render_plan_table(plan_rows(plan, dict(model.named_parameters()))))
     print()

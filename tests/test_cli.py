@@ -114,3 +114,12 @@ def test_python_dash_m_entry_point():
     assert run.stderr.strip().splitlines() == [
         "prefetch_compile: error: cannot import module 'no_such_module_here': No module named 'no_such_module_here'"
     ]
+
+
+def test_a_plan_that_offloads_nothing_is_a_warning(capsys, caplog):
+    """As on the backend's path: the plan table alone ('0/4') is easy to miss."""
+    assert main([MODEL_SPEC, "--group-size", "2", "--offload-params", "nothing_matches"]) == 0
+    assert "layers offloaded     0/4 of 'layers'" in capsys.readouterr().out
+    (warning,) = [record for record in caplog.records if record.levelname == "WARNING"]
+    assert "the plan offloads nothing from 'layers'" in warning.getMessage()
+    assert "offload_params=['nothing_matches']" in warning.getMessage()
