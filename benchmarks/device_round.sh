@@ -38,8 +38,8 @@ for name in "$@"; do
         tests) part gpu_tests_parallel python3 -m pytest tests/gpu -n 8 -m "not alone" -q -p no:cacheprovider --durations=5 ;;
         alone) part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
         ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
-        hf) part hf_decode python3 benchmarks/hf_decode.py --layers 8 --tokens 32 --rounds 5 --prompts 2 --out "$RESULTS/hf" ;;
-        ab) part graphs_ab python3 benchmarks/graphs_ab.py --layers 16 --rounds 10 --per-round 4 --out "$RESULTS/ab" ;;
+        hf) part hf_decode python3 benchmarks/hf_decode.py --layers 8 --tokens 24 --rounds 4 --prompts 2 --out "$RESULTS/hf" ;;
+        ab) part graphs_ab python3 benchmarks/graphs_ab.py --layers 16 --rounds ${AB_ROUNDS:-10} --per-round 4 --out "$RESULTS/ab" ;;
         grid) part planner_grid python3 benchmarks/planner_grid.py --layers 32 --iters 6 --budget-s ${GRID_SECONDS:-280} --out "$RESULTS/grid" ;;
         compile)
             export TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)
