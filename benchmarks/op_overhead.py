@@ -1,6 +1,7 @@
 """Host time of one ``wait_prefetch`` / ``start_prefetch`` call, in microseconds (no copy involved).
 
-Every offloaded layer fits its own slot here (``prefetch_step`` = layers), so the
+The runtimes record nothing (``stop_recording()``), as after their first timed
+forwards. Every offloaded layer fits its own slot here (``prefetch_step`` = layers), so the
 calls find their layer resident and do no copy: what is left is the dispatcher's
 path into the op and the runtime's bookkeeping, which a forward without CUDA
 graphs pays twice per offloaded layer, or twice per chunk with chunked copies
@@ -100,6 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
         nn.Sequential(nn.ModuleList(_nine_linears() for _ in range(32))),
         device, group_size=1, prefetch_step=1, layers="0",
     )
+    for runtime in (whole, chunked, nine_per_block):
+        runtime.stop_recording()  # the steady state: past the first forwards, which a runtime records for its log
     params = [whole.offloaded_params[p.name] for p in whole.offloaded[0].params]
     piece = [chunked.offloaded_params[chunked.offloaded[0].params[0].name]]  # the weight: piece 0 of 2
     live = [torch.randn(4, device=device)]

@@ -352,7 +352,7 @@ class PlannerGrid:
                     runtime.start_recording()
                     time_calls(lambda: forward(tokens), 3, self.device)
                     copies = runtime.report()
-                    runtime.recorder = None
+                    runtime.stop_recording()
             if not key.indices:
                 self.reference[case.name] = last
             reference = self.reference.get(case.name)

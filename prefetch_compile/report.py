@@ -141,13 +141,19 @@ class CopyRecorder:
     ``window`` (forward numbers, counted from 1) limits recording to those forwards:
     what came before the window's first forward is dropped when it begins, and
     nothing is recorded from the forward after its last one (:attr:`closed`).
+    Should the forwards never be told apart (waits that never return to the first
+    offloaded layer), a window gives up after ``max_waits`` waits (:attr:`abandoned`)
+    rather than grow without end.
     """
 
-    def __init__(self, layers: tuple[LayerPlan, ...], device: torch.device, window: range | None = None) -> None:
+    def __init__(
+        self, layers: tuple[LayerPlan, ...], device: torch.device, window: range | None = None, max_waits: int = 0
+    ) -> None:
         self.layers = layers
         self.cuda = device.type == "cuda"
         self.window = window
-        self.closed = False
+        self.max_waits = max_waits
+        self.closed = self.abandoned = False
         self.reset()
 
     def reset(self) -> None:
@@ -185,7 +191,7 @@ class CopyRecorder:
     ) -> None:
         """A copy of ``pieces`` of a layer is about to be issued, as one memcpy per entry of ``memcpy_bytes``."""
         self._current = None
-        if self._capturing() or self.closed:
+        if self.closed or self._capturing():
             return
         self.memcpys += [(offload_index, nbytes) for nbytes in memcpy_bytes]
         self._current = copy = _Copy(issued=self._mark(compute), nbytes=sum(memcpy_bytes))
@@ -207,7 +213,7 @@ class CopyRecorder:
             self.memcpys += memcpys
 
     def wait_began(self, offload_index: int, pieces: range, compute: torch.cuda.Stream | None, missed: bool) -> None:
-        if self._capturing() or self.closed:
+        if self.closed or self._capturing():
             return
         if self._begins_forward(offload_index, pieces):
             self.forwards_begun += 1
@@ -216,6 +222,9 @@ class CopyRecorder:
             elif self.window is not None and self.forwards_begun == self.window.stop:
                 self.closed = True
                 return
+        if self.max_waits and len(self._waits) >= self.max_waits:
+            self.closed = self.abandoned = True
+            return
         copies = [self._pending.pop((offload_index, piece), None) for piece in pieces]
         copy = next((copy for copy in copies if copy is not None), None)
         self._waits.append((offload_index, _Wait(self._mark(compute), pieces, missed=missed, copy=copy)))
@@ -241,7 +250,7 @@ class CopyRecorder:
         return False
 
     def wait_ended(self, offload_index: int, compute: torch.cuda.Stream | None) -> None:
-        if self._capturing() or self.closed or not self._waits or self._waits[-1][0] != offload_index:
+        if self.closed or self._capturing() or not self._waits or self._waits[-1][0] != offload_index:
             return
         self._waits[-1][1].ended = self._mark(compute)
 

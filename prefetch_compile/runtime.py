@@ -236,7 +236,9 @@ class PrefetchRuntime:
             from .report import FIRST_TIMED_FORWARDS, CopyRecorder
 
             window = range(2, 2 + FIRST_TIMED_FORWARDS)  # the first forward compiles
-            self.recorder = self._first_forwards = CopyRecorder(self.offloaded, device, window)
+            # A forward waits once or twice (graph and eager hook) per piece of each offloaded layer.
+            max_waits = 8 * (window.stop + 1) * len(self.offloaded) * len(self._all_pieces)
+            self.recorder = self._first_forwards = CopyRecorder(self.offloaded, device, window, max_waits)
         for tensor in self._leaves:
             setattr(tensor, OWNER_ATTRIBUTE, self)
 
@@ -575,6 +577,10 @@ class PrefetchRuntime:
         self.recorder = CopyRecorder(self.offloaded, self.device)
         return self.recorder
 
+    def stop_recording(self) -> None:
+        """Record nothing more, the first timed forwards included; :meth:`report` keeps their report if logged."""
+        self.recorder = self._first_forwards = None
+
     def report(self) -> CopyReport:
         """Per offloaded layer: bytes, copy time, the window that hid it, the stall; and totals.
 
@@ -605,6 +611,10 @@ class PrefetchRuntime:
         """
         recorder = self._first_forwards
         assert recorder is not None
+        if recorder.abandoned:
+            log.debug("prefetch_compile: no first-forwards report: the forwards could not be told apart")
+            self.stop_recording()
+            return
         if not wait and not recorder.complete():
             return
         self.first_report = recorder.report()

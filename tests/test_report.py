@@ -183,3 +183,30 @@ def test_the_first_timed_forwards_of_generate_come_after_its_decode_compile(capl
     assert "forwards 3-5 of 'model.layers': 3 forwards, 6 copies" in line
     report = prefetch_compile.runtime_of(model).report()
     assert all(row.window_s < 0.05 for row in report.layers), report.render()  # milliseconds, not a compile
+
+
+def test_first_forwards_recording_gives_up_when_forwards_cannot_be_told_apart(caplog):
+    """Waits that never return to the first offloaded layer count no forward: after a bounded number of them
+    the automatic recording stops (it would otherwise grow with every call) and nothing is logged."""
+    model = Stack(["linear"] * 4)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=4)
+    recorder = runtime.recorder
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"):
+        for _ in range(recorder.max_waits + 10):
+            runtime.wait(1)
+    assert recorder.abandoned and len(recorder._waits) == recorder.max_waits
+    with torch.no_grad():
+        model(torch.randn(2, 16))  # an entry from outside: the abandoned recording is dropped
+    assert runtime.recorder is None and _forwards_line(caplog) == []
+    with pytest.raises(RuntimeError, match="nothing recorded"):
+        runtime.report()
+
+
+def test_stop_recording_ends_the_first_forwards_recording(caplog):
+    model = Stack(["linear"] * 4)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1)
+    runtime.stop_recording()
+    with caplog.at_level(logging.INFO, logger="prefetch_compile"), torch.no_grad():
+        for _ in range(6):
+            model(torch.randn(2, 16))
+    assert runtime.recorder is None and _forwards_line(caplog) == []

@@ -96,7 +96,7 @@ def test_recorded_copies_needs_a_recording():
     runtime = prefetch_compile.offload(Stack(["linear"] * 4), "cpu", group_size=2)
     runtime.start_recording()
     assert recorded_copies(runtime) == []
-    runtime.recorder = None
+    runtime.stop_recording()
     with pytest.raises(RuntimeError, match="start_recording"):
         recorded_copies(runtime)
 
