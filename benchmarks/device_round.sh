@@ -3,7 +3,8 @@
 #
 #   bash benchmarks/device_round.sh COMMIT PART [PART ...]
 #
-# Parts: tests (the GPU suite in parallel, less the `alone` tests), alone (those, one at a time), ops (op_overhead.py), hf (hf_decode.py),
+# Parts: tests (the GPU suite in parallel, less the `alone` tests), quick (those, less the quantized Llama tests,
+# about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py), hf (hf_decode.py),
 # ab (graphs_ab.py), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
 # layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
 # Everything is written under $RESULTS (default /tmp/round) and packed into $OUT/round.tgz after each part (the
@@ -36,6 +37,7 @@ part() {  # part NAME COMMAND...: run, log to $RESULTS/NAME.log, report its seco
 for name in "$@"; do
     case $name in
         tests) part gpu_tests_parallel python3 -m pytest tests/gpu -n 8 -m "not alone" -q -p no:cacheprovider --durations=5 ;;
+        quick) part gpu_tests_quick python3 -m pytest tests/gpu -n 8 -m "not alone" -k "not quantized_llama" -q -p no:cacheprovider --durations=5 ;;
         alone) part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
         ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
         hf) part hf_decode python3 benchmarks/hf_decode.py --layers 8 --tokens 24 --rounds 4 --prompts 2 --out "$RESULTS/hf" ;;
