@@ -14,7 +14,9 @@ graphs, against the same model compiled by plain Inductor (median of
 ``--tiny-calls`` back-to-back forwards, each waited for, after ``TINY_WARMUP``
 calls, which are past the forwards the runtime records for its first log line).
 
-``edit_check_per_layer_us`` is the look for in-place edits that the runtime
+``runtime_start_with_copy_us`` is the runtime's ``start`` when it does copy (two
+small layers taking turns in one slot): its bookkeeping and the copy's launch (on
+the CPU the copy itself, 16 KiB). ``edit_check_per_layer_us`` is the look for in-place edits that the runtime
 makes once each time it is entered (a compiled graph, a replay, an eager block
 call; see ``prefetch_compile/edits.py``), on 32 offloaded blocks of nine
 parameters each (a Llama decoder block's count), divided by the 32 blocks.
@@ -101,7 +103,12 @@ def main(argv: list[str] | None = None) -> dict:
         nn.Sequential(nn.ModuleList(_nine_linears() for _ in range(32))),
         device, group_size=1, prefetch_step=1, layers="0",
     )
-    for runtime in (whole, chunked, nine_per_block):
+    # Two layers taking turns in one slot: every start finds its layer absent and copies it.
+    turns = prefetch_compile.offload(
+        nn.Sequential(nn.ModuleList(nn.Linear(64, 64) for _ in range(2))),
+        device, group_size=1, prefetch_step=1, layers="0", chunked_copies=False,
+    )
+    for runtime in (whole, chunked, nine_per_block, turns):
         runtime.stop_recording()  # the steady state: past the first forwards, which a runtime records for its log
     params = [whole.offloaded_params[p.name] for p in whole.offloaded[0].params]
     piece = [chunked.offloaded_params[chunked.offloaded[0].params[0].name]]  # the weight: piece 0 of 2
@@ -115,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             "wait_chunk_us": microseconds_per_call(WAIT, (piece,)),
             "start_chunk_us": microseconds_per_call(START, (piece, [], live)),
             "runtime_wait_body_us": microseconds_per_call(whole.wait, (0,)),
+            "runtime_start_with_copy_us": microseconds_per_call(lambda: (turns.start(0), turns.start(1)), ()) / 2,
             "edit_check_per_layer_us": microseconds_per_call(nine_per_block.settle_edits, ()) / 32,
             "commit": git_commit(None),
         }
