@@ -628,10 +628,10 @@ class PrefetchRuntime:
     def _log_first_forwards(self, wait: bool = False) -> None:
         """Log the first timed forwards' totals, once the device has reached their marks (or ``wait``: now).
 
-        Looked at each time the runtime is entered or left from outside, once the
-        forward following them has begun; a look queries events and never
-        synchronises the device. Without
-        it a user learns whether the copies hide only by asking for :meth:`report`.
+        Without it a user learns whether the copies hide only by asking for
+        :meth:`report`. Looked at each time the runtime is entered or left from
+        outside, once the forward following them has begun; a look queries events
+        and never synchronises the device.
         """
         recorder = self._first_forwards
         assert recorder is not None
@@ -737,8 +737,7 @@ class PrefetchRuntime:
 
     def begin_capture(self, deferred: tuple[ChunkKey, ...]) -> None:
         if self._first_forwards is not None and not self._first_forwards.closed:
-            # Replays run the captured copies and waits without the runtime: no forward would be recorded again.
-            self.recorder = self._first_forwards = None
+            self.stop_recording()  # replays copy and wait without the runtime: no forward would be recorded again
         self._capture = CaptureLog(deferred)
 
     def end_capture(self, before: SlotState) -> tuple[SlotState, CaptureLog]:
