@@ -51,7 +51,6 @@ def export_trace(fn: Callable[[], object], path: str | Path) -> None:
     activities = [torch.profiler.ProfilerActivity.CPU]
     if torch.cuda.is_available():
         activities.append(torch.profiler.ProfilerActivity.CUDA)
-    if torch.cuda.is_available():
         torch.cuda.synchronize()  # copies queued earlier (the last call's prefetches) stay out of the trace
     with torch.profiler.profile(activities=activities) as profiler:
         fn()
