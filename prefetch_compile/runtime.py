@@ -780,13 +780,14 @@ class PrefetchRuntime:
         On the compute stream, a copy is ordered before whatever runs next there, a
         CUDA graph replay included, which waits on no Python-side record of copies.
         """
-        begin, end = self._pieces[layer.offload_index][piece]
-        self.slots.block(layer)[begin:end].copy_(self.host.block(layer)[begin:end], non_blocking=self._cuda)
+        copies = self._host_copies(layer, [piece])
+        for source, target in copies.pairs:
+            target.copy_(source, non_blocking=self._cuda)
         self._owners[layer.slot][piece] = layer.offload_index
-        self.counters.copies += 1
-        self.counters.copied_bytes += end - begin
+        self.counters.copies += copies.count
+        self.counters.copied_bytes += copies.nbytes
         if self.recorder is not None:
-            self.recorder.untimed_copies([(layer.offload_index, end - begin)])
+            self.recorder.untimed_copies([(layer.offload_index, copies.nbytes)])
 
     def after_replay(self, end: SlotState, log_: CaptureLog) -> None:
         """After a replay: Python learns what the graph did, then issues the deferred prefetches."""
