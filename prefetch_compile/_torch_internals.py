@@ -143,6 +143,15 @@ def has_static_address(value: object) -> bool:
     return isinstance(value, torch.Tensor) and hasattr(value, "_dynamo_static_input_type")
 
 
+def storage_use_count(tensor: torch.Tensor) -> int:
+    """How many tensors (and storage objects) share ``tensor``'s storage: a view the caller kept of it counts too.
+
+    A weak reference to the tensor object cannot tell whether its memory is still
+    in use, since a view (``logits[:, -1]``) keeps the storage and not the tensor.
+    """
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
 def fake_result(graph: fx.Graph, target: Any, args: tuple) -> Any:
     """Run ``target``'s fake implementation on the fake values of ``args`` (nodes), in their fake mode.
 

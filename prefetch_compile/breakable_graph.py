@@ -20,11 +20,14 @@ from __future__ import annotations
 import functools
 import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, ContextManager, Hashable, Iterable, Mapping, Protocol, TypeVar, cast
 
 import torch
+
+from . import _torch_internals
 
 __all__ = ["BreakableCUDAGraph", "BreakableGraphed", "ReplayGuard", "current_capture", "eager_break"]
 
@@ -344,10 +347,74 @@ class _Entry:
     capture: BreakableCUDAGraph
     device: torch.device
     outputs: Any  # what fn returned at capture time; replay rewrites its tensors in place
+    handout: _Handout  # what a replay returns of them
     copied: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # static buffers refilled each call
     mutated: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # copied buffers fn writes to
     pinned: list[tuple[ArgKey, torch.Tensor]] = field(default_factory=list)  # caller tensors read in place
     token: Any = None  # what the guard's end_capture returned
+
+
+class _Handout:
+    """Whether a signature's replays return its static output tensors or clones of them, learned from the caller.
+
+    A replay rewrites the same output tensors every time, so handing them out is
+    safe only while the caller lets go of one call's outputs before its next call
+    (the usual loop; HF ``generate`` deletes each step's outputs). Replays return
+    clones until the caller is seen to have dropped the last clones by its next
+    call; from then on they return aliases of the static tensors, which saves a
+    clone's time and its memory (an output's worth, the logits of a long prefill).
+    Should the caller keep an alias, or a view of one, after all, the call that
+    would overwrite it runs eagerly instead (fresh outputs; the held ones stay
+    as they were) and the signature returns clones for good. So at most one call
+    per signature falls back to eager, and no output is ever overwritten.
+
+    Holding is seen from storage use counts: each hand-out is a new tensor
+    (``detach``) on the static storage, so a kept alias or view adds a use that
+    the count taken at capture time did not have. Outputs that alias a tensor
+    the graph reads in place (a KV cache, a weight) are not the graph's to
+    overwrite and are handed out as aliases, as an eager call would.
+    """
+
+    def __init__(self, watched: tuple[torch.Tensor, ...], shared: tuple[int, ...]) -> None:
+        self._watched = watched  # one static output per storage the replay writes
+        self._baseline = tuple(_torch_internals.storage_use_count(t) for t in watched)
+        self._shared = frozenset(shared)  # storages (data pointers) of the tensors read in place
+        self._static = False
+        self._settled = False  # clones for good, after a held hand-out
+        self._clones: list[weakref.ref[torch.Tensor]] = []
+
+    @classmethod
+    def of(cls, outputs: Any, pinned: Iterable[torch.Tensor]) -> _Handout:
+        shared = tuple(t.untyped_storage().data_ptr() for t in pinned)
+        watched: dict[int, torch.Tensor] = {}
+        _map_tensors(outputs, lambda t: watched.setdefault(t.untyped_storage().data_ptr(), t))
+        return cls(tuple(t for ptr, t in watched.items() if ptr not in shared), shared)
+
+    def held(self) -> bool:
+        """Whether the caller still holds a static output handed out earlier (the next replay would overwrite it)."""
+        counts = (_torch_internals.storage_use_count(t) for t in self._watched)
+        if all(now == then for now, then in zip(counts, self._baseline)):
+            return False
+        self._static, self._settled = False, True
+        return True
+
+    def hand_out(self, outputs: Any) -> Any:
+        """What one replay returns: aliases of the static outputs, or clones while that is not known to be safe."""
+        if not self._static and not self._settled and self._clones and all(ref() is None for ref in self._clones):
+            self._static = True
+        if self._static:
+            return _map_tensors(outputs, torch.Tensor.detach)
+        self._clones.clear()
+
+        def clone(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() in self._shared:
+                return t.detach()
+            copy = t.clone()
+            if not self._settled:
+                self._clones.append(weakref.ref(copy))
+            return copy
+
+        return _map_tensors(outputs, clone)
 
 
 class BreakableGraphed:
@@ -379,9 +446,10 @@ class BreakableGraphed:
     version counter, so under ``torch.inference_mode`` every copied argument is
     copied back (a no-op in value for those ``fn`` does not write).
 
-    Outputs are cloned after replay (``clone_outputs=True``) so that the next replay
-    cannot overwrite them; with ``clone_outputs=False`` the static output tensors
-    themselves are returned. Tensors are found in tuples, lists and dicts; other
+    Replays return clones of the static outputs, or, once the caller is seen to
+    drop each call's outputs before the next call, the static outputs themselves
+    (see :class:`_Handout`); no replay overwrites an output the caller still
+    holds. Tensors are found in tuples, lists and dicts; other
     values are returned as captured. Only the forward is supported: it runs under
     ``torch.no_grad()``, and replays of graphs sharing a pool must not run concurrently.
 
@@ -399,7 +467,6 @@ class BreakableGraphed:
         pool: Any = None,
         on_segment_end: Callable[[], None] | None = None,
         warmup: int = 1,
-        clone_outputs: bool = True,
         static_inputs: Iterable[ArgKey] = (),
         guard: ReplayGuard | None = None,
     ) -> None:
@@ -410,7 +477,6 @@ class BreakableGraphed:
         self.pool = pool
         self.on_segment_end = on_segment_end
         self.warmup = warmup
-        self.clone_outputs = clone_outputs
         self.static_inputs = frozenset(static_inputs)
         self.guard = guard
         self._entries: dict[Hashable, _Entry] = {}
@@ -441,6 +507,8 @@ class BreakableGraphed:
         if entry is None:
             entry = self._capture(args, kwargs, device)
             self._entries[signature] = entry
+        elif entry.handout.held():
+            return self._run_eagerly(args, kwargs, device, last_warmup=False)
         self._refill(entry, args, kwargs)
         with torch.no_grad(), torch.cuda.device(entry.device):
             if self.guard is not None:
@@ -450,7 +518,7 @@ class BreakableGraphed:
                 self.guard.after_replay(entry.token)
             for key, buffer in entry.mutated:
                 _arg(args, kwargs, key).copy_(buffer)
-            return _map_tensors(entry.outputs, torch.clone) if self.clone_outputs else entry.outputs
+            return entry.handout.hand_out(entry.outputs)
 
     def _signature_of(self, key: ArgKey, value: Any) -> Hashable:
         signature = _signature_of(key, value)
@@ -518,7 +586,8 @@ class BreakableGraphed:
             for (key, buffer), version in zip(copied, versions)
             if version is None or _version(buffer) != version
         ]
-        return _Entry(capture, device, outputs, copied, mutated, pinned, token)
+        handout = _Handout.of(outputs, (tensor for _, tensor in pinned))
+        return _Entry(capture, device, outputs, handout, copied, mutated, pinned, token)
 
     def _check_static_addresses(self, items: list[tuple[ArgKey, Any]]) -> None:
         """debug=True: a static input seen before at another address is an error, not a new capture."""

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from prefetch_compile.breakable_graph import BreakableCUDAGraph, BreakableGraphed, current_capture, eager_break
+from prefetch_compile.breakable_graph import BreakableCUDAGraph, BreakableGraphed, _Handout, current_capture, eager_break
 from toy_models import GatedMLP, scale_by_positive_fraction
 
 
@@ -76,3 +76,49 @@ def test_wrapper_runs_cpu_tensors_eagerly():
 def test_wrapper_rejects_negative_warmup():
     with pytest.raises(ValueError, match="warmup must be >= 0"):
         BreakableGraphed(lambda x: x, warmup=-1)
+
+
+def _replay(handout, static: torch.Tensor, value: float) -> torch.Tensor | None:
+    """What one replay of a graph whose static output is ``static`` returns, or None where it must run eagerly."""
+    if handout.held():
+        return None
+    static.fill_(value)  # the replay rewrites its output in place
+    return handout.hand_out(static)
+
+
+def test_handout_clones_until_the_caller_drops_outputs_then_hands_out_the_static_one():
+    static = torch.zeros(3)
+    handout = _Handout.of(static, pinned=())
+    first = _replay(handout, static, 1.0)
+    assert first.data_ptr() != static.data_ptr()  # nothing known of the caller yet: a clone
+    del first
+    second = _replay(handout, static, 2.0)
+    assert second.data_ptr() == static.data_ptr() and second is not static
+    del second
+    assert _replay(handout, static, 3.0).data_ptr() == static.data_ptr()
+
+
+def test_handout_never_replays_over_a_kept_view_and_then_clones_for_good():
+    static = torch.zeros(3)
+    handout = _Handout.of(static, pinned=())
+    _replay(handout, static, 1.0)  # a clone, dropped at once: static hand-outs from here
+    kept = _replay(handout, static, 2.0)[1:]  # a view of the static output, kept
+    assert kept.data_ptr() == static.data_ptr() + static.element_size()
+    assert _replay(handout, static, 3.0) is None  # would overwrite `kept`: run eagerly instead
+    assert _replay(handout, static, 4.0) is None  # still kept
+    assert kept.tolist() == [2.0, 2.0]
+    del kept
+    clones = [_replay(handout, static, value) for value in (5.0, 6.0)]
+    assert [c.tolist() for c in clones] == [[5.0] * 3, [6.0] * 3]  # clones: the later replay left the first intact
+    del clones
+    assert _replay(handout, static, 7.0).data_ptr() != static.data_ptr()  # settled on clones
+
+
+def test_handout_returns_aliases_of_outputs_that_are_inputs_read_in_place():
+    cache, static = torch.zeros(4), torch.zeros(2)
+    handout = _Handout.of((cache[:2], static), pinned=(cache,))
+    view, out = handout.hand_out((cache[:2], static))
+    assert view.data_ptr() == cache.data_ptr()  # the caller's own cache, as an eager call returns it
+    assert out.data_ptr() != static.data_ptr()
+    kept_cache_view = cache[2:]  # the caller's new views of its cache hold no output of the graph
+    assert not handout.held()

@@ -46,15 +46,35 @@ def test_outputs_match_eager_over_calls():
     assert (capture.num_graphs, capture.num_eager) == (2, 1)
 
 
-def test_static_outputs_are_overwritten_without_clone():
+def test_outputs_dropped_between_calls_are_handed_out_without_a_clone():
     model = _model()
-    graphed = BreakableGraphed(model, clone_outputs=False)
-    first_x, second_x = torch.randn(4, WIDTH, device="cuda"), torch.randn(4, WIDTH, device="cuda")
-    warmup = graphed(first_x)  # the first call of a signature runs eagerly: fresh tensors
-    first = graphed(first_x)
-    second = graphed(second_x)
-    assert first is second and warmup is not first
-    _close(first, _eager(model, second_x))
+    graphed = BreakableGraphed(model)
+    addresses = []
+    for _ in range(6):
+        x = torch.randn(4, WIDTH, device="cuda")
+        out = graphed(x)
+        _close(out, _eager(model, x))
+        addresses.append(out.data_ptr())
+        del out
+    # Call 1 is the eager warm-up, call 2 the capture, whose replay returns a clone; the
+    # clone was gone by call 3, so from then on every replay returns its static output.
+    assert len(set(addresses[2:])) == 1
+    assert addresses[1] != addresses[2]
+
+
+def test_a_kept_static_output_is_never_overwritten():
+    model = _model()
+    graphed = BreakableGraphed(model)
+    for _ in range(3):
+        graphed(torch.randn(4, WIDTH, device="cuda"))  # warm-up, capture, then static hand-outs
+    kept_x = torch.randn(4, WIDTH, device="cuda")
+    kept = graphed(kept_x)[1:3]  # a view of the static output, kept past the next call
+    later = [torch.randn(4, WIDTH, device="cuda") for _ in range(3)]
+    outputs = [graphed(x) for x in later]  # held too: each must be fresh or a clone
+    _close(kept, _eager(model, kept_x)[1:3])
+    for x, out in zip(later, outputs):
+        _close(out, _eager(model, x))
+    assert len({out.data_ptr() for out in outputs}) == len(outputs)
 
 
 def test_each_input_shape_gets_its_own_capture():
