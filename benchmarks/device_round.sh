@@ -5,7 +5,8 @@
 #
 # Parts: tests (the GPU suite in parallel, less the `alone` tests), quick (those, less the quantized Llama tests,
 # about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py), hf (hf_decode.py),
-# ab (graphs_ab.py), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
+# ab (graphs_ab.py), graphmem (bench_offload.py: time and peak memory of one chunked plan with and without
+# graphs, 16 layers), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
 # layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
 # Everything is written under $RESULTS (default /tmp/round) and packed into $OUT/round.tgz after each part (the
 # tool brings back 8 files at most, and what a call cut at its time limit left); each part's output also goes
@@ -41,6 +42,9 @@ for name in "$@"; do
         alone) part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
         ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
         hf) part hf_decode python3 benchmarks/hf_decode.py --layers 8 --tokens 24 --rounds 4 --prompts 2 --out "$RESULTS/hf" ;;
+        graphmem) part graphs_memory python3 benchmarks/bench_offload.py --layers 16 --systems ours --fractions 2 \
+                      --cases decode1,prefill2048 --prefetch-steps "" --chunked-steps 1 --cuda-graphs 0,1 --no-check \
+                      --budget-s 200 --out "$RESULTS/graphmem" ;;
         ab) part graphs_ab python3 benchmarks/graphs_ab.py --layers 16 --rounds ${AB_ROUNDS:-10} --per-round 4 --out "$RESULTS/ab" ;;
         grid) part planner_grid python3 benchmarks/planner_grid.py --layers 32 --iters 6 --budget-s ${GRID_SECONDS:-280} --out "$RESULTS/grid" ;;
         compile)
