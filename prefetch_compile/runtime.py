@@ -238,6 +238,7 @@ class PrefetchRuntime:
         self._capture: CaptureLog | None = None
         self._trace: list[tuple[str, int, range]] | None = None
         self.recorder: CopyRecorder | None = None  # told of every copy and wait (see start_recording)
+        self._recording: CopyRecorder | None = None  # the last start_recording()'s, running or stopped
         # Records the first timed forwards (after the last compile) for one log line and first_report, until
         # start_recording().
         self._first_forwards: CopyRecorder | None = None
@@ -598,23 +599,23 @@ class PrefetchRuntime:
         from .report import CopyRecorder
 
         self._first_forwards = None
-        self.recorder = CopyRecorder(self.offloaded, self.device)
+        self.recorder = self._recording = CopyRecorder(self.offloaded, self.device)
         return self.recorder
 
     def stop_recording(self) -> None:
-        """Record nothing more, the first timed forwards included; :meth:`report` keeps their report if logged."""
+        """Record nothing more, the first timed forwards included; :meth:`report` keeps what was recorded until now."""
         self.recorder = self._first_forwards = None
 
     def report(self) -> CopyReport:
         """Per offloaded layer: bytes, copy time, the window that hid it, the stall; and totals.
 
-        Covers the forwards since :meth:`start_recording`, or without it the first
-        timed forwards (``report.FIRST_TIMED_FORWARDS`` of them, after the last graph
-        compiled) once the forward after them has begun; ``print(report.render())``
-        shows it.
+        Covers the forwards since :meth:`start_recording` (up to :meth:`stop_recording`,
+        if called since), or without it the first timed forwards
+        (``report.FIRST_TIMED_FORWARDS`` of them, after the last graph compiled) once
+        the forward after them has begun; ``print(report.render())`` shows it.
         """
-        if self.recorder is not None and self.recorder is not self._first_forwards:
-            return self.recorder.report()
+        if self._recording is not None:
+            return self._recording.report()
         if self._first_forwards is not None and self._first_forwards.closed:
             self._log_first_forwards(wait=True)
         if self.first_report is None:

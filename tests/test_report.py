@@ -210,3 +210,21 @@ def test_stop_recording_ends_the_first_forwards_recording(caplog):
         for _ in range(6):
             model(torch.randn(2, 16))
     assert runtime.recorder is None and _forwards_line(caplog) == []
+
+
+def test_report_after_stop_recording_covers_the_recorded_forwards():
+    """start, forwards, stop, report: the report is the recording's, not the first forwards' logged earlier."""
+    model = Stack(["linear"] * 4)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1)
+    with torch.no_grad():
+        for _ in range(6):
+            model(torch.randn(2, 16))
+        assert runtime.report().forwards == 3  # the first timed forwards
+        runtime.start_recording()
+        for _ in range(10):
+            model(torch.randn(2, 16))
+        runtime.stop_recording()
+        model(torch.randn(2, 16))  # after the stop: not recorded
+    report = runtime.report()
+    assert report.forwards == 10
+    assert [row.copies for row in report.layers] == [10, 10]
