@@ -25,7 +25,7 @@ from . import _torch_internals
 from .config import BackendOptions, OptionError, PlanOptions, parse_backend_options
 from .graphs import graphed
 from .leaves import InnerPath, get_inner
-from .lazy_offload import RESIDENT_FLAG, model_to_offload
+from .lazy_offload import model_to_offload
 from .offload import offload_with_options, offload_within_budget
 from .ops import OFFLOADED_BLOCK, START, WAIT
 from .passes import ParamInput, PrefetchPassResult, node_value, prefetch_pass
@@ -311,6 +311,15 @@ def _runtime_for(
                 f"the model was offloaded with {runtime.plan.options}, but torch.compile options ask for {plan}; "
                 "pass the plan knobs to offload() only"
             )
+        if budget is not None and budget.budget != runtime.budget:
+            planned = (
+                f"within a budget of {runtime.budget:,} bytes" if runtime.budget is not None
+                else f"with {runtime.plan.options}, not within a budget"
+            )
+            raise OptionError(
+                f"the model was offloaded {planned}, but torch.compile options ask for a budget of "
+                f"{budget.budget:,} bytes, which would not be applied; pass the budget to offload() only"
+            )
         return runtime, False
     if not any(isinstance(value, nn.Parameter) for value in example_inputs):
         return None, False
@@ -321,8 +330,6 @@ def _runtime_for(
     device = next(model.parameters()).device
     if budget is not None:
         runtime = offload_within_budget(model, device, budget, plan and plan.layers, parsed.compile.compiler)
-        if runtime is None:
-            setattr(model, RESIDENT_FLAG, budget.budget)
         return runtime, runtime is not None
     return offload_with_options(model, device, plan or PlanOptions()), True
 

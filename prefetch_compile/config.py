@@ -137,13 +137,15 @@ def parse_bytes(value: Any, name: str = "budget") -> int:
         if value <= 0:
             raise OptionError(f"{name} must be a positive number of bytes, got {value}")
         return value
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*", value) if isinstance(value, str) else None
+    match = re.fullmatch(r"\s*(-?)(\d+(?:\.\d*)?|\.\d+)\s*([KMGT]i?B|B)?\s*", value) if isinstance(value, str) else None
+    if match is not None and match.group(1):
+        raise OptionError(f"{name} must be a positive number of bytes, got {value!r}")
     if match is None:
         raise OptionError(
             f"{name} must be a number of bytes (int) or a string such as '24GiB', '500MB' or '1.5 GiB' "
             f"(units B, KB, MB, GB, TB, KiB, MiB, GiB, TiB), got {value!r}"
         )
-    number, unit = float(match.group(1)), match.group(2) or "B"
+    number, unit = float(match.group(2)), match.group(3) or "B"
     scale = 1 if unit == "B" else (1024 if "i" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
     nbytes = int(number * scale)
     if nbytes <= 0:

@@ -31,12 +31,9 @@ from torch import fx, nn
 from . import _torch_internals
 from .config import BudgetOptions, OptionError, PlanOptions
 from .discovery import enclosing_modules, find_layer_list
-from .offload import is_part_of_offloaded, runtime_of
+from .offload import RESIDENT_FLAG, is_part_of_offloaded, runtime_of
 
 log = logging.getLogger("prefetch_compile")
-
-# Set on a model that a budget left resident (to that many bytes), so later graphs do not plan again.
-RESIDENT_FLAG = "_prefetch_compile_resident_within"
 
 _BREAK_HINT = (
     ". After a graph break inside a model's layer loop Dynamo runs the model's forward eagerly and compiles the "
@@ -53,10 +50,10 @@ def model_to_offload(gm: fx.GraphModule, plan: PlanOptions | None, budget: Budge
         _warn(f"Dynamo names {named} as the owner of its parameters, so no one model")
         return None
     module = owners[0]
-    if _settled(module, budget):
+    if _settled(module, plan, budget):
         return None
     enclosing = enclosing_modules(module)
-    if any(_settled(outer, budget) for outer in enclosing):
+    if any(_settled(outer, plan, budget) for outer in enclosing):
         return None
     lists = [position for position, outer in enumerate(enclosing) if isinstance(outer, (nn.ModuleList, nn.Sequential))]
     if lists:
@@ -80,11 +77,19 @@ def model_to_offload(gm: fx.GraphModule, plan: PlanOptions | None, budget: Budge
     return module
 
 
-def _settled(module: nn.Module, budget: BudgetOptions | None) -> bool:
-    """Whether ``module`` is (part of, or holds) an offloaded model, or a model a budget left resident."""
+def _settled(module: nn.Module, plan: PlanOptions | None, budget: BudgetOptions | None) -> bool:
+    """Whether ``module`` is (part of, or holds) an offloaded model, or a model a budget left resident.
+
+    A budget's resident verdict stands for a compile with the same budget or with
+    no plan of its own (the default knobs would offload a model known to fit);
+    plan knobs or another budget ask for a new plan.
+    """
     if is_part_of_offloaded(module) or runtime_of(module) is not None:
         return True
-    return budget is not None and getattr(module, RESIDENT_FLAG, None) == budget.budget
+    resident_within = getattr(module, RESIDENT_FLAG, None)
+    if resident_within is None:
+        return False
+    return budget.budget == resident_within if budget is not None else plan is None
 
 
 def _warn(why: str) -> None:

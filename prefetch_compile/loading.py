@@ -126,6 +126,12 @@ def load_checkpoint(
             f"staging_buffers={staging_buffers!r} only applies with a host_budget (it is the depth of the disk "
             "tier's staging ring); pass host_budget as well, or drop staging_buffers"
         )
+    if "budget" in plan:
+        raise OptionError(
+            "load_checkpoint takes plan knobs, not a device-memory budget (the budget planner needs the weights to "
+            "time the layers): load with plan knobs, or build the model, then offload(model, device, budget=...); "
+            "host_budget bounds the host memory instead"
+        )
     options = plan_options(plan)
     if host_budget is not None:
         if options.chunked_copies is True:

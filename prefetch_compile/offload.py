@@ -35,6 +35,9 @@ log = logging.getLogger("prefetch_compile")
 # when none of its own parameters is offloaded. An id rather than a flag: a copy of such a module (a kept
 # block may be copied) carries the original's id, not its own, so the copy is not taken for a part.
 PART_OF_OFFLOADED = "_prefetch_compile_part_of_offloaded"
+# Set on a model that a budget left resident (to that budget, in bytes): a later compile with the same budget,
+# or with no plan of its own, leaves it resident instead of planning again or offloading by default knobs.
+RESIDENT_FLAG = "_prefetch_compile_resident_within"
 
 
 def offload(
@@ -96,14 +99,21 @@ def offload(
 def offload_within_budget(
     model: nn.Module, device: torch.device, budget: BudgetOptions, layers: str | None = None, compiler: str = "inductor"
 ) -> PrefetchRuntime | None:
-    """Offload with the plan the budget planner chooses; None (and the model moved to ``device``) if it fits whole."""
+    """Offload with the plan the budget planner chooses; None (and the model moved to ``device``) if it fits whole.
+
+    Either way the model remembers the budget: a resident one in ``RESIDENT_FLAG``,
+    an offloaded one in ``runtime.budget``, against which a later compile's options are checked.
+    """
     device = _check_device(device)
     _check_not_offloaded(model)  # before the planner's calibration, not after
     chosen = plan_within_budget(model, device, budget, layers, compiler)
     if chosen.options is None:
         model.to(device)
+        setattr(model, RESIDENT_FLAG, budget.budget)
         return None
-    return offload_with_options(model, device, chosen.options)
+    runtime = offload_with_options(model, device, chosen.options)
+    runtime.budget = budget.budget
+    return runtime
 
 
 def is_part_of_offloaded(module: nn.Module) -> bool:

@@ -186,6 +186,7 @@ class PrefetchRuntime:
         self.host = host
         self.slots = slots
         self.disk = disk  # the offloaded layers read from disk instead of the host arena, if any
+        self.budget: int | None = None  # the device-memory budget (bytes) the planner chose the plan within, if any
         self.offloaded: tuple[LayerPlan, ...] = plan.offloaded
         self.offloaded_params = dict(offloaded_params)
         self.kept_tensors = dict(kept_tensors)

@@ -375,3 +375,5 @@ def test_an_unknown_plan_knob_is_named(tmp_path):
         prefetch_compile.load_checkpoint(meta_llama(), tmp_path, "cpu", group_sise=2)
     with pytest.raises(prefetch_compile.OptionError, match=r"unknown plan knob\(s\) \['budgett'\]"):
         prefetch_compile.offload(original_llama(), "cpu", budgett="1GiB")
+    with pytest.raises(prefetch_compile.OptionError, match=r"load_checkpoint takes plan knobs, not a device-memory budget"):
+        prefetch_compile.load_checkpoint(meta_llama(), tmp_path, "cpu", budget="1GiB")

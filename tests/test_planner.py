@@ -79,9 +79,15 @@ def test_budget_strings(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("value", ["24 gigs", "GiB", "-5GiB", "", "1e9", 2.5, True, 0, "0MB", None])
+@pytest.mark.parametrize("value", ["24 gigs", "GiB", "", "1e9", 2.5, True, None])
 def test_bad_budget_strings_name_the_accepted_forms(value):
-    with pytest.raises(OptionError, match="budget must be"):
+    with pytest.raises(OptionError, match="budget must be a number of bytes .* got"):
+        parse_bytes(value)
+
+
+@pytest.mark.parametrize("value", ["-5GiB", "-5", -1, 0, "0MB"])
+def test_budgets_of_no_bytes_or_fewer_are_refused_as_such(value):
+    with pytest.raises(OptionError, match="budget must be a positive number of bytes"):
         parse_bytes(value)
 
 
@@ -353,6 +359,41 @@ def test_budget_through_the_backend_leaves_a_fitting_model_alone():
     with torch.no_grad():
         torch.compile(model, backend="prefetch_offload", options=options)(torch.randn(2, 5, WIDTH))
     assert prefetch_compile.runtime_of(model) is None
+
+
+def test_a_budget_in_the_options_of_a_model_offloaded_otherwise_is_refused():
+    """A budget would silently not apply: the model already has its plan."""
+    x = torch.randn(2, 5, WIDTH)
+    by_knobs = Model()
+    prefetch_compile.offload(by_knobs, "cpu", group_size=4)
+    options = {"budget": nbytes(by_knobs) // 2, "activation_bytes": ACTIVATIONS, "cost_table": table(8), "compiler": "eager"}
+    with torch.no_grad(), pytest.raises(Exception, match="offloaded with .* not within a budget.*ask for a budget"):
+        torch.compile(by_knobs, backend="prefetch_offload", options=options)(x)
+    by_budget = Model()
+    budget = nbytes(by_budget) // 2
+    prefetch_compile.offload(by_budget, "cpu", budget=budget, activation_bytes=ACTIVATIONS, cost_table=table(8))
+    torch._dynamo.reset()
+    with torch.no_grad():  # the same budget: its plan, as offload() made it
+        torch.compile(by_budget, backend="prefetch_offload", options={**options, "budget": budget})(x)
+        with pytest.raises(Exception, match=f"within a budget of {budget:,} bytes"):
+            torch._dynamo.reset()
+            torch.compile(by_budget, backend="prefetch_offload", options={**options, "budget": budget - 1})(x)
+
+
+def test_a_resident_verdict_of_offload_stands_for_a_compile_without_a_plan_of_its_own():
+    """offload(budget=...) found the model fits; the README line with no options must not offload it by default."""
+    model = Model()
+    x = torch.randn(2, 5, WIDTH)
+    assert prefetch_compile.offload(model, "cpu", budget="1GiB", activation_bytes=0, cost_table=table(8)) is None
+    with torch.no_grad():
+        expected = model(x)
+        out = torch.compile(model, backend="prefetch_offload", options={"compiler": "eager"})(x)
+    torch.testing.assert_close(out, expected)
+    assert prefetch_compile.runtime_of(model) is None
+    torch._dynamo.reset()
+    with torch.no_grad():  # plan knobs of its own: offloaded as they say
+        torch.compile(model, backend="prefetch_offload", options={"compiler": "eager", "group_size": 2})(x)
+    assert prefetch_compile.runtime_of(model).plan.options.group_size == 2
 
 
 # ------------------------------------------------------------------ measurements
