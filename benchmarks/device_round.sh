@@ -41,7 +41,7 @@ for name in "$@"; do
         quick) part gpu_tests_quick python3 -m pytest tests/gpu -n 8 -m "not alone" -k "not quantized_llama" -q -p no:cacheprovider --durations=5 ;;
         alone) part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
         ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
-        hf) part hf_decode python3 benchmarks/hf_decode.py ${HF_ARGS:---layers 8 --tokens 24 --rounds 4 --prompts 2} --out "$RESULTS/hf" ;;
+        hf) part hf_decode python3 benchmarks/hf_decode.py ${HF_ARGS:---layers 8 --tokens 24 --rounds 4 --prompts 2 --trace-tokens 4} --out "$RESULTS/hf" ;;
         graphmem) part graphs_memory python3 benchmarks/bench_offload.py --layers 16 --systems ours --fractions 2 \
                       --cases decode1,prefill2048 --prefetch-steps "" --chunked-steps 1 --cuda-graphs 0,1 --no-check \
                       --budget-s 200 --out "$RESULTS/graphmem" ;;

@@ -41,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import device_name, git_commit, log, measure_h2d_bandwidth, timed_call  # noqa: E402
+from prefetch_compile.timeline import COPY, export_trace, read_gpu_events  # noqa: E402
 
 
 def build(layers: int, tiny: bool, device: torch.device, dtype: torch.dtype):
@@ -61,6 +62,23 @@ def moved_bytes_per_forward(plan) -> int:
     """Bytes a forward copies: those of the offloaded layers that share their slot with another layer."""
     sharing = collections.Counter(layer.slot for layer in plan.offloaded)
     return sum(layer.nbytes for layer in plan.offloaded if sharing[layer.slot] > 1)
+
+
+def copy_stream_use(events: list, tokens: int) -> dict:
+    """How busy the host-to-device copies kept the link over a profiled generate, per token.
+
+    Idle is the time between one copy's end and the next one's start, from the
+    first copy to the last: where graphs and none differ at the link limit, this
+    says whether copies waited (late issue, a late slot) rather than ran slower.
+    """
+    copies = sorted((e for e in events if e.kind == COPY), key=lambda e: e.start)
+    gaps = [max(0.0, b.start - (a.start + a.duration)) for a, b in zip(copies, copies[1:])]
+    return {
+        "copies_per_token": len(copies) / tokens,
+        "busy_ms_per_token": sum(e.duration for e in copies) / 1e3 / tokens,
+        "idle_ms_per_token": sum(gaps) / 1e3 / tokens,
+        "longest_idle_ms": max(gaps, default=0.0) / 1e3,
+    }
 
 
 def variant_name(variant: dict) -> str:
@@ -116,6 +134,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--prompts", type=int, default=6, help="seeded prompts whose tokens are checked")
     p.add_argument("--steps", default="1,2")
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
+    p.add_argument("--trace-tokens", type=int, default=0,
+                   help="CUDA: after timing, profile one generate of this many new tokens per offloaded variant "
+                        "and report the copy stream's busy and idle time per token (0: skip)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -173,6 +194,14 @@ def main(argv: list[str] | None = None) -> dict:
             "partings": partings,
             "counters": vars(runtime.counters).copy() if runtime else None,
         })
+    if args.trace_tokens and device.type == "cuda" and args.out:
+        traced = dict(settings, max_new_tokens=args.trace_tokens, min_new_tokens=args.trace_tokens)
+        with torch.inference_mode():
+            for r in results[1:]:
+                path = Path(args.out) / f"trace_{r['name']}.json"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                export_trace(lambda: models[r["name"]].generate(prompts[0], **traced), path)
+                r["copy_stream"] = copy_stream_use(read_gpu_events(path), args.trace_tokens)
     ratios = {}
     for step in (int(s) for s in args.steps.split(",")):
         per_round = [g / n for g, n in zip(times[f"s{step}+cg"], times[f"s{step}"])]
@@ -193,6 +222,15 @@ def main(argv: list[str] | None = None) -> dict:
     print("|---|---|---|")
     for plan, ratio in ratios.items():
         print(f"| {plan} | {ratio['median']:.4f} [{ratio['min']:.4f}, {ratio['max']:.4f}] | {ratio['rounds_graphs_slower']}/{ratio['rounds']} |")
+    if any("copy_stream" in r for r in results):
+        print(f"\n| variant | copies per token | copy busy ms/token | copy idle ms/token | longest idle ms |"
+              f" ({args.trace_tokens}-token generate, profiled)")
+        print("|---|---|---|---|---|")
+        for r in results:
+            if "copy_stream" in r:
+                use = r["copy_stream"]
+                print(f"| {r['name']} | {use['copies_per_token']:.1f} | {use['busy_ms_per_token']:.3f} "
+                      f"| {use['idle_ms_per_token']:.3f} | {use['longest_idle_ms']:.3f} |")
     for r in results:
         for seed, parted in enumerate(r["partings"]):
             if parted:
