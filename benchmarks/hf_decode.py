@@ -34,6 +34,7 @@ import collections
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -194,12 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
             "partings": partings,
             "counters": vars(runtime.counters).copy() if runtime else None,
         })
-    if args.trace_tokens and device.type == "cuda" and args.out:
+    if args.trace_tokens and device.type == "cuda":
         traced = dict(settings, max_new_tokens=args.trace_tokens, min_new_tokens=args.trace_tokens)
-        with torch.inference_mode():
+        with torch.inference_mode(), tempfile.TemporaryDirectory() as traces:  # tens of MB each: not kept
             for r in results[1:]:
-                path = Path(args.out) / f"trace_{r['name']}.json"
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path = Path(traces) / f"{r['name']}.json"
                 export_trace(lambda: models[r["name"]].generate(prompts[0], **traced), path)
                 r["copy_stream"] = copy_stream_use(read_gpu_events(path), args.trace_tokens)
     ratios = {}
