@@ -370,16 +370,17 @@ class _Handout:
 
     Holding is seen from storage use counts: each hand-out is a new tensor
     (``detach``) on the static storage, so a kept alias or view adds a use that
-    the count taken at capture time did not have. Outputs that alias a tensor
+    the count taken just before the first alias was made did not have (taken
+    then, not at capture time, when a transient alias of the capture could
+    inflate it and hide a kept one). Outputs that alias a tensor
     the graph reads in place (a KV cache, a weight) are not the graph's to
     overwrite and are handed out as aliases, as an eager call would.
     """
 
     def __init__(self, watched: tuple[torch.Tensor, ...], shared: tuple[int, ...]) -> None:
         self._watched = watched  # one static output per storage the replay writes
-        self._baseline = tuple(_torch_internals.storage_use_count(t) for t in watched)
+        self._baseline: tuple[int, ...] | None = None  # their use counts with no alias handed out, once one is
         self._shared = frozenset(shared)  # storages (data pointers) of the tensors read in place
-        self._static = False
         self._settled = False  # clones for good, after a held hand-out
         self._clones: list[weakref.ref[torch.Tensor]] = []
 
@@ -392,17 +393,18 @@ class _Handout:
 
     def held(self) -> bool:
         """Whether the caller still holds a static output handed out earlier (the next replay would overwrite it)."""
-        counts = (_torch_internals.storage_use_count(t) for t in self._watched)
-        if all(now == then for now, then in zip(counts, self._baseline)):
+        if self._baseline is None:
+            return False  # none handed out yet
+        if self._use_counts() == self._baseline:
             return False
-        self._static, self._settled = False, True
+        self._settled = True
         return True
 
     def hand_out(self, outputs: Any) -> Any:
         """What one replay returns: aliases of the static outputs, or clones while that is not known to be safe."""
-        if not self._static and not self._settled and self._clones and all(ref() is None for ref in self._clones):
-            self._static = True
-        if self._static:
+        if self._baseline is None and not self._settled and self._clones and all(ref() is None for ref in self._clones):
+            self._baseline = self._use_counts()  # the graph's own uses alone: no alias exists yet
+        if self._baseline is not None and not self._settled:
             return _map_tensors(outputs, torch.Tensor.detach)
         self._clones.clear()
 
@@ -415,6 +417,9 @@ class _Handout:
             return copy
 
         return _map_tensors(outputs, clone)
+
+    def _use_counts(self) -> tuple[int, ...]:
+        return tuple(_torch_internals.storage_use_count(t) for t in self._watched)
 
 
 class BreakableGraphed:

@@ -114,6 +114,19 @@ def test_handout_never_replays_over_a_kept_view_and_then_clones_for_good():
     assert _replay(handout, static, 7.0).data_ptr() != static.data_ptr()  # settled on clones
 
 
+def test_handout_counts_the_graphs_own_uses_when_it_first_hands_out_not_at_capture():
+    """A view alive while the capture ended (and gone since) must not hide a kept alias later."""
+    static = torch.zeros(3)
+    transient = static[:1]
+    handout = _Handout.of(static, pinned=())
+    del transient
+    _replay(handout, static, 1.0)  # a clone, dropped
+    kept = _replay(handout, static, 2.0)[:1]
+    assert kept.data_ptr() == static.data_ptr()
+    assert _replay(handout, static, 3.0) is None  # held: the replay would overwrite `kept`
+    assert kept.tolist() == [2.0]
+
+
 def test_handout_returns_aliases_of_outputs_that_are_inputs_read_in_place():
     cache, static = torch.zeros(4), torch.zeros(2)
     handout = _Handout.of((cache[:2], static), pinned=(cache,))
