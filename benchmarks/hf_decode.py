@@ -30,7 +30,6 @@ measured.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import statistics
 import sys
@@ -57,12 +56,6 @@ def build(layers: int, tiny: bool, device: torch.device, dtype: torch.dtype):
     with device:
         model = transformers.LlamaForCausalLM(config).to(dtype).eval()
     return model
-
-
-def moved_bytes_per_forward(plan) -> int:
-    """Bytes a forward copies: those of the offloaded layers that share their slot with another layer."""
-    sharing = collections.Counter(layer.slot for layer in plan.offloaded)
-    return sum(layer.nbytes for layer in plan.offloaded if sharing[layer.slot] > 1)
 
 
 def copy_stream_use(events: list, tokens: int) -> dict:
@@ -183,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = variant_name(variant)
         runtime = prefetch_compile.runtime_of(models[name])
         partings = [parting(ref, mine) for ref, mine in zip(checks["resident"], checks[name])]
-        moved = moved_bytes_per_forward(runtime.plan) if runtime else 0
+        moved = runtime.plan.copied_bytes_per_forward() if runtime else 0
         results.append({
             **variant,
             "name": name,

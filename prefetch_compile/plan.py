@@ -23,6 +23,7 @@ piece: a whole-block copy, as without chunking.
 from __future__ import annotations
 
 import bisect
+import collections
 import logging
 from dataclasses import dataclass
 from functools import cached_property
@@ -121,6 +122,14 @@ class OffloadPlan:
 
     def offloaded_bytes(self) -> int:
         return sum(param.nbytes for layer in self.offloaded for param in layer.params)
+
+    def copied_bytes_per_forward(self) -> int:
+        """Bytes a forward copies: the blocks of the offloaded layers that share their slot with another layer.
+
+        A layer alone in its slot is copied once and stays, so it costs the link nothing per forward.
+        """
+        sharing = collections.Counter(layer.slot for layer in self.offloaded)
+        return sum(layer.nbytes for layer in self.offloaded if sharing[layer.slot] > 1)
 
     def next_in_slot(self, offload_index: int) -> int:
         """The offloaded layer to bring in once ``offload_index`` has been read for the last time.

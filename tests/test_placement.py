@@ -48,6 +48,21 @@ def test_layers_sharing_a_slot_share_its_storage():
     assert weights[0].data_ptr() != weights[1].data_ptr()
 
 
+def test_a_forward_copies_only_the_layers_that_share_a_slot():
+    """5 offloaded layers in 3 slots: slots 0 and 1 take turns between two layers each, slot 2 keeps its one."""
+    model = Stack(["linear"] * 5)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=1, prefetch_step=3)
+    blocks = [layer.nbytes for layer in runtime.offloaded]
+    assert runtime.plan.copied_bytes_per_forward() == blocks[0] + blocks[1] + blocks[3] + blocks[4]
+    runtime.counters.copies = runtime.counters.copied_bytes = 0
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(2, 16))
+    assert runtime.counters.copied_bytes == 3 * runtime.plan.copied_bytes_per_forward()
+    alone = Stack(["linear"] * 2)
+    assert prefetch_compile.offload(alone, "cpu", group_size=1, prefetch_step=2).plan.copied_bytes_per_forward() == 0
+
+
 def test_byte_accounting_matches_the_model():
     model = HeterogeneousStack([16, 64, 8, 48, 16])
     sizes = [sum(p.numel() * p.element_size() for p in layer.parameters()) for layer in model.layers]
