@@ -381,7 +381,7 @@ class _Handout:
         self._watched = watched  # one static output per storage the replay writes
         self._baseline: tuple[int, ...] | None = None  # their use counts with no alias handed out, once one is
         self._shared = frozenset(shared)  # storages (data pointers) of the tensors read in place
-        self._settled = False  # clones for good, after a held hand-out
+        self._settled = False  # clones for good, after a held hand-out (so only once a baseline exists)
         self._clones: list[weakref.ref[torch.Tensor]] = []
 
     @classmethod
@@ -402,7 +402,7 @@ class _Handout:
 
     def hand_out(self, outputs: Any) -> Any:
         """What one replay returns: aliases of the static outputs, or clones while that is not known to be safe."""
-        if self._baseline is None and not self._settled and self._clones and all(ref() is None for ref in self._clones):
+        if self._baseline is None and self._clones and all(ref() is None for ref in self._clones):
             self._baseline = self._use_counts()  # the graph's own uses alone: no alias exists yet
         if self._baseline is not None and not self._settled:
             return _map_tensors(outputs, torch.Tensor.detach)
