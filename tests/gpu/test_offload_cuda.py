@@ -246,6 +246,26 @@ def test_cuda_graph_replays_stay_correct(prefetch_step, chunked):
             assert_bf16_close(compiled(x), resident(x))
 
 
+def test_a_forward_on_a_side_stream_orders_its_copies_on_it_and_leaves_it_current():
+    """The runtime orders each copy after the stream the forward runs on, and switches back to it after issuing it."""
+    model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.float32, seed=0)
+    resident = torch.compile(copy.deepcopy(model))
+    compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 2, "prefetch_step": 1})
+    side = torch.cuda.Stream()
+    with torch.inference_mode():
+        for batch, seq in [(1, 64), (2, 16), (1, 64)]:
+            x = tokens(batch, seq)
+            want = resident(x)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                got = compiled(x)
+                assert torch.cuda.current_stream() == side
+            torch.cuda.current_stream().wait_stream(side)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    runtime = prefetch_compile.runtime_of(model)
+    assert runtime.counters.copies > 0 and runtime.counters.ensure_misses == 0
+
+
 def test_weight_updates_reach_eager_and_graph_replays():
     model = llama_like.build(small_llama_shape(layers=4), device=DEVICE, dtype=torch.bfloat16, seed=0)
     reference = copy.deepcopy(model)
