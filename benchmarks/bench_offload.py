@@ -5,8 +5,10 @@ and run on each case, decode (``[batch, 1]`` tokens) and prefill (``[1, seq]``):
 median seconds per forward over back-to-back CUDA-event-timed iterations after
 a warm-up (which includes compilation), tokens/s, peak device memory during the
 timed iterations, pinned host bytes, and the overlap efficiency
-``limit / measured`` where ``limit = max(best resident time, offloaded bytes /
-pinned H2D bandwidth)``, the bandwidth measured in the same run.
+``limit / measured`` where ``limit = max(best resident time, bytes copied per
+forward / pinned H2D bandwidth)``, the bandwidth measured in the same run (a peer
+copies every offloaded layer each forward; ours copies what its plan says,
+``OffloadPlan.copied_bytes_per_forward``: a layer alone in its slot stays).
 
 Systems run in priority order (resident; then for each fraction, ours with
 prefetch_step 1 and no CUDA graphs, naive, accelerate, FSDP2 and diffusers;
@@ -371,7 +373,9 @@ class Bench:
             for record in self.results:
                 if record["case"] != case.name:
                     continue
-                transfer = record["offloaded_bytes"] / bandwidth if bandwidth else None
+                # Peers copy every offloaded layer each forward; ours says what its plan copies.
+                copied = record.get("copied_bytes", record["offloaded_bytes"])
+                transfer = copied / bandwidth if bandwidth else None
                 parts = [value for value in (best, transfer) if value is not None]
                 limit = max(parts) if (best is not None and parts) else None
                 record.update(resident_best_s=best, transfer_s=transfer, limit_s=limit)

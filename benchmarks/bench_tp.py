@@ -9,7 +9,7 @@ row-wise), and times, per case (decode ``[batch, 1]``, prefill ``[1, seq]``):
   layer of every ``--group-size`` offloaded (2: half the layers), each rank
   offloading only its own shards.
 
-The per-rank link limit is ``max(tp-resident time, offloaded bytes per rank /
+The per-rank link limit is ``max(tp-resident time, bytes a rank copies per forward /
 pinned H2D bandwidth)``, the bandwidth measured on all ranks at once (they may
 share a host link). Each forward is checked against ``tp-resident``'s logits.
 Rank 0 prints a table and writes ``--out``/bench_tp.json.
@@ -94,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                     "case": name,
                     "time_s": statistics.median(times),
                     "offloaded_bytes": runtime.stats().offloaded_bytes if runtime else 0,
+                    "copied_bytes": runtime.plan.copied_bytes_per_forward() if runtime else 0,
                     "host_pinned_bytes": runtime.stats().host_pinned_bytes if runtime else 0,
                     "peak_bytes": peak_bytes(device),
                     "max_abs_diff_vs_resident": (logits - reference[name]).abs().max().item(),
@@ -102,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     for record in records:
         resident = next(r["time_s"] for r in records if r["system"] == "tp-resident" and r["case"] == record["case"])
-        record["limit_s"] = max(resident, record["offloaded_bytes"] / bandwidth)
+        record["limit_s"] = max(resident, record["copied_bytes"] / bandwidth)
         record["efficiency"] = record["limit_s"] / record["time_s"]
         record["h2d_bytes_per_s"] = bandwidth
 

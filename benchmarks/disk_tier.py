@@ -26,7 +26,7 @@
       with every layer offloaded, ``torch.compile(backend="prefetch_offload")``,
       decode ``[1, 1]`` tokens: warm-up, then back-to-back timed forwards (CUDA
       events), median ms/forward, against the limit ``max(disk bytes / disk
-      bandwidth, offloaded bytes / H2D bandwidth)`` with the disk bandwidth
+      bandwidth, copied bytes / H2D bandwidth)`` with the disk bandwidth
       from the case-order probe just before, from the sequential one, and from
       the reader thread's own rate inside its reads during the timed forwards.
    d. Where the stream's time went over the timed forwards
@@ -290,7 +290,8 @@ def run_case(case: str, args, shape, dtype, directory: Path, device: torch.devic
     assert sorted(runtime.disk.layout.layers) == sorted(layout.layers), "the probe read other layers than the tier"
 
     def limit(disk_bytes_per_s: float | None) -> float | None:
-        return max(stats.disk_bytes / disk_bytes_per_s, stats.offloaded_bytes / h2d) if disk_bytes_per_s else None
+        copied = runtime.plan.copied_bytes_per_forward()  # every layer, at prefetch_step < offloaded layers
+        return max(stats.disk_bytes / disk_bytes_per_s, copied / h2d) if disk_bytes_per_s else None
 
     limit_s = limit(probe["case_order"]["bytes_per_s"])
     log(f"{case}: host_budget {gib(budget)} GiB: {stats.disk_layers}/{stats.offloaded_layers} offloaded layers on disk "

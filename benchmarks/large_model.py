@@ -14,7 +14,8 @@
 3. The timing: ``torch.compile(backend="prefetch_offload")``, decode (``[1, 1]``
    tokens) and prefill (``[1, --prefill]``), median milliseconds per forward
    over back-to-back CUDA-event-timed calls after a warm-up, next to the link
-   limit: offloaded bytes / pinned host-to-device bandwidth, measured right
+   limit: bytes copied per forward (``OffloadPlan.copied_bytes_per_forward``) / pinned
+   host-to-device bandwidth, measured right
    after the timed calls (benchmarks/bench_util.py).
 
 Writes ``large_model.json`` in ``--out`` and prints every number.
@@ -321,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     release_memory(device)
     result["h2d_bandwidth"] = measure_h2d_bandwidth(device, args.bw_bytes)
     bandwidth = result["h2d_bandwidth"]["bytes_per_s"]
-    limit_ms = stats.offloaded_bytes / bandwidth * 1e3
+    limit_ms = runtime.plan.copied_bytes_per_forward() / bandwidth * 1e3
     for case in result["cases"].values():
         case["link_limit_ms"] = limit_ms
         case["fraction_of_link_limit"] = limit_ms / case["ms_per_forward"]

@@ -171,7 +171,8 @@ def _prepare_ours(spec: SystemSpec, model: nn.Module, device: torch.device, comp
         host_pinned_bytes=stats_dict.get("host_pinned_bytes", 0),
         host_bytes=stats_dict.get("host_pinned_bytes") or stats_dict.get("offloaded_bytes", 0),
         warmup=3 if spec.cuda_graphs else 2,
-        extra={"stats": stats_dict},
+        # A layer alone in its slot is copied once and stays: the link limit counts only the others.
+        extra={"stats": stats_dict, "copied_bytes": runtime.plan.copied_bytes_per_forward()},
         keep=[runtime],
     )
 

@@ -24,8 +24,9 @@ Per variant, greedy ``generate`` with a static cache and ``--tokens`` new tokens
 the first generate compiles; the second warms up (and captures, with graphs) and keeps its logits;
 ms per token is the best of ``--repeats`` more, CUDA-synchronised wall clock over the generate
 divided by its forwards (the prefill is one of them, and like every decoding step it copies each
-offloaded layer once). Link limit = offloaded bytes per forward (the quantized leaves' bytes,
-``runtime.stats().offloaded_bytes``) / pinned host-to-device bandwidth measured in the same run;
+offloaded layer once). Link limit = bytes copied per forward (the quantized leaves' bytes of the
+layers that share a slot, ``runtime.plan.copied_bytes_per_forward()``) / pinned host-to-device
+bandwidth measured in the same run;
 efficiency = limit / measured. Tokens are compared with the resident variant of the same family;
 where they part, the resident model's logit margin between the two tokens, next to the largest logit
 difference up to that step, says whether it was a near-tie that a rounding difference flipped.
@@ -292,6 +293,7 @@ def runtime_record(runtime: prefetch_compile.PrefetchRuntime, forwards: int) -> 
         "offloaded_layers": stats.offloaded_layers,
         "total_layers": stats.total_layers,
         "offloaded_bytes": stats.offloaded_bytes,
+        "copied_bytes": runtime.plan.copied_bytes_per_forward(),
         "host_pinned_bytes": stats.host_pinned_bytes,
         "slot_pool_bytes": stats.slot_pool_bytes,
         "kept_device_bytes": stats.kept_device_bytes,
@@ -422,11 +424,11 @@ def table(records: list[dict]) -> str:
 
 
 def add_limits(report: dict, link_bytes_per_s: float) -> None:
-    """Each offloaded variant's link limit (offloaded bytes per forward over the link) and efficiency."""
+    """Each offloaded variant's link limit (bytes copied per forward over the link) and efficiency."""
     report["h2d_bytes_per_s"] = link_bytes_per_s
     for record in report["variants"]:
-        if record["status"] == "ok" and record.get("offloaded_bytes"):
-            record["limit_ms_per_token"] = 1e3 * record["offloaded_bytes"] / link_bytes_per_s
+        if record["status"] == "ok" and record.get("copied_bytes"):
+            record["limit_ms_per_token"] = 1e3 * record["copied_bytes"] / link_bytes_per_s
             record["efficiency"] = record["limit_ms_per_token"] / record["ms_per_token"]
 
 
