@@ -136,6 +136,11 @@ class _Copies:
     count: int  # copies, as the counters count them: runs of adjacent pieces, or one for a disk-resident layer
     nbytes: int
 
+    @property
+    def memcpy_bytes(self) -> list[int]:
+        """The bytes of each memcpy the pairs make (uint8 views: one memcpy each), for the report and captures."""
+        return [source.numel() for source, _ in self.pairs]
+
 
 # A run of pieces of one offloaded block, as a start or a wait names it: (offload index, first piece, end piece).
 ChunkKey = tuple[int, int, int]
@@ -491,18 +496,17 @@ class PrefetchRuntime:
         for piece in pieces:
             owners[piece] = index
         copies = self._host_copies(layer, pieces) if staged is None else self._staged_copies(layer, staged)
-        memcpy_bytes = [source.numel() for source, _ in copies.pairs]  # uint8 views: one memcpy each
         if self._capture is not None:
             self._capture.copies += copies.count
             self._capture.copied_bytes += copies.nbytes
-            self._capture.memcpys += [(index, nbytes) for nbytes in memcpy_bytes]
+            self._capture.memcpys += [(index, nbytes) for nbytes in copies.memcpy_bytes]
         else:
             self.counters.copies += copies.count
             self.counters.copied_bytes += copies.nbytes
         recorder = self.recorder
         if not self._cuda:
             if recorder is not None:
-                recorder.copy_issued(index, pieces, memcpy_bytes, None)
+                recorder.copy_issued(index, pieces, copies.memcpy_bytes, None)
                 recorder.copy_began(None)
             try:
                 for source, target in copies.pairs:
@@ -525,7 +529,7 @@ class PrefetchRuntime:
             fork = torch.cuda.Event() if capturing else self._fork
             fork.record(compute)
         if recorder is not None:
-            recorder.copy_issued(index, pieces, memcpy_bytes, compute)
+            recorder.copy_issued(index, pieces, copies.memcpy_bytes, compute)
         self.copy_stream.wait_event(fork)
         if capturing:
             self._queue_behind_deferred()
