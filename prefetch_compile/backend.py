@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -29,6 +30,7 @@ from .lazy_offload import model_to_offload
 from .offload import offload_with_options, offload_within_budget
 from .ops import OFFLOADED_BLOCK, START, WAIT
 from .passes import ParamInput, PrefetchPassResult, node_value, prefetch_pass
+from .plan import OffloadPlan
 from .runtime import PrefetchRuntime, runtime_of_tensor
 
 log = logging.getLogger("prefetch_compile")
@@ -98,12 +100,16 @@ class _ServedGraph:
 
     Dynamo may serve this graph to another instance of the same model class: the
     guards of a graph compiled on the one-line path were built before its model
-    was offloaded, so they hold for a twin that is not offloaded. The parameters
-    the graph then receives belong to no runtime (the ops do nothing: right
-    answers, but no memory saved, which is said once), or to another runtime
-    (a twin offloaded on its own: the graph runs under that runtime's lock,
-    since the ops find their runtime through the parameters; refused under
-    CUDA graphs, whose replay guard is bound to this graph's runtime).
+    was offloaded, so they hold for a twin, offloaded or not. The parameters the
+    graph then receives belong to no runtime (the ops do nothing: right answers,
+    but no memory saved, which is said once), or to another runtime. The graph's
+    waits and starts were placed for this runtime's plan, so it runs for another
+    only if that one lays the graph's inputs out the same way (the same inputs
+    offloaded, as the same pieces of the same layers, in the same slots): then
+    under that runtime's lock, since the ops find their runtime through the
+    parameters. A twin offloaded otherwise is refused: the graph would read its
+    offloaded weights without waiting for them. So is any twin under CUDA graphs,
+    whose replay guard is bound to this graph's runtime.
     """
 
     def __init__(
@@ -114,14 +120,14 @@ class _ServedGraph:
         self._name = f"graph {name}"
         self._cuda_graphs = cuda_graphs
         self._probe = next((i for i, value in enumerate(example_inputs) if runtime.locate(value)), None)
+        self._layout = _offload_layout(runtime, example_inputs)
+        self._same_layout: weakref.WeakSet[PrefetchRuntime] = weakref.WeakSet()  # twins checked against _layout
         self._warned = False
 
     def __call__(self, *args: Any) -> Any:
         runtime = self._runtime
-        if self._probe is not None:
-            owner = runtime_of_tensor(args[self._probe])
-            if owner is not runtime:
-                runtime = self._other_owner(owner)
+        if self._probe is not None and runtime_of_tensor(args[self._probe]) is not runtime:
+            runtime = self._other_owner(args)
         if runtime is None:
             return self._compiled(*args)
         with runtime.serving(self._name):
@@ -129,24 +135,56 @@ class _ServedGraph:
             runtime.join_capture()
         return outputs
 
-    def _other_owner(self, owner: PrefetchRuntime | None) -> PrefetchRuntime | None:
-        if owner is not None and self._cuda_graphs:
+    def _other_owner(self, args: tuple[Any, ...]) -> PrefetchRuntime | None:
+        """The runtime of a twin's parameters, once it is known to lay them out as this graph expects."""
+        owners = list({id(owner): owner for value in args if (owner := runtime_of_tensor(value))}.values())
+        if not owners:
+            if not self._warned:
+                self._warned = True
+                log.warning(
+                    "prefetch_compile: %s was compiled for an offloaded model and Dynamo now runs it for a module "
+                    "whose parameters are not offloaded (another instance of the same class, reusing the compiled "
+                    "graph): nothing is offloaded for it. Call prefetch_compile.offload(model, ...) on each model "
+                    "before torch.compile, or torch._dynamo.reset() before compiling the next one",
+                    self._name,
+                )
+            return None
+        reused = f"{self._name} was compiled for one offloaded model and Dynamo now runs it for another (an instance "
+        if len(owners) > 1:
+            raise RuntimeError(f"{reused}whose parameters belong to {len(owners)} offloaded models): refused")
+        owner = owners[0]
+        if self._cuda_graphs:
             raise RuntimeError(
-                f"{self._name} was compiled and captured for one offloaded model and is now called with the "
-                "parameters of another offloaded model (Dynamo reused it for an instance of the same class); "
-                "with cuda_graphs=True each model needs its own compiled function: torch.compile each model "
-                "separately after offloading it, or call torch._dynamo.reset() in between"
+                f"{reused}of the same class); with cuda_graphs=True each model needs its own compiled function: "
+                "torch.compile each model separately after offloading it, or call torch._dynamo.reset() in between"
             )
-        if owner is None and not self._warned:
-            self._warned = True
-            log.warning(
-                "prefetch_compile: %s was compiled for an offloaded model and Dynamo now runs it for a module whose "
-                "parameters are not offloaded (another instance of the same class, reusing the compiled graph): "
-                "nothing is offloaded for it. Call prefetch_compile.offload(model, ...) on each model before "
-                "torch.compile, or torch._dynamo.reset() before compiling the next one",
-                self._name,
-            )
+        if owner not in self._same_layout:
+            if _offload_layout(owner, args) != self._layout:
+                raise RuntimeError(
+                    f"{reused}of the same class) that is offloaded with another plan ({_plan_summary(owner.plan)}, "
+                    f"where the graph was compiled for {_plan_summary(self._runtime.plan)}): its prefetch ops would "
+                    "not wait for every weight it reads. Offload instances of one class alike, or call "
+                    "torch._dynamo.reset() before compiling the next one"
+                )
+            self._same_layout.add(owner)
         return owner
+
+
+def _offload_layout(runtime: PrefetchRuntime, values: Any) -> tuple:
+    """What a graph's prefetch ops were placed for: which inputs are which pieces of which layers, in which slots."""
+    plan = runtime.plan
+    inputs = tuple(
+        (position, location, runtime.piece_of(value))
+        for position, value in enumerate(values)
+        if (location := runtime.locate(value)) is not None
+    )
+    return inputs, tuple(plan.piece_starts), tuple(layer.slot for layer in plan.offloaded)
+
+
+def _plan_summary(plan: OffloadPlan) -> str:
+    layers = [layer.index for layer in plan.offloaded]
+    parameters = sum(len(layer.params) for layer in plan.offloaded)
+    return f"layers {layers} offloaded, {parameters} parameters, {plan.num_slots} slot(s), {len(plan.piece_starts)} piece(s) each"
 
 
 def run_prefetch_pass(

@@ -391,6 +391,30 @@ def test_a_twin_served_a_graph_compiled_for_an_offloaded_model_says_so(caplog):
         assert len(warnings) == 1, "a twin left resident must be warned about, once"
 
 
+def test_a_twin_offloaded_with_another_plan_is_refused_the_first_models_graph():
+    """The graph's waits were placed for the first model's offloaded weights; the twin offloads others.
+
+    Served the first model's graph (its guards predate the offload), the twin read its offloaded attention
+    weights with no wait before them: right on the CPU's synchronous copies, a race on a GPU's copy stream.
+    """
+    transformers = pytest.importorskip("transformers")
+    from model_zoo import tiny_decoder_config
+
+    def tiny(seed: int):
+        torch.manual_seed(seed)
+        return transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_decoder_config())).eval()
+
+    first, twin = tiny(0), tiny(1)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    options = {"compiler": "aot_eager"}  # the same for both: Dynamo serves a graph to the backend that compiled it
+    with torch.no_grad():
+        torch.compile(first, backend="prefetch_offload", options=options)(ids)  # default plan: layer 3 of 4
+        prefetch_compile.offload(twin, "cpu", group_size=2)
+        compiled_twin = torch.compile(twin, backend="prefetch_offload", options=options)
+        with pytest.raises(RuntimeError, match=r"offloaded with another plan \(layers \[1, 3\] offloaded, 18 param"):
+            compiled_twin(ids)
+
+
 def test_two_models_offloaded_on_their_own_each_run_under_their_own_runtime():
     """Two offloaded instances of one class, compiled alike: a shared graph must copy each model's own layers."""
     transformers = pytest.importorskip("transformers")
