@@ -6,8 +6,10 @@ change there should need an edit here only.
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import fx, nn
@@ -276,6 +278,26 @@ def fake_tensor_mode() -> TorchDispatchMode:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+@contextmanager
+def quiet_meta_kernel_failures() -> Iterator[None]:
+    """Drop the traceback that fake-tensor mode logs, at ERROR, when an op's meta kernel raises.
+
+    The planner's trace catches that error and measures the forward for real
+    instead (``calibration.trace_forward``); printed first, the traceback read as
+    a crash to users (a Hugging Face MoE layer's ``_grouped_mm`` on the CPU).
+    """
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("failed while attempting to run meta")
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
 
 
 def returns_new_memory(op: Callable) -> bool:

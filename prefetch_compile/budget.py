@@ -49,7 +49,13 @@ def _cost_table(
     if isinstance(options.cost_table, CostTable):
         return options.cost_table
     if isinstance(options.cost_table, (str, os.PathLike)):
-        return CostTable.from_json(options.cost_table)
+        try:
+            return CostTable.from_json(options.cost_table)
+        except (OSError, ValueError, KeyError, TypeError) as error:  # missing, unreadable, not JSON, not a table
+            raise OptionError(
+                f"cost_table={str(options.cost_table)!r} could not be read as a cost table saved with "
+                f"CostTable.to_json: {type(error).__name__}: {error}"
+            ) from error
     if options.cost_table is not None:
         raise OptionError(
             f"cost_table must be a prefetch_compile.cost_model.CostTable or the path of one saved with to_json, "

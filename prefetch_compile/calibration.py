@@ -35,7 +35,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._torch_internals import TorchDispatchMode, fake_tensor_mode, pytree, returns_new_memory
+from ._torch_internals import TorchDispatchMode, fake_tensor_mode, pytree, quiet_meta_kernel_failures, returns_new_memory
 from .cost_model import BandwidthCurve, ChunkRead, CostTable
 from .discovery import find_layer_list, matches_offload_params
 from .passes.prefetch import CHUNKS_PER_LAYER
@@ -172,7 +172,8 @@ def trace_forward(
         with fake_tensor_mode() as fake:
             tensors = {name: _fake_like(t, device) for name, t in _named_tensors(model)}
             inputs = tuple(pytree.tree_map(lambda value: _fake_like(value, device), tuple(example_inputs)))
-        return _record(model, path, blocks, tensors, inputs, fake)
+        with quiet_meta_kernel_failures():
+            return _record(model, path, blocks, tensors, inputs, fake)
     except Exception as error:  # noqa: BLE001  (any refusal of a fake kernel; the real forward re-raises real errors)
         log.info(
             "prefetch_compile: the fake-tensor trace of the forward failed (%s: %s); measuring it with one real "

@@ -337,6 +337,16 @@ def test_cost_table_mismatch_and_json_round_trip(tmp_path):
     assert runtime is not None
 
 
+@pytest.mark.parametrize("content", [None, "not json", '{"bandwidth": {}}'])
+def test_a_cost_table_path_that_is_not_a_table_is_an_option_error(tmp_path, content):
+    path = tmp_path / "cost.json"
+    if content is not None:
+        path.write_text(content)
+    budget = nbytes(Model(layers=2)) * 7 // 10
+    with pytest.raises(OptionError, match=r"cost_table='.*cost\.json' could not be read as a cost table"):
+        prefetch_compile.offload(Model(layers=2), "cpu", budget=budget, activation_bytes=0, cost_table=str(path))
+
+
 # ------------------------------------------------------------------ through torch.compile
 def test_budget_through_the_backend_offloads_as_planned():
     model = Model()
