@@ -230,7 +230,6 @@ class PrefetchRuntime:
         self._all_pieces = range(len(plan.piece_starts))
         self._cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
-        self._fork = torch.cuda.Event() if self._cuda else None  # orders a copy after the compute stream: _copy_in
         # One persistent event per piece of each offloaded layer for copies issued outside a capture. They
         # are "external": a capture that waits on one records a wait node for the event itself, so a replay
         # waits for whatever copy last recorded it (the prefetch issued after the previous replay).
@@ -486,10 +485,6 @@ class PrefetchRuntime:
         A disk-resident layer comes from its staging buffer, whole: a plan with a disk tier
         is never chunked (``load_checkpoint`` sees to it), so its one piece is the layer.
         """
-        if self._cuda and torch.cuda.current_device() != self.device.index:  # an eager call under another device
-            with torch.cuda.device(self.device):
-                self._copy_in(layer, pieces, after)
-            return
         staged = self._staged(layer)  # before the owners change: a failed disk read leaves the slot as it was
         index = layer.offload_index
         owners = self._owners[layer.slot]
@@ -517,26 +512,20 @@ class PrefetchRuntime:
             if recorder is not None:
                 recorder.copy_ended(None)
             return
-        compute = torch.cuda.current_stream()  # our device's: checked above
+        compute = torch.cuda.current_stream(self.device)
         capturing = torch.cuda.is_current_stream_capturing()
         # The fork event orders the copy after the last reader of the same bytes of the slot's
         # previous layer, and inside a capture it is what pulls the copy stream into the graph.
-        # Outside a capture one event serves every copy: a stream's wait takes the event as it
-        # stands when the wait is queued, so recording it again for the next copy changes no
-        # wait already queued (and saves creating and destroying a CUDA event per copy).
         fork = after
         if fork is None:
-            fork = torch.cuda.Event() if capturing else self._fork
+            fork = torch.cuda.Event()
             fork.record(compute)
         if recorder is not None:
             recorder.copy_issued(index, pieces, copies.memcpy_bytes, compute)
         self.copy_stream.wait_event(fork)
         if capturing:
             self._queue_behind_deferred()
-        # set_stream, not the torch.cuda.stream() context: the current device is ours, so setting
-        # the compute stream back restores all that the context would, for a few µs less per copy.
-        torch.cuda.set_stream(self.copy_stream)
-        try:
+        with torch.cuda.stream(self.copy_stream):
             if recorder is not None:
                 recorder.copy_began(self.copy_stream)
             try:
@@ -560,8 +549,6 @@ class PrefetchRuntime:
                     done = self._ready[index][piece]
                     done.record(self.copy_stream)
                     self._in_flight[(index, piece)] = _InFlight(done, False)
-        finally:
-            torch.cuda.set_stream(compute)
 
     def _host_copies(self, layer: LayerPlan, pieces: list[int]) -> _Copies:
         """The copies that bring ``pieces`` of a host-resident layer in: one per run of adjacent pieces.
