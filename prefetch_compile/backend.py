@@ -184,7 +184,10 @@ def _offload_layout(runtime: PrefetchRuntime, values: Any) -> tuple:
 def _plan_summary(plan: OffloadPlan) -> str:
     layers = [layer.index for layer in plan.offloaded]
     parameters = sum(len(layer.params) for layer in plan.offloaded)
-    return f"layers {layers} offloaded, {parameters} parameters, {plan.num_slots} slot(s), {len(plan.piece_starts)} piece(s) each"
+    return (
+        f"layers {layers} offloaded, {parameters} parameters, {plan.num_slots} slot(s), "
+        f"{len(plan.piece_starts)} piece(s) each"
+    )
 
 
 def run_prefetch_pass(

@@ -35,7 +35,13 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._torch_internals import TorchDispatchMode, fake_tensor_mode, pytree, quiet_meta_kernel_failures, returns_new_memory
+from ._torch_internals import (
+    TorchDispatchMode,
+    fake_tensor_mode,
+    pytree,
+    quiet_meta_kernel_failures,
+    returns_new_memory,
+)
 from .cost_model import BandwidthCurve, ChunkRead, CostTable
 from .discovery import find_layer_list, matches_offload_params
 from .passes.prefetch import CHUNKS_PER_LAYER
