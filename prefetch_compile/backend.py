@@ -50,6 +50,7 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
     _check_inference(example_inputs)
     runtime.compiling()
     runtime.check_placement([location[1] for value in example_inputs if (location := runtime.locate(value))])
+    runtime.check_not_replaced()
     if parsed.compile.cuda_graphs and runtime.disk is not None:
         raise OptionError(
             f"cuda_graphs=True cannot be used with a disk tier: {len(runtime.disk.layout.layers)} offloaded layers of "

@@ -100,6 +100,7 @@ def _enter_block(runtime: PrefetchRuntime, names: list[str], name: str, offload_
             "torch.inference_mode(), or call requires_grad_(False) on the model"
         )
     runtime.check_placement(names)
+    runtime.check_not_replaced(names)
     runtime.wait(offload_index)
     runtime.begin_block(offload_index)
 

@@ -108,7 +108,8 @@ def offload_within_budget(
     _check_not_offloaded(model)  # before the planner's calibration, not after
     chosen = plan_within_budget(model, device, budget, layers, compiler)
     if chosen.options is None:
-        model.to(device)
+        if any(t.device != device for t in [*model.parameters(), *model.buffers()]):
+            model.to(device)  # not when there already: inside the backend it cannot swap a subclass parameter
         setattr(model, RESIDENT_FLAG, budget.budget)
         return None
     runtime = offload_with_options(model, device, chosen.options)
@@ -174,6 +175,7 @@ def assemble_runtime(
         if name not in offloaded
     }
     runtime = PrefetchRuntime(plan, device, host, slots, offloaded, kept, disk)
+    runtime.bind_model(model)
     for offload_index in range(plan.num_slots):
         runtime.start(offload_index)
     for module in model.modules():

@@ -31,6 +31,7 @@ from torch import nn
 from .config import OptionError, PlanOptions
 from .cost_model import ChunkCopy, CostTable, Schedule, simulate, simulate_chunks
 from .discovery import find_layer_list
+from .leaves import tensor_leaves
 from .plan import build_plan, chunks_copies
 from .runtime import format_bytes
 
@@ -121,7 +122,10 @@ def measure_footprint(
         blocks[names] = selected
         saved[names] = tuple(sum(_round_up(p.nbytes, tensor_rounding) for p in layer.params) for layer in plan.layers)
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}.values()
-    resident = sum(_round_up(t.numel() * t.element_size(), tensor_rounding) for t in tensors)
+    # Leaf by leaf: a quantized subclass parameter holds its packed data and scales, not numel() of its dtype.
+    resident = sum(
+        _round_up(leaf.numel() * leaf.element_size(), tensor_rounding) for t in tensors for _, leaf in tensor_leaves(t)
+    )
     resident += CUDA_WORKSPACE_BYTES if cuda else 0
     return Footprint(path, resident, blocks, saved, slot_rounding)
 

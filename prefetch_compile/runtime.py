@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
@@ -192,6 +193,7 @@ class PrefetchRuntime:
         self.slots = slots
         self.disk = disk  # the offloaded layers read from disk instead of the host arena, if any
         self.budget: int | None = None  # the device-memory budget (bytes) the planner chose the plan within, if any
+        self._model: weakref.ReferenceType[torch.nn.Module] | None = None  # the offloaded model: bind_model()
         self.offloaded: tuple[LayerPlan, ...] = plan.offloaded
         self.offloaded_params = dict(offloaded_params)
         self.kept_tensors = dict(kept_tensors)
@@ -336,6 +338,33 @@ class PrefetchRuntime:
                         "dtype or device (model.to, .half, .float, ...). Convert the model before offload(), "
                         "or load new values with runtime.load_weights / model.load_state_dict"
                     )
+
+    def bind_model(self, model: torch.nn.Module) -> None:
+        """Remember (weakly) the model whose parameters these are, for :meth:`check_not_replaced`."""
+        self._model = weakref.ref(model)
+
+    def check_not_replaced(self, names: Iterable[str] | None = None) -> None:
+        """Refuse offloaded parameters that the model no longer holds (``quantize_``, a module swap, an assignment).
+
+        Their replacement was computed from the parameter as it stood, a view of a
+        slot that held whichever layer sat there: another layer's values. And the
+        runtime would go on copying the old weights into the slot, which no one reads.
+        """
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return
+        for name in self._placements if names is None else names:
+            try:
+                current = model.get_parameter(name)
+            except AttributeError:
+                current = None
+            if current is not self.offloaded_params[name]:
+                raise RuntimeError(
+                    f"offloaded parameter {name} was replaced on the model after offloading (quantize_, a module "
+                    "swap, an assignment): its new value was made from a slot shared with other layers. Quantize "
+                    "or convert the model before offload(), or load new values with runtime.load_weights / "
+                    "model.load_state_dict"
+                )
 
     def check_in_slot(self, leaf: torch.Tensor) -> None:
         """Refuse, at run time, an offloaded leaf that no longer views its slot (one address compare).
@@ -908,6 +937,18 @@ class PrefetchRuntime:
                     f"load_weights: {name!r} expects shape {tuple(current.shape)} and dtype {current.dtype}, "
                     f"got {tuple(value.shape)} and {value.dtype}"
                 )
+            for _, placement in self._placements.get(name, ()):  # a subclass's leaves: the bytes that are copied
+                try:
+                    leaf = get_inner(value, placement.inner)
+                except AttributeError:
+                    leaf = None
+                matches = isinstance(leaf, torch.Tensor) and (tuple(leaf.shape), leaf.dtype) == (placement.shape, placement.dtype)
+                if not matches:
+                    raise ValueError(
+                        f"load_weights: {name!r} is a {type(current).__name__} whose leaf {placement.name} is "
+                        f"{placement.dtype} {placement.shape}; the new {type(value).__name__} has "
+                        + ("no such leaf" if leaf is None else f"{leaf.dtype} {tuple(leaf.shape)} there")
+                    )
         with self.lock:
             self.settle_edits(new_values, superseded=True)
             self.synchronize_copies()

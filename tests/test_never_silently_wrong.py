@@ -436,3 +436,28 @@ def test_two_models_offloaded_on_their_own_each_run_under_their_own_runtime():
                 torch.testing.assert_close(function(ids).logits, reference(ids).logits, rtol=0, atol=0)
                 assert runtime.counters.copies - before == len(runtime.offloaded)
     assert all(runtime.counters.ensure_misses == 0 for runtime in runtimes)
+
+
+def test_quantizing_an_offloaded_model_is_refused_at_its_next_call():
+    """``quantize_`` after offloading quantized each weight from its slot, which held another layer: logits off by
+    0.4, no error, and the runtime went on copying the old float weights. Quantize before offloading."""
+    quantization = pytest.importorskip("torchao.quantization")
+    model, _, runtime = _offloaded(["linear"] * 4, group_size=2)
+    compiled = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        compiled(x)
+        quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+        with pytest.raises(Exception, match=r"offloaded parameter layers\.1\.\S+ was replaced on the model"):
+            compiled(x)
+
+
+def test_an_offloaded_parameter_replaced_by_assignment_is_refused_in_an_eager_call():
+    model, _, runtime = _offloaded(["linear"] * 4, group_size=2)
+    block = model.layers[1]
+    name, param = next(iter(block.named_parameters()))
+    module_path, _, attribute = name.rpartition(".")
+    owner = block.get_submodule(module_path) if module_path else block
+    setattr(owner, attribute, torch.nn.Parameter(param.detach().clone()))
+    with torch.no_grad(), pytest.raises(RuntimeError, match=rf"offloaded parameter layers\.1\.{name} was replaced"):
+        model(torch.randn(3, 16))

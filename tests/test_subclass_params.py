@@ -118,6 +118,20 @@ def test_load_weights_replaces_every_leaf_of_a_quantized_weight():
         torch.testing.assert_close(compiled(tokens), reference(tokens), **TOLERANCE)
 
 
+def test_load_weights_refuses_a_plain_tensor_for_a_quantized_weight_before_writing_anything():
+    """The check compared the logical shape and dtype only; the write then failed on the missing leaf
+    (``AttributeError: qdata``) after earlier entries were written."""
+    model = quantized_llama("int8")
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2)
+    norm = next(name for name in runtime.kept_tensors if name.endswith("norm.weight"))
+    before = runtime.kept_tensors[norm].clone()
+    plain = torch.zeros(runtime.offloaded_params["layers.1.mlp.down_proj.weight"].shape)
+    update = {norm: torch.full_like(before, 7.0), "layers.1.mlp.down_proj.weight": plain}
+    with pytest.raises(ValueError, match=r"whose leaf layers\.1\.mlp\.down_proj\.weight\.qdata is torch\.int8 .* no such leaf"):
+        runtime.load_weights(update)
+    assert torch.equal(runtime.kept_tensors[norm], before)
+
+
 def test_placeholder_sources_follow_aot_order_with_symbolic_sizes():
     """Check the mapping against AOT's real placeholders, including the symbolic sizes of a dynamic subclass input."""
     from torch._dynamo.backends.common import aot_autograd
