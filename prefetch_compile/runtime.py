@@ -985,8 +985,8 @@ class PrefetchRuntime:
         ((layer, placement), *others) = self._placements[name]
         if placement.inner or others:
             raise RuntimeError(
-                f"state_dict of offloaded tensor-subclass parameter {name} is not supported: its leaves "
-                "live in the host arena separately; save the model before offloading"
+                f"the host value (state_dict, host_value) of offloaded tensor-subclass parameter {name} is not "
+                "supported: its leaves live in the host arena separately; save the model before offloading"
             )
         # Made under inference_mode, the value would be an inference tensor (a view of the arena by dtype,
         # or a fresh tensor read from disk), which has no version counter: a write into it would go unseen.
