@@ -70,9 +70,10 @@ def model_to_offload(gm: fx.GraphModule, plan: PlanOptions | None, budget: Budge
         is_root = all(_torch_internals.is_compiled_wrapper(outer) for outer in enclosing)
         if is_root and plan is not None and plan.layers is not None:
             raise  # the model itself lacks the block list asked for: a wrong path, not a graph break
-        _warn(
-            f"Dynamo compiles it for {type(module).__name__}, which has no block list: {error}" + _BREAK_HINT
-        )
+        # Inside a larger model (a graph break compiled a part of it), the `layers` advice of the error misleads:
+        # a path names a submodule of the model, not of this part.
+        detail = f": {error}" if is_root else " of its own"
+        _warn(f"Dynamo compiles it for {type(module).__name__}, which has no block list{detail}" + _BREAK_HINT)
         return None
     return module
 

@@ -461,3 +461,27 @@ def test_an_offloaded_parameter_replaced_by_assignment_is_refused_in_an_eager_ca
     setattr(owner, attribute, torch.nn.Parameter(param.detach().clone()))
     with torch.no_grad(), pytest.raises(RuntimeError, match=rf"offloaded parameter layers\.1\.{name} was replaced"):
         model(torch.randn(3, 16))
+
+
+def test_a_part_compiled_on_its_own_after_a_break_is_not_advised_a_layers_path(caplog):
+    """A break in the layer loop makes Dynamo compile the model's parts on their own; for a part outside the block
+    list (the input projection) the warning advised options={'layers': ...}, which names a path of the part."""
+
+    class Scale(torch.nn.Module):  # not a torch.nn class: Dynamo compiles its frame on its own
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(16))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.weight
+
+    class Model(Stack):
+        def __init__(self) -> None:
+            super().__init__(["linear"] * 4, break_after=(1,))
+            self.proj = Scale()
+
+    compiled = torch.compile(Model(), backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="prefetch_compile"):
+        compiled(torch.randn(3, 16))
+    about_proj = [r.getMessage() for r in caplog.records if "compiles it for Scale, which has no block list" in r.getMessage()]
+    assert about_proj and all("of its own" in message and "'layers'" not in message for message in about_proj)
