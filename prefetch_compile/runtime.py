@@ -354,11 +354,15 @@ class PrefetchRuntime:
         if model is None:
             return
         for name in self._placements if names is None else names:
-            try:
-                current = model.get_parameter(name)
-            except AttributeError:
-                current = None
-            if current is not self.offloaded_params[name]:
+            # A walk of the modules' own dicts, not model.get_parameter (about 10 us a name): an eager block
+            # call checks its parameters at every call.
+            *path, attribute = name.split(".")
+            owner: torch.nn.Module | None = model
+            for part in path:
+                owner = owner._modules.get(part)
+                if owner is None:
+                    break
+            if owner is None or owner._parameters.get(attribute) is not self.offloaded_params[name]:
                 raise RuntimeError(
                     f"offloaded parameter {name} was replaced on the model after offloading (quantize_, a module "
                     "swap, an assignment): its new value was made from a slot shared with other layers. Quantize "
