@@ -64,6 +64,10 @@ class ParamPlacement:
             return self.name
         return self.name[: -len(".".join(self.inner)) - 1]
 
+    def fits(self, leaf: torch.Tensor) -> bool:
+        """Whether ``leaf`` has this placement's dtype and shape (what a copy into its bytes needs)."""
+        return leaf.dtype == self.dtype and tuple(leaf.shape) == self.shape
+
     @property
     def nbytes(self) -> int:
         numel = 1

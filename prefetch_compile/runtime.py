@@ -327,11 +327,7 @@ class PrefetchRuntime:
         for name in self._placements if names is None else names:
             for layer, placement in self._placements[name]:
                 param = get_inner(self.offloaded_params[name], placement.inner)
-                if (
-                    param.data_ptr() != self.slots.block(layer).data_ptr() + placement.offset
-                    or param.dtype != placement.dtype
-                    or tuple(param.shape) != placement.shape
-                ):
+                if param.data_ptr() != self.slots.block(layer).data_ptr() + placement.offset or not placement.fits(param):
                     raise RuntimeError(
                         f"offloaded parameter {placement.name} no longer lives in its device slot (now "
                         f"{param.dtype}, {tuple(param.shape)} on {param.device}): an offloaded model cannot change "
@@ -946,8 +942,7 @@ class PrefetchRuntime:
                     leaf = get_inner(value, placement.inner)
                 except AttributeError:
                     leaf = None
-                matches = isinstance(leaf, torch.Tensor) and (tuple(leaf.shape), leaf.dtype) == (placement.shape, placement.dtype)
-                if not matches:
+                if not isinstance(leaf, torch.Tensor) or not placement.fits(leaf):
                     raise ValueError(
                         f"load_weights: {name!r} is a {type(current).__name__} whose leaf {placement.name} is "
                         f"{placement.dtype} {placement.shape}; the new {type(value).__name__} has "
