@@ -4,7 +4,8 @@
 #   bash benchmarks/device_round.sh COMMIT PART [PART ...]
 #
 # Parts: tests (the GPU suite in parallel, less the `alone` tests), quick (those, less the quantized Llama tests,
-# about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py), hf (hf_decode.py),
+# about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py), opsbase
+# (op_overhead.py of an earlier commit unpacked in build/base, for an A/B in one call), hf (hf_decode.py),
 # ab (graphs_ab.py), graphmem (bench_offload.py: time and peak memory of one chunked plan with and without
 # graphs, 16 layers), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
 # layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
@@ -41,6 +42,7 @@ for name in "$@"; do
         quick) part gpu_tests_quick python3 -m pytest tests/gpu -n 8 -m "not alone" -k "not quantized_llama" -q -p no:cacheprovider --durations=5 ;;
         alone) part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
         ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
+        opsbase) part op_overhead_base bash -c "cd build/base && BENCH_COMMIT=${BASE_COMMIT:-base} python3 benchmarks/op_overhead.py --out $RESULTS/ops_base" ;;
         hf) part hf_decode python3 benchmarks/hf_decode.py ${HF_ARGS:---layers 8 --tokens 24 --rounds 4 --prompts 2 --trace-tokens 4} --out "$RESULTS/hf" ;;
         graphmem) part graphs_memory python3 benchmarks/bench_offload.py --layers 16 --systems ours --fractions 2 \
                       --cases decode1,prefill2048 --prefetch-steps "" --chunked-steps 1 --cuda-graphs 0,1 --no-check \

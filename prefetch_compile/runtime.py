@@ -232,6 +232,10 @@ class PrefetchRuntime:
         self._all_pieces = range(len(plan.piece_starts))
         self._cuda = device.type == "cuda"
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        # Orders an eager copy after the compute stream's queued work. One event serves every such copy: a
+        # stream's wait_event waits for the record made before the wait call, so re-recording it for the next
+        # copy does not move an earlier wait (a fresh event per copy cost the first forwards' host time).
+        self._fork = torch.cuda.Event() if self._cuda else None
         # One persistent event per piece of each offloaded layer for copies issued outside a capture. They
         # are "external": a capture that waits on one records a wait node for the event itself, so a replay
         # waits for whatever copy last recorded it (the prefetch issued after the previous replay).
@@ -547,37 +551,46 @@ class PrefetchRuntime:
         # previous layer, and inside a capture it is what pulls the copy stream into the graph.
         fork = after
         if fork is None:
-            fork = torch.cuda.Event()
+            fork = torch.cuda.Event() if capturing else self._fork
             fork.record(compute)
         if recorder is not None:
             recorder.copy_issued(index, pieces, copies.memcpy_bytes, compute)
-        self.copy_stream.wait_event(fork)
+        copy_stream = self.copy_stream
+        copy_stream.wait_event(fork)
         if capturing:
             self._queue_behind_deferred()
-        with torch.cuda.stream(self.copy_stream):
+        # set_stream rather than the torch.cuda.stream context, whose bookkeeping was a sizeable part of a
+        # copying start's host time. It also makes the copy stream's device current: restored below.
+        current_device = torch.cuda.current_device()
+        torch.cuda.set_stream(copy_stream)
+        try:
             if recorder is not None:
-                recorder.copy_began(self.copy_stream)
+                recorder.copy_began(copy_stream)
             try:
                 for source, target in copies.pairs:
                     target.copy_(source, non_blocking=True)
             finally:
                 if staged is not None:
                     copied = torch.cuda.Event()  # the staging buffer's own: _ready is re-recorded by later copies
-                    copied.record(self.copy_stream)
+                    copied.record(copy_stream)
                     staged.release(copied)
             if recorder is not None:
-                recorder.copy_ended(self.copy_stream)
-            if capturing:
-                done = torch.cuda.Event()
-                done.record(self.copy_stream)
-                copy = _InFlight(done, True)
-                for piece in pieces:
-                    self._in_flight[(index, piece)] = copy
-            else:
-                for piece in pieces:
-                    done = self._ready[index][piece]
-                    done.record(self.copy_stream)
-                    self._in_flight[(index, piece)] = _InFlight(done, False)
+                recorder.copy_ended(copy_stream)
+        finally:
+            torch.cuda.set_stream(compute)
+            if current_device != compute.device_index:
+                torch.cuda.set_device(current_device)
+        if capturing:
+            done = torch.cuda.Event()
+            done.record(copy_stream)
+            copy = _InFlight(done, True)
+            for piece in pieces:
+                self._in_flight[(index, piece)] = copy
+        else:
+            for piece in pieces:
+                done = self._ready[index][piece]
+                done.record(copy_stream)
+                self._in_flight[(index, piece)] = _InFlight(done, False)
 
     def _host_copies(self, layer: LayerPlan, pieces: list[int]) -> _Copies:
         """The copies that bring ``pieces`` of a host-resident layer in: one per run of adjacent pieces.
