@@ -124,6 +124,21 @@ def compile_id() -> str:
     return str(current) if current is not None else "eager"
 
 
+def forget_traced_path() -> None:
+    """Clear the speculation log of the frame Dynamo is tracing, as Dynamo does where a restart may trace differently.
+
+    On a restart of a frame's analysis Dynamo replays the frame against that log
+    and fails (``SpeculationLogDivergence``) where the new trace takes another
+    path. Dynamo clears it itself before a restart it knows diverges (compile
+    collectives); an empty log costs at most one more restart at a graph break.
+    """
+    from torch._dynamo import symbolic_convert
+
+    tracer = getattr(symbolic_convert.tls, "current_tx", None)
+    if isinstance(tracer, symbolic_convert.InstructionTranslator):
+        tracer.speculation_log.clear()
+
+
 def never_compiled_as_a_frame(fn: Callable) -> Callable:
     """Keep Dynamo from compiling ``fn`` as a frame of its own, while it still inlines ``fn`` where it traces a call.
 

@@ -87,6 +87,10 @@ def prefetch_offload_backend(gm: fx.GraphModule, example_inputs: list[Any], opti
         compile_inputs = [
             _torch_internals.static_fake(value) if runtime.locate(value) else value for value in example_inputs
         ]
+        # The trace that led here saw the model without its block hooks. A restart of this frame's analysis
+        # (AOT's tensorify pass restarts one under dynamic=True) traces it with them, and Dynamo would take
+        # that for a diverging trace and fail: it must forget what the first trace recorded.
+        _torch_internals.forget_traced_path()
     # A dump needs the pass to run, so a graph compiled for one bypasses Inductor's FX graph cache.
     cache_key = _pass_key(runtime, example_inputs) if parsed.compile.dump_dir is None else None
     compiled = _inner_compile(gm, compile_inputs, parsed, graph_pass, cache_key)

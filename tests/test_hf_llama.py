@@ -69,3 +69,20 @@ def test_tiny_llama_with_chunked_copies_through_the_one_liner(compiler):
         assert runtime.counters.copies - copies > 3 * 2  # several chunks per layer
         assert torch.equal(greedy(compiled_logits, prompt, 3), greedy(reference_logits, prompt, 3))
     assert runtime.counters.ensure_misses == 0
+
+
+def test_the_one_liner_with_dynamic_shapes_on_its_first_call():
+    """``torch.compile(model.forward, ..., dynamic=True)`` without offload() first: AOT's tensorify pass restarts
+    Dynamo's analysis after the backend offloaded the model, and the restarted trace, which now sees the block
+    hooks, failed with SpeculationLogDivergence. Greedy generate with a KV cache, two prompt lengths, equals the
+    un-offloaded model's."""
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    options = {"group_size": 2, "num_in_group": 1, "prefetch_step": 1}
+    model.forward = torch.compile(model.forward, backend="prefetch_offload", dynamic=True, options=options)
+    settings = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    with torch.inference_mode():
+        for length in (5, 9):
+            prompt = torch.randint(0, 128, (1, length))
+            assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
+    assert prefetch_compile.runtime_of(model).stats().offloaded_layers == 2
