@@ -24,8 +24,8 @@ log = logging.getLogger("prefetch_compile")
 
 def plan_within_budget(
     model: nn.Module, device: torch.device, options: BudgetOptions, layers: str | None = None, compiler: str = "inductor"
-) -> BudgetPlan:
-    """The planner's choice for ``model`` on ``device``; logs it at INFO.
+) -> tuple[BudgetPlan, CostTable]:
+    """The planner's choice for ``model`` on ``device``, and the cost table it chose from; logs the choice at INFO.
 
     Activations come from ``options.activation_bytes`` or a fake-tensor trace
     of ``options.example_inputs`` as ``device`` would run it; compute times from ``options.cost_table``, or
@@ -40,7 +40,7 @@ def plan_within_budget(
     cost = _cost_table(model, device, options, trace, compiler)
     chosen = plan_for_budget(footprint, cost, options.budget, activation_bytes)
     log.info("%s (compute times: %s)", chosen.describe(), cost.source)
-    return chosen
+    return chosen, cost
 
 
 def _cost_table(

@@ -148,9 +148,13 @@ def _copy_seconds(sizes: list[int], device: torch.device, pinned: bool) -> list[
 
 
 def trace_forward(
-    model: nn.Module, example_inputs: Sequence[Any], layers: str | None = None, device: torch.device | None = None
+    model: nn.Module,
+    example_inputs: Sequence[Any] | Mapping[str, Any],
+    layers: str | None = None,
+    device: torch.device | None = None,
 ) -> ForwardTrace:
-    """Run ``model(*example_inputs)`` on fake tensors and record what each layer does.
+    """Run ``model(*example_inputs)`` (``model(**example_inputs)`` for a mapping) on fake tensors and record what
+    each layer does.
 
     Parameters, buffers and inputs are swapped for fake tensors (shapes, dtypes
     and a device, no data) through ``torch.func.functional_call``, so the model
@@ -174,10 +178,11 @@ def trace_forward(
     path, blocks = find_layer_list(model, layers)
     where = next(iter(model.parameters())).device
     device = device if device is not None else where
+    call = ((), dict(example_inputs)) if isinstance(example_inputs, Mapping) else (tuple(example_inputs), {})
     try:
         with fake_tensor_mode() as fake:
             tensors = {name: _fake_like(t, device) for name, t in _named_tensors(model)}
-            inputs = tuple(pytree.tree_map(lambda value: _fake_like(value, device), tuple(example_inputs)))
+            inputs = pytree.tree_map(lambda value: _fake_like(value, device), call)
         with quiet_meta_kernel_failures():
             return _record(model, path, blocks, tensors, inputs, fake)
     except Exception as error:  # noqa: BLE001  (any refusal of a fake kernel; the real forward re-raises real errors)
@@ -188,7 +193,7 @@ def trace_forward(
             str(error).splitlines()[0] if str(error) else "",
             where,
         )
-    inputs = tuple(pytree.tree_map(lambda value: _real_like(value, where), tuple(example_inputs)))
+    inputs = pytree.tree_map(lambda value: _real_like(value, where), call)
     return _record(model, path, blocks, dict(_named_tensors(model)), inputs, contextlib.nullcontext())
 
 
@@ -197,10 +202,11 @@ def _record(
     path: str,
     blocks: nn.ModuleList | nn.Sequential,
     tensors: dict[str, torch.Tensor],
-    inputs: tuple[Any, ...],
+    inputs: tuple[tuple[Any, ...], dict[str, Any]],
     mode: contextlib.AbstractContextManager,
 ) -> ForwardTrace:
-    """Run the forward with ``tensors`` as its parameters and buffers, in ``mode``, and record it."""
+    """Run the forward on ``inputs`` (positional and keyword arguments) with ``tensors`` as its parameters and
+    buffers, in ``mode``, and record it."""
     recorder = _LiveBytes({id(tensor): name for name, tensor in tensors.items()})
     recorder.live = sum(_nbytes(t) for t in pytree.tree_flatten(inputs)[0] if isinstance(t, torch.Tensor))
     recorder.peak = recorder.live
@@ -221,7 +227,7 @@ def _record(
     try:
         with torch.no_grad(), torch.compiler.set_stance("force_eager"), mode:
             with _FusedAttention(recorder), FlopCounterMode(display=False) as flops, recorder:
-                torch.func.functional_call(model, tensors, inputs)
+                torch.func.functional_call(model, tensors, *inputs)
     finally:
         for handle in handles:
             handle.remove()

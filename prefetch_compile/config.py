@@ -100,8 +100,8 @@ class BudgetOptions:
 
     The budget covers what ``torch.cuda.max_memory_allocated`` counts during a
     forward: kept weights and buffers, the slot pool, and the activations of
-    ``example_inputs`` (only their shapes and dtypes are used) or
-    ``activation_bytes``. ``cost_table`` (a :class:`~prefetch_compile.cost_model.CostTable`
+    ``example_inputs`` (only their shapes and dtypes are used: a tuple of
+    positional arguments, or a mapping of keyword arguments) or ``activation_bytes``. ``cost_table`` (a :class:`~prefetch_compile.cost_model.CostTable`
     or the path of one saved as JSON) replaces every measurement; without it the
     pinned bandwidth comes from the per-device cache and the per-layer compute
     times from a short calibration on the device (``calibrate=True``) or from a
@@ -109,7 +109,7 @@ class BudgetOptions:
     """
 
     budget: int
-    example_inputs: tuple[Any, ...] | None = None
+    example_inputs: tuple[Any, ...] | dict[str, Any] | None = None
     activation_bytes: int | None = None
     cost_table: Any = None
     calibrate: bool = True
@@ -250,11 +250,16 @@ def parse_budget_options(options: Mapping[str, Any]) -> BudgetOptions | None:
             raise OptionError(f"{stray} only apply with a budget; pass budget='24GiB' (say) as well")
         return None
     example_inputs = options.get("example_inputs")
-    if example_inputs is not None and not isinstance(example_inputs, (tuple, list)):
-        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, Mapping):  # keyword arguments, as Hugging Face models are called
+        if not all(isinstance(key, str) for key in example_inputs):
+            raise OptionError(f"example_inputs as a mapping are keyword arguments: its keys must be names, got "
+                              f"{sorted(map(repr, example_inputs))}")
+        example_inputs = dict(example_inputs)
+    elif example_inputs is not None:
+        example_inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     return BudgetOptions(
         budget=parse_bytes(options["budget"]),
-        example_inputs=tuple(example_inputs) if example_inputs is not None else None,
+        example_inputs=example_inputs,
         activation_bytes=options.get("activation_bytes"),
         cost_table=options.get("cost_table"),
         calibrate=True if options.get("calibrate") is None else options["calibrate"],

@@ -103,10 +103,12 @@ def offload_within_budget(
 
     Either way the model remembers the budget: a resident one in ``RESIDENT_FLAG``,
     an offloaded one in ``runtime.budget``, against which a later compile's options are checked.
+    An offloaded one also keeps the cost table it was planned from in ``runtime.cost_table``:
+    saved with ``to_json`` and passed back as ``cost_table``, it spares the next run the calibration.
     """
     device = _check_device(device)
     _check_not_offloaded(model)  # before the planner's calibration, not after
-    chosen = plan_within_budget(model, device, budget, layers, compiler)
+    chosen, cost = plan_within_budget(model, device, budget, layers, compiler)
     if chosen.options is None:
         if any(t.device != device for t in [*model.parameters(), *model.buffers()]):
             model.to(device)  # not when there already: inside the backend it cannot swap a subclass parameter
@@ -114,6 +116,7 @@ def offload_within_budget(
         return None
     runtime = offload_with_options(model, device, chosen.options)
     runtime.budget = budget.budget
+    runtime.cost_table = cost
     return runtime
 
 

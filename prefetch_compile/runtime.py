@@ -56,6 +56,7 @@ from .memory import HostArena, SlotPool, param_view
 from .plan import LayerPlan, OffloadPlan, ParamPlacement
 
 if TYPE_CHECKING:
+    from .cost_model import CostTable
     from .disk_tier import DiskTier, StagedLayer
     from .report import CopyRecorder, CopyReport
 
@@ -193,6 +194,7 @@ class PrefetchRuntime:
         self.slots = slots
         self.disk = disk  # the offloaded layers read from disk instead of the host arena, if any
         self.budget: int | None = None  # the device-memory budget (bytes) the planner chose the plan within, if any
+        self.cost_table: CostTable | None = None  # the costs the planner chose it from (offload_within_budget)
         self._model: weakref.ReferenceType[torch.nn.Module] | None = None  # the offloaded model: bind_model()
         self.offloaded: tuple[LayerPlan, ...] = plan.offloaded
         self.offloaded_params = dict(offloaded_params)

@@ -15,6 +15,7 @@ import torch
 
 import prefetch_compile
 from model_zoo import BY_NAME, MIXTRAL
+from prefetch_compile import budget as budget_module
 from prefetch_compile import calibration
 
 pytest.importorskip("transformers")
@@ -113,3 +114,33 @@ def test_budget_on_the_one_line_path_generates_the_same_tokens(name):
         expected_static = reference.generate(ids, cache_implementation="static", **settings)
     assert dynamic.shape == (2, ids.shape[1] + 4)
     assert torch.equal(dynamic, expected_dynamic) and torch.equal(static, expected_static)
+
+
+def test_example_inputs_as_keyword_arguments_plan_as_positional_ones():
+    """HF models are called by keyword: a mapping of example_inputs is the forward's keyword arguments (it was
+    passed as one positional argument, and the trace failed in the model's embedding with no word of
+    example_inputs). The plan equals the one made from the same tensors passed positionally."""
+    ids, mask = prompt_and_mask()
+    plans = []
+    for example_inputs in ((ids, mask), {"input_ids": ids, "attention_mask": mask}):
+        model = BY_NAME["llama"].build()
+        runtime = prefetch_compile.offload(model, "cpu", budget=nbytes(model) * 8 // 10, example_inputs=example_inputs)
+        plans.append([(layer.index, [p.param_name for p in layer.params]) for layer in runtime.offloaded])
+    assert plans[0] and plans[0] == plans[1]
+    with pytest.raises(prefetch_compile.OptionError, match="keys must be names"):
+        prefetch_compile.offload(BY_NAME["llama"].build(), "cpu", budget="1MiB", example_inputs={0: ids})
+
+
+def test_the_cost_table_a_plan_was_made_from_is_kept_and_plans_the_same_again(tmp_path, monkeypatch):
+    """``runtime.cost_table``, saved with to_json and passed back as ``cost_table``, gives the same plan without
+    a calibration (the README's way to plan a model again without measuring it)."""
+    ids, mask = prompt_and_mask()
+    model = BY_NAME["llama"].build()
+    budget = nbytes(model) * 8 // 10
+    runtime = prefetch_compile.offload(model, "cpu", budget=budget, example_inputs=(ids, mask))
+    runtime.cost_table.to_json(tmp_path / "costs.json")
+    monkeypatch.setattr(budget_module, "calibrated_cost_table", lambda *args: pytest.fail("calibrated again"))
+    again = prefetch_compile.offload(
+        BY_NAME["llama"].build(), "cpu", budget=budget, example_inputs=(ids, mask), cost_table=tmp_path / "costs.json"
+    )
+    assert again.plan.options == runtime.plan.options
