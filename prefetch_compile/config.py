@@ -222,6 +222,11 @@ def plan_options(knobs: Mapping[str, Any]) -> PlanOptions:
     unknown = sorted(set(knobs) - set(PLAN_KNOBS))
     if unknown:
         raise OptionError(f"unknown plan knob(s) {unknown}; the plan knobs are {list(PLAN_KNOBS)}")
+    chooser = [name for name in ("offload_layers", "filter_fn") if knobs.get(name) is not None]
+    pattern = [name for name in ("group_size", "num_in_group") if name in knobs]
+    if chooser and pattern:
+        raise OptionError(f"{chooser[0]} chooses the offloaded layers itself, so {pattern} would be ignored; drop "
+                          f"{' and '.join(pattern)} or drop {chooser[0]}")
     values = dict(knobs)
     if "offload_params" in values:
         values["offload_params"] = _as_name_tuple(values["offload_params"])

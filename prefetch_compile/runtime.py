@@ -636,8 +636,8 @@ class PrefetchRuntime:
             log.warning(
                 "prefetch_compile: %s was not resident when %s read it; copied on the spot. A graph break "
                 "inside a block, an eager call of an offloaded block, a forward that raised or a refused in-place "
-                "edit does this; elsewhere it is a planning bug (counted in runtime.counters.ensure_misses, warned "
-                "once per graph)",
+                "edit does this, and so does a forward that reads its offloaded layers in another order than the "
+                "plan's (counted in runtime.counters.ensure_misses, warned once per graph)",
                 layer.name,
                 graph,
             )
@@ -994,6 +994,11 @@ class PrefetchRuntime:
         fresh CPU tensor read from the checkpoint file. A tensor-subclass
         parameter has several leaves and no single host view: refused.
         """
+        if name not in self._placements:
+            raise KeyError(
+                f"host_value: {name!r} is not an offloaded parameter of this runtime (it stays on the device: read "
+                "it from the model); the offloaded ones are runtime.offloaded_params"
+            )
         with self.lock:
             self.settle_edits([name])
         ((layer, placement), *others) = self._placements[name]

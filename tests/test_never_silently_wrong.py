@@ -192,6 +192,12 @@ def test_load_state_dict_size_mismatch_is_reported_and_changes_nothing_offloaded
     assert torch.equal(runtime.host_value("layers.1.fc.weight"), reference.layers[1].fc.weight)
 
 
+def test_host_value_of_a_kept_parameter_says_it_stays_on_the_device():
+    model, reference, runtime = _offloaded(["linear"] * 2, group_size=2)
+    with pytest.raises(KeyError, match=r"'layers\.0\.fc\.weight' is not an offloaded parameter of this runtime"):
+        runtime.host_value("layers.0.fc.weight")
+
+
 # ------------------------------------------------------- model-level calls
 @pytest.mark.parametrize("target", ["model", "block", "owner"])
 def test_deepcopy_and_pickle_are_refused(target):

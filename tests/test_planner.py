@@ -101,6 +101,8 @@ def test_budgets_of_no_bytes_or_fewer_are_refused_as_such(value):
         ({"budget": "1GiB", "activation_bytes": -1}, "activation_bytes must be an integer >= 0"),
         ({"budget": "1GiB", "activation_bytes": 0, "calibrate": "no"}, "calibrate must be True or False"),
         ({"offload_layers": [3, 1]}, "offload_layers must be increasing, distinct layer indices"),
+        ({"offload_layers": [1, 3], "group_size": 2}, "offload_layers chooses the offloaded layers itself, so ['group_size']"),
+        ({"filter_fn": lambda block, fqn: True, "num_in_group": 2}, "drop num_in_group or drop filter_fn"),
     ],
 )
 def test_bad_budget_options(options, message):
