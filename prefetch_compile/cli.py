@@ -139,7 +139,9 @@ def _offload_compile_and_run(model: nn.Module, options: PlanOptions, args: argpa
             raise CliError(
                 f"{type(model).__name__} failed on a random {args.input_dtype} input of shape "
                 f"{','.join(map(str, args.input_shape))}: {reason[:300]}; pass the model's input with --input-shape "
-                "and --input-dtype (token ids: --input-dtype long)"
+                "and --input-dtype (token ids: --input-dtype long). The CLI passes one tensor, as the forward's "
+                "first argument: for a model that needs more (an encoder-decoder's decoder inputs), compile it from "
+                "Python with options={'dump_dir': ...}"
             ) from None
         if args.timeline is not None:
             for _ in range(TIMELINE_WARMUP_CALLS):
