@@ -101,7 +101,8 @@ class BudgetOptions:
     The budget covers what ``torch.cuda.max_memory_allocated`` counts during a
     forward: kept weights and buffers, the slot pool, and the activations of
     ``example_inputs`` (only their shapes and dtypes are used: a tuple of
-    positional arguments, or a mapping of keyword arguments) or ``activation_bytes``. ``cost_table`` (a :class:`~prefetch_compile.cost_model.CostTable`
+    positional arguments, or a mapping of keyword arguments) or
+    ``activation_bytes``. ``cost_table`` (a :class:`~prefetch_compile.cost_model.CostTable`
     or the path of one saved as JSON) replaces every measurement; without it the
     pinned bandwidth comes from the per-device cache and the per-layer compute
     times from a short calibration on the device (``calibrate=True``) or from a

@@ -67,7 +67,11 @@ def describe_layer_list(model: nn.Module, path: str, blocks: list[nn.Module], gi
     total = parameter_bytes(model)
     held = parameter_bytes(*blocks)
     share = f"{100 * held / total:.0f}%" if total else "0%"
-    how = "named by the plan's layers option: the caller's, or a budget plan's" if given else "found: the outermost nn.ModuleList holding the most parameters"
+    how = (
+        "named by the plan's layers option: the caller's, or a budget plan's"
+        if given
+        else "found: the outermost nn.ModuleList holding the most parameters"
+    )
     return f"prefetch_compile: layer list '{path}' with {len(blocks)} blocks holding {share} of the parameter bytes ({how})"
 
 
