@@ -7,7 +7,11 @@ bf16), greedy ``generate`` with ``cache_implementation="static"``, its
 * ``resident``: nothing offloaded, ``torch.compile(model.forward)`` (Inductor,
   ``mode="default"``: ``reduce-overhead`` segfaulted on this decode in torch 2.11);
 * ``sN`` / ``sN+cg``: ``backend="prefetch_offload"`` with every other layer
-  offloaded (``group_size=2``), ``prefetch_step=N``, without and with ``cuda_graphs``.
+  offloaded (``group_size=2``), ``prefetch_step=N``, without and with ``cuda_graphs``;
+* ``--peers`` (``accelerate``, ``diffusers``): the same layers offloaded by
+  ``accelerate.cpu_offload`` or diffusers' block-level group offloading with a
+  stream (set up as in ``offload_systems.py``), ``forward`` compiled by Inductor,
+  their best supported mode. A peer that cannot run is reported and left out.
 
 All variants live in one process, each its own model, and are timed in rounds,
 one ``generate`` each per round, in turn and then in reverse order, so that drift
@@ -30,6 +34,7 @@ measured.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -41,6 +46,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_util import device_name, git_commit, log, measure_h2d_bandwidth, timed_call  # noqa: E402
+from offload_systems import offloaded_indices, param_bytes, prepare_peer  # noqa: E402
 from prefetch_compile.timeline import COPY, export_trace, read_gpu_events  # noqa: E402
 
 
@@ -76,7 +82,9 @@ def copy_stream_use(events: list, tokens: int) -> dict:
 
 
 def variant_name(variant: dict) -> str:
-    return "resident" if variant["kind"] == "resident" else f"s{variant['step']}{'+cg' if variant['graphs'] else ''}"
+    if variant["kind"] != "ours":
+        return variant["kind"]
+    return f"s{variant['step']}{'+cg' if variant['graphs'] else ''}"
 
 
 def compiled_model(args: argparse.Namespace, device: torch.device, dtype: torch.dtype, variant: dict):
@@ -84,6 +92,16 @@ def compiled_model(args: argparse.Namespace, device: torch.device, dtype: torch.
     model = build(args.layers, args.tiny, device, dtype)
     if variant["kind"] == "resident":
         model.forward = torch.compile(model.forward)
+    elif variant["kind"] != "ours":
+        original = model.forward
+        layers = [model.model.layers[index] for index in offloaded_indices(model, group_size=2)]
+        variant["copied_bytes_per_token"] = sum(param_bytes(layer) for layer in layers)  # all, every forward
+        prepared = prepare_peer(variant["kind"], original, layers, device)
+        # A function, not the peer's wrapper module (a module assigned to ``forward`` would become a submodule
+        # and leave the method in place); ``wraps`` keeps the signature that ``generate`` inspects.
+        forward = functools.wraps(original)(lambda *args, **kwargs: prepared.forward(*args, **kwargs))
+        model.forward = torch.compile(forward)
+        variant["notes"] = prepared.notes
     else:
         options = {"group_size": 2, "num_in_group": 1, "prefetch_step": variant["step"], "cuda_graphs": variant["graphs"]}
         model.forward = torch.compile(model.forward, backend="prefetch_offload", options=options)
@@ -127,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rounds", type=int, default=8, help="timed rounds, one generate per variant each")
     p.add_argument("--prompts", type=int, default=6, help="seeded prompts whose tokens are checked")
     p.add_argument("--steps", default="1,2")
+    p.add_argument("--peers", default="accelerate,diffusers", help="comma list of peers to time too ('' for none)")
     p.add_argument("--tiny", action="store_true", help="tiny dims (CPU smoke test)")
     p.add_argument("--trace-tokens", type=int, default=0,
                    help="CUDA: after timing, profile one generate of this many new tokens per offloaded variant "
@@ -148,16 +167,27 @@ def main(argv: list[str] | None = None) -> dict:
     variants = [{"kind": "resident"}]
     for step in (int(s) for s in args.steps.split(",")):
         variants += [{"kind": "ours", "step": step, "graphs": False}, {"kind": "ours", "step": step, "graphs": True}]
+    variants += [{"kind": peer} for peer in args.peers.split(",") if peer]
     settings = dict(max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False, cache_implementation="static")
     import prefetch_compile
 
+    skipped: dict[str, str] = {}
     models = {}
-    for variant in variants:
+    for variant in list(variants):
         name = variant_name(variant)
-        models[name] = model = compiled_model(args, device, dtype, variant)  # outside inference_mode, as users build
-        with torch.inference_mode():
-            first_s, _ = timed_call(lambda: model.generate(prompts[0], **settings), device)  # compiles, captures
-            model.generate(prompts[0], **settings)
+        try:
+            model = compiled_model(args, device, dtype, variant)  # outside inference_mode, as users build
+            with torch.inference_mode():
+                first_s, _ = timed_call(lambda: model.generate(prompts[0], **settings), device)  # compiles, captures
+                model.generate(prompts[0], **settings)
+        except Exception as error:
+            if variant["kind"] in ("resident", "ours"):
+                raise
+            log(f"{name}: left out, {type(error).__name__}: {error}", started)
+            variants.remove(variant)
+            skipped[name] = f"{type(error).__name__}: {error}"
+            continue
+        models[name] = model
         variant["first_generate_s"] = first_s
         log(f"{name}: built, first generate {first_s:.1f}s", started)
 
@@ -176,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = variant_name(variant)
         runtime = prefetch_compile.runtime_of(models[name])
         partings = [parting(ref, mine) for ref, mine in zip(checks["resident"], checks[name])]
-        moved = runtime.plan.copied_bytes_per_forward() if runtime else 0
+        moved = runtime.plan.copied_bytes_per_forward() if runtime else variant.get("copied_bytes_per_token", 0)
         results.append({
             **variant,
             "name": name,
@@ -187,11 +217,14 @@ def main(argv: list[str] | None = None) -> dict:
             "tokens_equal": [sum(a == b for a, b in zip(ref["tokens"], mine["tokens"])) for ref, mine in zip(checks["resident"], checks[name])],
             "partings": partings,
             "counters": vars(runtime.counters).copy() if runtime else None,
+            "notes": variant.get("notes", []),
         })
     if args.trace_tokens and device.type == "cuda":
         traced = dict(settings, max_new_tokens=args.trace_tokens, min_new_tokens=args.trace_tokens)
         with torch.inference_mode(), tempfile.TemporaryDirectory() as traces:  # tens of MB each: not kept
-            for r in results[1:]:
+            for r in results:
+                if r["kind"] != "ours":
+                    continue
                 path = Path(traces) / f"{r['name']}.json"
                 export_trace(lambda: models[r["name"]].generate(prompts[0], **traced), path)
                 r["copy_stream"] = copy_stream_use(read_gpu_events(path), args.trace_tokens)
@@ -224,13 +257,15 @@ def main(argv: list[str] | None = None) -> dict:
                 use = r["copy_stream"]
                 print(f"| {r['name']} | {use['copies_per_token']:.1f} | {use['busy_ms_per_token']:.3f} "
                       f"| {use['idle_ms_per_token']:.3f} | {use['longest_idle_ms']:.3f} |")
+    for name, why in skipped.items():
+        print(f"{name}: left out ({why})")
     for r in results:
         for seed, parted in enumerate(r["partings"]):
             if parted:
                 print(f"{r['name']} parts from resident on prompt {seed}: {parted}")
     report = {
         "device": device_name(device), "torch": torch.__version__, "commit": git_commit(None), "args": vars(args),
-        "h2d_bytes_per_s": bandwidth, "results": results, "graphs_over_none": ratios,
+        "h2d_bytes_per_s": bandwidth, "results": results, "graphs_over_none": ratios, "left_out": skipped,
     }
     if args.out:
         out = Path(args.out)

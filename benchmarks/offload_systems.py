@@ -127,20 +127,32 @@ def prepare(
         return Prepared(model)
     if spec.kind == "ours":
         return _prepare_ours(spec, model, device, kw)
-    layers = [model.layers[index] for index in indices]
+    prepared = prepare_peer(spec.kind, model, [model.layers[index] for index in indices], device,
+                            fsdp_prefetch=fsdp_prefetch)
+    prepared.notes.insert(0, "eager" if not peer_compile else "torch.compile")
+    if peer_compile:
+        prepared.forward = torch.compile(prepared.forward, **kw)
+    return prepared
+
+
+def prepare_peer(
+    kind: str, model: Callable[..., object], layers: list[nn.Module], device: torch.device, *, fsdp_prefetch: bool = False
+) -> Prepared:
+    """Set peer ``kind`` up to offload ``layers`` of ``model``; compiling is left to the caller.
+
+    ``model`` is the model (``naive`` and ``fsdp2`` read its layers), or for
+    ``accelerate`` and ``diffusers`` whatever a forward calls: an HF model's
+    bound ``forward``, when ``generate`` drives it.
+    """
     preparers = {
         "naive": _prepare_naive,
         "accelerate": _prepare_accelerate,
         "fsdp2": lambda *a: _prepare_fsdp2(*a, prefetch=fsdp_prefetch),
         "diffusers": _prepare_diffusers,
     }
-    if spec.kind not in preparers:
-        raise ValueError(f"unknown system {spec.kind!r}; known: {ALL_KINDS}")
-    prepared = preparers[spec.kind](model, layers, device)
-    prepared.notes.insert(0, "eager" if not peer_compile else "torch.compile")
-    if peer_compile:
-        prepared.forward = torch.compile(prepared.forward, **kw)
-    return prepared
+    if kind not in preparers:
+        raise ValueError(f"unknown system {kind!r}; known: {ALL_KINDS}")
+    return preparers[kind](model, layers, device)
 
 
 def _need_cuda(device: torch.device, what: str) -> None:
@@ -316,17 +328,18 @@ class _OffloadedLayers(nn.Module):
     and then chains each layer's copy (on diffusers' stream) to the one before.
     """
 
-    def __init__(self, model: nn.Module, layers: list[nn.Module], device: torch.device) -> None:
+    def __init__(self, model: Callable[..., object], layers: list[nn.Module], device: torch.device) -> None:
         super().__init__()
         self.offloaded = nn.ModuleList(layers)
         self.register_buffer("anchor", torch.zeros(1, device=device))
         self._model = [model]  # in a list: not a submodule, so diffusers leaves its other weights alone
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self._model[0](tokens)
+    def forward(self, *args: object, **kwargs: object) -> object:
+        return self._model[0](*args, **kwargs)
 
 
-def _prepare_diffusers(model: nn.Module, layers: list[nn.Module], device: torch.device) -> Prepared:
+def _prepare_diffusers(model: Callable[..., object], layers: list[nn.Module], device: torch.device) -> Prepared:
+    """``model`` is what a forward runs: the model, or (HF ``generate``) its original bound ``forward``."""
     try:
         from diffusers.hooks import apply_group_offloading
     except Exception as error:
