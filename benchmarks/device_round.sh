@@ -4,7 +4,7 @@
 #   bash benchmarks/device_round.sh COMMIT PART [PART ...]
 #
 # Parts: tests (the GPU suite in parallel, less the `alone` tests), quick (those, less the quantized Llama tests,
-# about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py), opsbase
+# about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py, with profiler traces of the tiny forwards), opsbase
 # (op_overhead.py of an earlier commit unpacked in build/base, for an A/B in one call), hf (hf_decode.py),
 # ab (graphs_ab.py), graphmem (bench_offload.py: time and peak memory of one chunked plan with and without
 # graphs, 16 layers), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
@@ -41,7 +41,7 @@ for name in "$@"; do
         tests) part gpu_tests_parallel python3 -m pytest tests/gpu -n 8 -m "not alone" -q -p no:cacheprovider --durations=5 ;;
         quick) part gpu_tests_quick python3 -m pytest tests/gpu -n 8 -m "not alone" -k "not quantized_llama" -q -p no:cacheprovider --durations=5 ;;
         alone) part gpu_tests_alone python3 -m pytest tests/gpu -m alone -q -p no:cacheprovider ;;
-        ops) part op_overhead python3 benchmarks/op_overhead.py --out "$RESULTS/ops" ;;
+        ops) part op_overhead python3 benchmarks/op_overhead.py --profile --out "$RESULTS/ops" ;;
         opsbase) part op_overhead_base bash -c "cd build/base && BENCH_COMMIT=${BASE_COMMIT:-base} python3 benchmarks/op_overhead.py --out $RESULTS/ops_base" ;;
         hf) part hf_decode python3 benchmarks/hf_decode.py ${HF_ARGS:---layers 8 --tokens 24 --rounds 4 --prompts 2 --trace-tokens 4} --out "$RESULTS/hf" ;;
         graphmem) part graphs_memory python3 benchmarks/bench_offload.py --layers 16 --systems ours --fractions 2 \

@@ -7,12 +7,14 @@ path into the op and the runtime's bookkeeping, which a forward without CUDA
 graphs pays twice per offloaded layer, or twice per chunk with chunked copies
 (the ``*_chunk_us`` numbers: ops that name one piece of a chunked plan).
 
-``tiny_forward`` times a whole forward where nothing but the ops' host time can
-show: a tiny Llama-like decoder (hidden 64, ``--tiny-layers`` blocks, every other
-one offloaded, one slot), compiled with ``backend="prefetch_offload"`` without CUDA
-graphs, against the same model compiled by plain Inductor (median of
+``tiny_forward`` times a whole forward where nothing but the ops' host time and
+the copies' can show: a tiny Llama-like decoder (hidden 64, ``--tiny-layers``
+blocks, every other one offloaded, one slot), compiled with
+``backend="prefetch_offload"`` without CUDA graphs, against the same model
+compiled by plain Inductor and against ours with no copies (median of
 ``--tiny-calls`` back-to-back forwards, each waited for, after ``TINY_WARMUP``
 calls, which are past the forwards the runtime records for its first log line).
+``--profile`` records them with ``torch.profiler`` too.
 
 ``runtime_start_with_copy_us`` is the runtime's ``start`` when it does copy (two
 small layers taking turns in one slot): its bookkeeping and the copy's launch (on
@@ -21,7 +23,7 @@ makes once each time it is entered (a compiled graph, a replay, an eager block
 call; see ``prefetch_compile/edits.py``), on 32 offloaded blocks of nine
 parameters each (a Llama decoder block's count), divided by the 32 blocks.
 
-    python benchmarks/op_overhead.py [--tiny-layers 16] [--out DIR]
+    python benchmarks/op_overhead.py [--tiny-layers 16] [--out DIR] [--profile]
 """
 
 from __future__ import annotations
@@ -58,28 +60,76 @@ def _nine_linears() -> nn.Module:
     return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(9)))
 
 
-def tiny_forward(device: torch.device, layers: int, calls: int) -> dict:
-    """Median ms of a tiny decoder's forward: plain Inductor, and ours with every other block offloaded."""
+def tiny_forward(device: torch.device, layers: int, calls: int, profile_dir: Path | None = None) -> dict:
+    """Median ms of a tiny decoder's forward: plain Inductor, ours, and ours without copies.
+
+    ``ours`` offloads every other block through one slot, so each forward copies
+    every offloaded block; ``ours_no_copies`` gives each offloaded block a slot of
+    its own (``prefetch_step`` = offloaded blocks), so the same ops run and find
+    their block in: the two apart are the copies' cost, ``ours_no_copies``
+    against Inductor the ops' host time. ``*_host_ms`` is how long the call takes to
+    return, the GPU not waited for: where it is close to the wall time, the host
+    sets the pace. With ``profile_dir``, each variant's last forwards are
+    recorded by ``torch.profiler``: a Chrome trace and a table by host time.
+    """
     import prefetch_compile
 
     shape = llama_like.tiny_shape(layers)
     tokens = llama_like.sample_tokens(shape, 1, 8, device)
-    result: dict = {"layers": layers, "offloaded": layers // 2, "ops_per_forward": 2 * (layers // 2)}
-    for name in ("inductor", "ours"):
+    offloaded = layers // 2
+    result: dict = {"layers": layers, "offloaded": offloaded, "ops_per_forward": 2 * offloaded}
+    for name in ("inductor", "ours", "ours_no_copies"):
+        torch._dynamo.reset()
         model = llama_like.build(shape, device, torch.float32)
-        if name == "ours":
-            prefetch_compile.offload(model, device, group_size=2, prefetch_step=1, chunked_copies=False)
-            compiled = torch.compile(model, backend="prefetch_offload")
-        else:
+        if name == "inductor":
             compiled = torch.compile(model)
+        else:
+            step = offloaded if name == "ours_no_copies" else 1
+            prefetch_compile.offload(model, device, group_size=2, prefetch_step=step, chunked_copies=False)
+            compiled = torch.compile(model, backend="prefetch_offload")
         with torch.inference_mode():
             for _ in range(TINY_WARMUP):
                 compiled(tokens)
             times = [wall_time(lambda: compiled(tokens), device) for _ in range(calls)]
-        result[f"{name}_ms"] = statistics.median(times) * 1e3
+            result[f"{name}_ms"] = statistics.median(times) * 1e3
+            result[f"{name}_host_ms"] = statistics.median(_host_seconds(lambda: compiled(tokens), device, calls)) * 1e3
+            if profile_dir is not None:
+                result[f"{name}_profile"] = _profile(lambda: compiled(tokens), device, profile_dir / name)
     result["ratio"] = result["ours_ms"] / result["inductor_ms"]
+    result["ratio_no_copies"] = result["ours_no_copies_ms"] / result["inductor_ms"]
     result["extra_us_per_op"] = (result["ours_ms"] - result["inductor_ms"]) * 1e3 / result["ops_per_forward"]
     return result
+
+
+def _host_seconds(fn, device: torch.device, calls: int) -> list[float]:
+    """Seconds each call takes to return, starting from an idle device."""
+    seconds = []
+    for _ in range(calls):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        fn()
+        seconds.append(time.perf_counter() - began)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return seconds
+
+
+def _profile(fn, device: torch.device, path: Path, calls: int = 10) -> str:
+    """Record ``calls`` calls of ``fn``: write a Chrome trace to ``path``.json and the table to ``path``.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as recorded:
+        for _ in range(calls):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recorded.export_chrome_trace(f"{path}.json")
+    table = recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
+    Path(f"{path}.txt").write_text(table)
+    return f"{path}.txt"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -90,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny-layers", type=int, default=16, help="blocks of the tiny decoder (0: skip it)")
     p.add_argument("--tiny-calls", type=int, default=50)
     p.add_argument("--out", type=Path, default=None, help="directory for op_overhead.json")
+    p.add_argument("--profile", action="store_true",
+                   help="record the tiny forwards with torch.profiler, into --out/profile (traces and tables)")
     args = p.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     whole, chunked = (
@@ -127,7 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
             "commit": git_commit(None),
         }
     if args.tiny_layers:
-        result["tiny_forward"] = tiny_forward(torch.device(device), args.tiny_layers, args.tiny_calls)
+        profile_dir = (args.out or Path(".")) / "profile" if args.profile else None
+        result["tiny_forward"] = tiny_forward(torch.device(device), args.tiny_layers, args.tiny_calls, profile_dir)
     print(json.dumps(result, indent=1))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
