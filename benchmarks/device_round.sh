@@ -4,11 +4,11 @@
 #   bash benchmarks/device_round.sh COMMIT PART [PART ...]
 #
 # Parts: tests (the GPU suite in parallel, less the `alone` tests), quick (those, less the quantized Llama tests,
-# about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py, with profiler traces of the tiny forwards), opsbase
-# (op_overhead.py of an earlier commit unpacked in build/base, for an A/B in one call), hf (hf_decode.py),
-# ab (graphs_ab.py), graphmem (bench_offload.py: time and peak memory of one chunked plan with and without
-# graphs, 16 layers), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py, 32 Llama-8B
-# layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
+# about half the suite's time), alone (the `alone` tests, one at a time), ops (op_overhead.py, with profiler traces
+# of the tiny forwards), opsbase (op_overhead.py of an earlier commit unpacked in build/base, for an A/B in one
+# call), hf (hf_decode.py), ab (graphs_ab.py), graphmem (bench_offload.py: time and peak memory of one chunked plan
+# with and without graphs, 16 layers), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py,
+# 32 Llama-8B layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
 # Everything is written under $RESULTS (default /tmp/round) and packed into $OUT/round.tgz after each part (the
 # tool brings back 8 files at most, and what a call cut at its time limit left); each part's output also goes
 # to stdout, for the call's output_tail.
