@@ -8,7 +8,8 @@
 # of the tiny forwards), opsbase (op_overhead.py of an earlier commit unpacked in build/base, for an A/B in one
 # call), hf (hf_decode.py), ab (graphs_ab.py), graphmem (bench_offload.py: time and peak memory of one chunked plan
 # with and without graphs, 16 layers), grid (planner_grid.py, 32 layers), compile (cold and warm compile_time.py,
-# 32 Llama-8B layers, one fresh Inductor cache), peers (bench_offload.py, peers compiled), large (large_model.py).
+# 32 Llama-8B layers, one fresh Inductor cache), chunked (bench_offload.py: one slot with chunked copies against one
+# and two slots, outputs checked), peers (bench_offload.py, peers compiled), large (large_model.py).
 # Everything is written under $RESULTS (default /tmp/round) and packed into $OUT/round.tgz after each part (the
 # tool brings back 8 files at most, and what a call cut at its time limit left); each part's output also goes
 # to stdout, for the call's output_tail.
@@ -54,6 +55,9 @@ for name in "$@"; do
             part compile_cold python3 benchmarks/compile_time.py --graph-cache --llama8b --layers 32 --skip-resident --out "$RESULTS/compile_cold"
             part compile_warm python3 benchmarks/compile_time.py --graph-cache --llama8b --layers 32 --skip-resident --out "$RESULTS/compile_warm"
             unset TORCHINDUCTOR_CACHE_DIR ;;
+        chunked) part chunked python3 benchmarks/bench_offload.py --layers ${CHUNKED_LAYERS:-32} --systems resident,ours \
+                     --fractions 2,4 --cases decode1,prefill2048 --prefetch-steps 1,2 --chunked-steps 1 --cuda-graphs 0 \
+                     --budget-s ${CHUNKED_SECONDS:-400} --out "$RESULTS/chunked" ;;
         peers) part peers python3 benchmarks/bench_offload.py --layers 32 --systems resident,ours,diffusers,accelerate \
                    --peer-compile --fractions 2 --cases decode1,prefill2048 --prefetch-steps 1,2 --cuda-graphs 0 \
                    --no-check --out "$RESULTS/peers" ;;
