@@ -105,32 +105,52 @@ class CopyWatch:
 
     Such a value is read from the checkpoint file into a fresh tensor, and the disk
     tier never writes the file, so a write into it (``model.state_dict()[name].copy_(w)``,
-    which changes a model that is not offloaded) would change nothing. The copies
-    are held weakly with their version counters as handed out; one that moved is a
-    write that was lost, refused at the next look (:meth:`written`).
+    which changes a model that is not offloaded) would change nothing. Each copy is
+    kept with its version counter as handed out; one that moved is a write that was
+    lost, refused at the next look (:meth:`written`).
+
+    A copy is held strongly until the model's next call (:meth:`let_go`): in that
+    idiom the dict is a temporary, freed as soon as the write is done, and a copy
+    held weakly would be gone, its write unseen. From then on it is held weakly, so
+    a dict the caller keeps is watched for as long as it lives and a dropped one is
+    freed. The latest copy of each parameter is the one held, so repeated
+    ``state_dict()`` calls between two forwards hold one set of copies, not one per
+    call.
     """
 
     def __init__(self) -> None:
-        self._copies: list[tuple[weakref.ref[torch.Tensor], int, str]] = []
+        self._held: dict[str, tuple[torch.Tensor, int]] = {}
+        self._watched: list[tuple[weakref.ref[torch.Tensor], int, str]] = []
 
     def add(self, name: str, copy: torch.Tensor) -> None:
-        self._copies.append((weakref.ref(copy), copy._version, name))
+        if name in self._held:  # an earlier copy, already looked at by this hand-out: watched weakly from now on
+            earlier, version = self._held[name]
+            self._watched.append((weakref.ref(earlier), version, name))
+        self._held[name] = (copy, copy._version)
 
     def written(self) -> list[str]:
         """The names whose copies were written since they were handed out; those and the dead ones are dropped."""
-        if not self._copies:  # the usual case, at every runtime entry
+        if not self._held and not self._watched:  # the usual case, at every runtime entry
             return []
-        kept, written = [], []
-        for ref, version, name in self._copies:
+        written = [name for name, (copy, version) in self._held.items() if copy._version != version]
+        for name in written:
+            del self._held[name]
+        watched = []
+        for ref, version, name in self._watched:
             copy = ref()
             if copy is None:
                 continue
             if copy._version != version:
                 written.append(name)
             else:
-                kept.append((ref, version, name))
-        self._copies = kept
+                watched.append((ref, version, name))
+        self._watched = watched
         return written
+
+    def let_go(self) -> None:
+        """Hold the copies weakly (at a call of the model, after a look: a temporary's write came before it)."""
+        self._watched += [(weakref.ref(copy), version, name) for name, (copy, version) in self._held.items()]
+        self._held = {}
 
 
 def check_counted(plan: OffloadPlan, params: Mapping[str, torch.Tensor]) -> None:

@@ -732,6 +732,7 @@ class PrefetchRuntime:
         if len(self._graphs) == 1:
             self._look_at_first_forwards()
             self.settle_edits()
+            self.disk_copies.let_go()
 
     def release(self) -> None:
         if len(self._graphs) == 1:

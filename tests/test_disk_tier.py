@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -510,6 +511,35 @@ def test_a_write_into_a_disk_resident_state_dict_value_is_refused_at_the_next_ca
         logits(model, tokens)
     assert torch.equal(logits(model, tokens), logits(original, tokens))  # refused once; the weights are the file's
     assert torch.equal(model.state_dict()[on_disk], original.state_dict()[on_disk])
+
+
+def test_a_write_into_a_temporary_state_dict_value_is_refused_too(checkpoint, original):
+    """README's idiom: the dict is freed as soon as the write is done, before any look at it."""
+    model, runtime = load(checkpoint)
+    on_disk, in_host = "model.layers.3.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    tokens = torch.randint(0, 128, (1, 6))
+    model.state_dict()[in_host].copy_(torch.zeros(128, 64))  # host-resident: reaches the model
+    assert torch.equal(runtime.host_value(in_host), torch.zeros(128, 64))
+    model.state_dict()[on_disk].copy_(torch.zeros(128, 64))
+    with pytest.raises(prefetch_compile.InPlaceEditError, match=f"disk-resident parameter.*{on_disk}.*changed nothing"):
+        logits(model, tokens)
+    assert torch.equal(model.state_dict()[on_disk], original.state_dict()[on_disk])
+
+
+def test_state_dict_copies_are_held_until_the_next_call_one_per_parameter(checkpoint):
+    """Held strongly only from a hand-out to the model's next call, and never two copies of one parameter."""
+    model, runtime = load(checkpoint)
+    on_disk = "model.layers.3.mlp.up_proj.weight"
+    first = weakref.ref(model.state_dict()[on_disk])
+    second = weakref.ref(model.state_dict()[on_disk])
+    assert first() is None and second() is not None  # the second state_dict() took the first one's place
+    logits(model, torch.randint(0, 128, (1, 6)))
+    assert second() is None  # let go at the call: a dropped dict is freed
+    kept = model.state_dict()
+    logits(model, torch.randint(0, 128, (1, 6)))
+    kept[on_disk].zero_()  # a dict the caller keeps is still watched after the call
+    with pytest.raises(prefetch_compile.InPlaceEditError, match=on_disk):
+        logits(model, torch.randint(0, 128, (1, 6)))
 
 
 def test_without_o_direct_reads_go_through_the_page_cache_and_are_dropped(checkpoint, original, monkeypatch, caplog):
