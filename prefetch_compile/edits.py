@@ -149,8 +149,9 @@ class CopyWatch:
 
     def let_go(self) -> None:
         """Hold the copies weakly (at a call of the model, after a look: a temporary's write came before it)."""
-        self._watched += [(weakref.ref(copy), version, name) for name, (copy, version) in self._held.items()]
-        self._held = {}
+        if self._held:  # at every call: nothing to do, usually
+            self._watched += [(weakref.ref(copy), version, name) for name, (copy, version) in self._held.items()]
+            self._held = {}
 
 
 def check_counted(plan: OffloadPlan, params: Mapping[str, torch.Tensor]) -> None:
