@@ -52,10 +52,17 @@ def find_layer_list(model: nn.Module, path: str | None = None) -> tuple[str, lis
         and all(any(True for _ in block.parameters()) for block in module)
     ]
     if not candidates:
-        raise OptionError(
-            f"found no nn.ModuleList of blocks with parameters in {type(model).__name__}; "
-            "pass options={'layers': 'dotted.path.to.blocks'}"
-        )
+        if isinstance(model, nn.Sequential) and len(model) > 1:
+            hint = (
+                "the model is itself the block stack, and layers names a submodule: wrap it, "
+                "nn.Sequential(model), and pass layers='0'"
+            )
+        else:
+            hint = (
+                "pass options={'layers': 'dotted.path.to.blocks'} (an nn.ModuleList, or an nn.Sequential, "
+                "which is used only when named)"
+            )
+        raise OptionError(f"found no nn.ModuleList of blocks with parameters in {type(model).__name__}; {hint}")
     stacks = [(name, module) for name, module in candidates if len(module) > 1] or candidates
     outermost = [(name, module) for name, module in stacks if not any(_inside(name, other) for other, _ in stacks)]
     name, module = max(outermost, key=lambda item: parameter_bytes(item[1]))

@@ -74,6 +74,19 @@ def test_no_block_list_is_refused_with_a_hint():
         find_layer_list(nn.Linear(4, 4))
 
 
+def test_a_model_that_is_the_stack_itself_is_told_to_wrap_it_and_the_wrap_works():
+    blocks = nn.Sequential(*(LinearBlock(8) for _ in range(4)))
+    with pytest.raises(OptionError, match=r"itself the block stack.*nn.Sequential\(model\), and pass layers='0'"):
+        find_layer_list(blocks)
+    x = torch.randn(2, 8)
+    expected = blocks(x)
+    wrapped = nn.Sequential(blocks)
+    runtime = prefetch_compile.offload(wrapped, "cpu", group_size=2, layers="0")
+    assert len(runtime.offloaded) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(wrapped, backend="prefetch_offload")(x), expected)
+
+
 def test_the_chosen_list_is_logged_once_with_its_count(caplog):
     with caplog.at_level("INFO", logger="prefetch_compile"):
         prefetch_compile.offload(MoEStack(layers=4, num_experts=8), "cpu", group_size=2)
