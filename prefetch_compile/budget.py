@@ -32,6 +32,7 @@ def plan_within_budget(
     a calibration of one compiled layer per kind (``calibrate=True``), or the
     roofline of the traced FLOPs and bytes.
     """
+    options.require_activations()
     footprint = measure_footprint(model, device.type, layers)
     trace = None
     if options.example_inputs is not None:

@@ -116,16 +116,19 @@ class BudgetOptions:
     calibrate: bool = True
 
     def __post_init__(self) -> None:
+        if self.activation_bytes is not None:
+            require_int("activation_bytes", self.activation_bytes, minimum=0)
+        if not isinstance(self.calibrate, bool):
+            raise OptionError(f"calibrate must be True or False, got {self.calibrate!r}")
+
+    def require_activations(self) -> None:
+        """Refuse to plan without activations; asked only when planning, so the same budget may confirm a plan."""
         if self.example_inputs is None and self.activation_bytes is None:
             raise OptionError(
                 "budget needs the activations it must leave room for: pass example_inputs (the forward's "
                 "arguments, or tensors of their shapes on the meta device), or activation_bytes together with "
                 "a cost_table (without example_inputs nothing says how long each layer computes)"
             )
-        if self.activation_bytes is not None:
-            require_int("activation_bytes", self.activation_bytes, minimum=0)
-        if not isinstance(self.calibrate, bool):
-            raise OptionError(f"calibrate must be True or False, got {self.calibrate!r}")
 
 
 def parse_bytes(value: Any, name: str = "budget") -> int:

@@ -95,7 +95,6 @@ def test_budgets_of_no_bytes_or_fewer_are_refused_as_such(value):
     "options,message",
     [
         ({"budget": "24 gigs", "activation_bytes": 0}, "budget must be a number of bytes"),
-        ({"budget": "1GiB"}, "budget needs the activations it must leave room for"),
         ({"budget": "1GiB", "activation_bytes": 0, "group_size": 2}, "budget chooses the plan itself; drop ['group_size']"),
         ({"example_inputs": (torch.zeros(2),)}, "['example_inputs'] only apply with a budget"),
         ({"budget": "1GiB", "activation_bytes": -1}, "activation_bytes must be an integer >= 0"),
@@ -390,6 +389,29 @@ def test_a_budget_in_the_options_of_a_model_offloaded_otherwise_is_refused():
         with pytest.raises(Exception, match=f"within a budget of {budget:,} bytes"):
             torch._dynamo.reset()
             torch.compile(by_budget, backend="prefetch_offload", options={**options, "budget": budget - 1})(x)
+
+
+def test_a_budget_without_activations_is_refused_when_it_must_plan():
+    with pytest.raises(OptionError, match="budget needs the activations it must leave room for"):
+        prefetch_compile.offload(Model(), "cpu", budget="1GiB")
+    with pytest.raises(Exception, match="budget needs the activations it must leave room for"), torch.no_grad():
+        torch.compile(Model(), backend="prefetch_offload", options={"compiler": "eager", "budget": "1GiB"})(
+            torch.randn(2, 5, WIDTH))
+
+
+@pytest.mark.parametrize("budget", ["1GiB", "40KiB"])
+def test_the_same_budget_confirms_a_plan_without_example_inputs(budget):
+    """README: a model planned with a budget stays as planned when compiled with the same budget, nothing to plan."""
+    model = Model()
+    x = torch.randn(2, 5, WIDTH)
+    with torch.no_grad():
+        expected = model(x)
+    runtime = prefetch_compile.offload(model, "cpu", budget=budget, activation_bytes=0, cost_table=table(8))
+    assert (runtime is None) == (budget == "1GiB")  # fits whole, or offloaded within 40 KiB
+    with torch.no_grad():
+        out = torch.compile(model, backend="prefetch_offload", options={"compiler": "eager", "budget": budget})(x)
+    torch.testing.assert_close(out, expected)
+    assert prefetch_compile.runtime_of(model) is runtime
 
 
 def test_a_resident_verdict_of_offload_stands_for_a_compile_without_a_plan_of_its_own():
