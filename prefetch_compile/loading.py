@@ -90,7 +90,8 @@ def load_checkpoint(
     Names, shapes and dtypes must match the model's state dict exactly (no
     casting: build the meta model in the checkpoint's dtype). A safetensors
     checkpoint is checked in full from its headers before anything is read; an
-    iterable is checked tensor by tensor and stops at the first problem.
+    iterable or a mapping is checked tensor by tensor, in its order, and stops at
+    the first problem.
     Either way a mismatch raises :class:`CheckpointError` naming the tensors,
     and the model is left unloaded (its parameters on the meta device).
 

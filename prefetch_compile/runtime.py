@@ -636,8 +636,9 @@ class PrefetchRuntime:
             log.warning(
                 "prefetch_compile: %s was not resident when %s read it; copied on the spot. A graph break "
                 "inside a block, an eager call of an offloaded block, a forward that raised or a refused in-place "
-                "edit does this, and so does a forward that reads its offloaded layers in another order than the "
-                "plan's (counted in runtime.counters.ensure_misses, warned once per graph)",
+                "edit does this, and so do uncompiled forwards from several threads (locked per block, so they "
+                "interleave) and a forward that reads its offloaded layers in another order than the plan's "
+                "(counted in runtime.counters.ensure_misses, warned once per graph)",
                 layer.name,
                 graph,
             )
