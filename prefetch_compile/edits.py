@@ -173,13 +173,26 @@ def check_counted(plan: OffloadPlan, params: Mapping[str, torch.Tensor]) -> None
                 )
 
 
-def refusal(refused: Sequence[tuple[str, str]]) -> InPlaceEditError:
-    """The error for edits that could not be kept: (leaf name, why) each."""
+def refusal(refused: Sequence[tuple[str, str]], on_disk: Sequence[str] = ()) -> InPlaceEditError:
+    """The error for edits that could not be kept: (leaf name, why) each; ``on_disk``: those of disk-resident layers.
+
+    A disk-resident layer's weights cannot be written by any call (the files are
+    never written), so the usual advice to write them with ``load_weights`` is
+    replaced for those.
+    """
     lines = "\n".join(f"  {name}: {why}" for name, why in refused)
+    advice = (
+        "Write offloaded weights with runtime.load_weights({name: value}) or model.load_state_dict(...), or edit "
+        "them before offloading"
+    )
+    if on_disk:
+        advice = (
+            f"{', '.join(on_disk)} can change only by writing the checkpoint and loading it again (the disk tier "
+            "refuses every write)" + ("" if len(on_disk) == len(refused) else f"; for the others: {advice}")
+        )
     return InPlaceEditError(
         f"in-place edit of {len(refused)} offloaded parameter(s) could not be kept, and was undone:\n{lines}\n"
         "An offloaded parameter is a view of a device slot shared with other layers; an edit is kept only "
         "while the slot holds the parameter's own layer. Nothing else changed: the slot's bytes are copied in "
-        "again before they are read, and the parameters keep their values. Write offloaded weights with "
-        "runtime.load_weights({name: value}) or model.load_state_dict(...), or edit them before offloading"
+        f"again before they are read, and the parameters keep their values. {advice}"
     )

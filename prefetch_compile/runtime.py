@@ -887,12 +887,14 @@ class PrefetchRuntime:
             return
         self.check_placement(sorted({placement.param_name for _, placement in changed}))  # p.set_(...) moves it
         refused: list[tuple[str, str]] = []
+        on_disk: list[str] = []
         for layer, placement in changed:
             piece = self.plan.piece_of(placement)
             index = layer.offload_index
             holder = self._owners[layer.slot][piece]
             if self.disk is not None and self.disk.holds(index):
                 why = "its layer is read from the checkpoint files at every forward, which are never written"
+                on_disk.append(placement.name)
             elif holder is None:
                 why = "its slot held no layer's bytes there"
             elif holder != index:
@@ -909,7 +911,7 @@ class PrefetchRuntime:
         else:
             self._host_version = self.host.buffer._version  # the kept edits' own writes
         if refused and not superseded:
-            raise refusal(refused)
+            raise refusal(refused, on_disk)
 
     def _refresh_from_host(self) -> None:
         """The host arena was written from outside the runtime: copy every host-resident layer in a slot again.

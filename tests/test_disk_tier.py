@@ -542,6 +542,21 @@ def test_state_dict_copies_are_held_until_the_next_call_one_per_parameter(checkp
         logits(model, torch.randint(0, 128, (1, 6)))
 
 
+def test_an_in_place_edit_of_a_disk_resident_parameter_is_undone_with_disk_advice(checkpoint, original):
+    """The refusal does not advise load_weights for it, which refuses disk-resident parameters too."""
+    model, runtime = load(checkpoint)
+    on_disk = "model.layers.3.mlp.up_proj.weight"
+    tokens = torch.randint(0, 128, (1, 6))
+    with torch.no_grad():
+        model.get_parameter(on_disk).mul_(2.0)
+    with pytest.raises(prefetch_compile.InPlaceEditError) as error:
+        logits(model, tokens)
+    assert f"{on_disk}: its layer is read from the checkpoint files" in str(error.value)
+    assert f"{on_disk} can change only by writing the checkpoint and loading it again" in str(error.value)
+    assert "load_weights" not in str(error.value)
+    assert torch.equal(logits(model, tokens), logits(original, tokens))  # undone: the file's weights
+
+
 def test_without_o_direct_reads_go_through_the_page_cache_and_are_dropped(checkpoint, original, monkeypatch, caplog):
     open_file, advised = os.open, []
 
