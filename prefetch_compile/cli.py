@@ -66,12 +66,19 @@ def load_model(spec: str) -> nn.Module:
         if not callable(function):
             raise CliError(f"module {module_name!r} has no callable {factory!r}")
         _check_takes_no_arguments(function, spec)
-        model = function()
+        call = function
     else:
         try:
-            model = eval(compile(factory, spec, "eval"), vars(module))
-        except (SyntaxError, NameError) as error:
+            code = compile(factory, spec, "eval")
+        except SyntaxError as error:
             raise CliError(f"cannot evaluate {factory!r} in module {module_name!r}: {error}") from None
+        call = lambda: eval(code, vars(module))  # noqa: E731
+    try:
+        model = call()
+    except NameError as error:
+        raise CliError(f"cannot evaluate {factory!r} in module {module_name!r}: {error}") from None
+    except Exception as error:  # the factory's own failure (a bad argument, say): one line, as for the CLI's
+        raise CliError(f"{spec} raised {type(error).__name__}: {error} (call it in Python for the traceback)") from None
     if not isinstance(model, nn.Module):
         raise CliError(f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model

@@ -70,7 +70,7 @@ class OffloadStats:
     total_layers: int
     offloaded_layers: int
     offloaded_bytes: int  # parameter bytes that no longer live on the device
-    host_pinned_bytes: int  # the host arena (blocks are padded to the plan's alignment)
+    host_pinned_bytes: int  # the host arena, padded to the plan's alignment; 0 on the CPU, where it is not pinned
     slot_pool_bytes: int  # device memory spent on the slots
     kept_device_bytes: int  # parameters and buffers that stay on the device
     disk_layers: int = 0  # offloaded layers read from the checkpoint files at every forward (the disk tier)

@@ -20,6 +20,10 @@ def four_blocks() -> torch.nn.Module:
     return Stack(["linear", "int8"] * 2)
 
 
+def failing_factory() -> nn.Module:
+    raise RuntimeError("no GPU here")
+
+
 def not_a_module() -> int:
     return 42
 
@@ -74,6 +78,9 @@ def test_dump_dir_compiles_on_cpu_and_writes_the_dumps(capsys, tmp_path):
         (f"{__name__}:no_such_factory(3)", "name 'no_such_factory' is not defined"),
         # A bare name that needs arguments used to end in the factory's TypeError traceback.
         (f"{__name__}:Stack", f"{__name__}:Stack cannot be called without arguments (missing a required argument: 'kinds')"),
+        # An error inside the factory used to end in its traceback, exit code 1.
+        (f"{__name__}:Stack(['nosuch'])", f"{__name__}:Stack(['nosuch']) raised KeyError: 'nosuch' (call it in Python"),
+        (f"{__name__}:failing_factory", f"{__name__}:failing_factory raised RuntimeError: no GPU here (call it in Python"),
     ],
 )
 def test_bad_factory_is_one_line_and_exit_code_2(capsys, spec, message):
