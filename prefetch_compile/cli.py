@@ -14,6 +14,7 @@ reported as one line with exit code 2.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import inspect
 import sys
@@ -72,7 +73,7 @@ def load_model(spec: str) -> nn.Module:
             code = compile(factory, spec, "eval")
         except SyntaxError as error:
             raise CliError(f"cannot evaluate {factory!r} in module {module_name!r}: {error}") from None
-        call = lambda: eval(code, vars(module))  # noqa: E731
+        call = functools.partial(eval, code, vars(module))
     try:
         model = call()
     except NameError as error:
