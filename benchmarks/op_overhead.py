@@ -11,10 +11,10 @@ graphs pays twice per offloaded layer, or twice per chunk with chunked copies
 the copies' can show: a tiny Llama-like decoder (hidden 64, ``--tiny-layers``
 blocks, every other one offloaded, one slot), compiled with
 ``backend="prefetch_offload"`` without CUDA graphs, against the same model
-compiled by plain Inductor and against ours with no copies (median of
-``--tiny-calls`` back-to-back forwards, each waited for, after ``TINY_WARMUP``
-calls, which are past the forwards the runtime records for its first log line).
-``--profile`` records them with ``torch.profiler`` too.
+compiled by plain Inductor and against ours with no copies, side by side in
+rounds (median of ``--tiny-calls`` back-to-back forwards per round, each waited
+for, after ``TINY_WARMUP`` calls, which are past the forwards the runtime
+records for its first log line). ``--profile`` records them with ``torch.profiler`` too.
 
 ``runtime_start_with_copy_us`` is the runtime's ``start`` when it does copy (two
 small layers taking turns in one slot): its bookkeeping and the copy's launch (on
@@ -29,6 +29,7 @@ parameters each (a Llama decoder block's count), divided by the 32 blocks.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -60,45 +61,72 @@ def _nine_linears() -> nn.Module:
     return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(9)))
 
 
-def tiny_forward(device: torch.device, layers: int, calls: int, profile_dir: Path | None = None) -> dict:
-    """Median ms of a tiny decoder's forward: plain Inductor, ours, and ours without copies.
+def tiny_forward(
+    device: torch.device, layers: int, calls: int, rounds: int, profile_dir: Path | None = None
+) -> dict:
+    """Median ms of a tiny decoder's forward: plain Inductor, ours, and ours without copies, side by side.
 
     ``ours`` offloads every other block through one slot, so each forward copies
     every offloaded block; ``ours_no_copies`` gives each offloaded block a slot of
     its own (``prefetch_step`` = offloaded blocks), so the same ops run and find
     their block in: the two apart are the copies' cost, ``ours_no_copies``
-    against Inductor the ops' host time. ``*_host_ms`` is how long the call takes to
-    return, the GPU not waited for: where it is close to the wall time, the host
-    sets the pace. With ``profile_dir``, each variant's last forwards are
-    recorded by ``torch.profiler``: a Chrome trace and a table by host time.
+    against Inductor the ops' host time. The three are compiled once, each
+    through a function of its own (Dynamo keeps one cache per code object, so
+    none is served another's graph), and timed in ``rounds`` rounds of ``calls``
+    forwards each, in turn and then in reverse order, so that the host's drift
+    falls on all alike; ``ratio*`` are medians of the per-round ratios.
+    ``*_host_ms`` is how long the call takes to return, the GPU not waited for:
+    where it is close to the wall time, the host sets the pace. With
+    ``profile_dir``, each variant's last forwards are recorded by
+    ``torch.profiler``: a Chrome trace and a table by host time.
     """
     import prefetch_compile
 
     shape = llama_like.tiny_shape(layers)
     tokens = llama_like.sample_tokens(shape, 1, 8, device)
     offloaded = layers // 2
-    result: dict = {"layers": layers, "offloaded": offloaded, "ops_per_forward": 2 * offloaded}
-    for name in ("inductor", "ours", "ours_no_copies"):
-        torch._dynamo.reset()
+    names = ("inductor", "ours", "ours_no_copies")
+    forwards = {}
+    torch._dynamo.reset()
+    for name in names:
         model = llama_like.build(shape, device, torch.float32)
         if name == "inductor":
-            compiled = torch.compile(model)
+            forwards[name] = torch.compile(_own_code(name, model))
         else:
             step = offloaded if name == "ours_no_copies" else 1
             prefetch_compile.offload(model, device, group_size=2, prefetch_step=step, chunked_copies=False)
-            compiled = torch.compile(model, backend="prefetch_offload")
-        with torch.inference_mode():
+            forwards[name] = torch.compile(_own_code(name, model), backend="prefetch_offload")
+    times: dict[str, list[float]] = {name: [] for name in names}
+    host: dict[str, list[float]] = {name: [] for name in names}
+    with torch.inference_mode():
+        for forward in forwards.values():
             for _ in range(TINY_WARMUP):
-                compiled(tokens)
-            times = [wall_time(lambda: compiled(tokens), device) for _ in range(calls)]
-            result[f"{name}_ms"] = statistics.median(times) * 1e3
-            result[f"{name}_host_ms"] = statistics.median(_host_seconds(lambda: compiled(tokens), device, calls)) * 1e3
+                forward(tokens)
+        for round_ in range(rounds):
+            for name in names if round_ % 2 == 0 else reversed(names):
+                forward = forwards[name]
+                times[name].append(statistics.median(wall_time(lambda: forward(tokens), device) for _ in range(calls)))
+                host[name].append(statistics.median(_host_seconds(lambda: forward(tokens), device, calls)))
+        result: dict = {"layers": layers, "offloaded": offloaded, "ops_per_forward": 2 * offloaded, "rounds": rounds}
+        for name in names:
+            result[f"{name}_ms"] = statistics.median(times[name]) * 1e3
+            result[f"{name}_host_ms"] = statistics.median(host[name]) * 1e3
             if profile_dir is not None:
-                result[f"{name}_profile"] = _profile(lambda: compiled(tokens), device, profile_dir / name)
-    result["ratio"] = result["ours_ms"] / result["inductor_ms"]
-    result["ratio_no_copies"] = result["ours_no_copies_ms"] / result["inductor_ms"]
+                result[f"{name}_profile"] = _profile(lambda: forwards[name](tokens), device, profile_dir / name)
+    for name in ("ours", "ours_no_copies"):
+        per_round = [mine / base for mine, base in zip(times[name], times["inductor"])]
+        suffix = "" if name == "ours" else "_no_copies"
+        result[f"ratio{suffix}"] = statistics.median(per_round)
+        result[f"ratio{suffix}_per_round"] = per_round
     result["extra_us_per_op"] = (result["ours_ms"] - result["inductor_ms"]) * 1e3 / result["ops_per_forward"]
     return result
+
+
+def _own_code(name: str, model: nn.Module):
+    """``model``'s call in a function whose code object is new: Dynamo's cache for it holds this variant alone."""
+    scope: dict = {}
+    exec(f"def forward_{name}(model, tokens):\n    return model(tokens)\n", scope)
+    return functools.partial(scope[f"forward_{name}"], model)
 
 
 def _host_seconds(fn, device: torch.device, calls: int) -> list[float]:
@@ -138,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny-layers", type=int, default=16, help="blocks of the tiny decoder (0: skip it)")
-    p.add_argument("--tiny-calls", type=int, default=50)
+    p.add_argument("--tiny-calls", type=int, default=30, help="forwards per variant per round")
+    p.add_argument("--tiny-rounds", type=int, default=6)
     p.add_argument("--out", type=Path, default=None, help="directory for op_overhead.json")
     p.add_argument("--profile", action="store_true",
                    help="record the tiny forwards with torch.profiler, into --out/profile (traces and tables)")
@@ -180,7 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
     if args.tiny_layers:
         profile_dir = (args.out or Path(".")) / "profile" if args.profile else None
-        result["tiny_forward"] = tiny_forward(torch.device(device), args.tiny_layers, args.tiny_calls, profile_dir)
+        result["tiny_forward"] = tiny_forward(
+            torch.device(device), args.tiny_layers, args.tiny_calls, args.tiny_rounds, profile_dir
+        )
     print(json.dumps(result, indent=1))
     if args.out is not None:
         args.out.mkdir(parents=True, exist_ok=True)
