@@ -6,6 +6,8 @@ calls find their layer resident and do no copy: what is left is the dispatcher's
 path into the op and the runtime's bookkeeping, which a forward without CUDA
 graphs pays twice per offloaded layer, or twice per chunk with chunked copies
 (the ``*_chunk_us`` numbers: ops that name one piece of a chunked plan).
+``empty_wait_us`` and ``empty_start_us`` are ops of the same schemas whose
+kernels do nothing: the dispatcher's share, a floor for the real ops.
 
 ``tiny_forward`` times a whole forward where nothing but the ops' host time and
 the copies' can show: a tiny Llama-like decoder (hidden 64, ``--tiny-layers``
@@ -14,7 +16,8 @@ blocks, every other one offloaded, one slot), compiled with
 compiled by plain Inductor and against ours with no copies, side by side in
 rounds (median of ``--tiny-calls`` back-to-back forwards per round, each waited
 for, after ``TINY_WARMUP`` calls, which are past the forwards the runtime
-records for its first log line). ``--profile`` records them with ``torch.profiler`` too.
+records for its first log line). ``--profile`` records them with ``torch.profiler`` too,
+and on a GPU says how long kernels waited on the device (``launch_to_start_us``).
 
 ``runtime_start_with_copy_us`` is the runtime's ``start`` when it does copy (two
 small layers taking turns in one slot): its bookkeeping and the copy's launch (on
@@ -29,7 +32,6 @@ parameters each (a Llama decoder block's count), divided by the 32 blocks.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import statistics
 import sys
@@ -57,6 +59,21 @@ def microseconds_per_call(fn, args: tuple, calls: int = 20000) -> float:
     return (time.perf_counter() - began) / calls * 1e6
 
 
+def _empty_ops() -> tuple:
+    """Ops of ``wait_prefetch``'s and ``start_prefetch``'s schemas whose kernels do nothing.
+
+    Their time per call is the dispatcher's part of the real ops' (argument
+    conversion, the call into Python), which no change to the runtime can remove.
+    """
+    library = torch.library.Library("op_overhead_floor", "DEF")
+    library.define("wait(Tensor(a!)[] chunk_params) -> ()")
+    library.define("start(Tensor(a!)[] released, Tensor(b!)[] incoming, Tensor[] live) -> ()")
+    library.impl("wait", lambda chunk_params: None, "CompositeExplicitAutograd")
+    library.impl("start", lambda released, incoming, live: None, "CompositeExplicitAutograd")
+    ops = torch.ops.op_overhead_floor
+    return library, ops.wait.default, ops.start.default
+
+
 def _nine_linears() -> nn.Module:
     return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(9)))
 
@@ -71,8 +88,7 @@ def tiny_forward(
     its own (``prefetch_step`` = offloaded blocks), so the same ops run and find
     their block in: the two apart are the copies' cost, ``ours_no_copies``
     against Inductor the ops' host time. The three are compiled once, each
-    through a function of its own (Dynamo keeps one cache per code object, so
-    none is served another's graph), and timed in ``rounds`` rounds of ``calls``
+    through a function of its own (:func:`_own_code`), and timed in ``rounds`` rounds of ``calls``
     forwards each, in turn and then in reverse order, so that the host's drift
     falls on all alike; ``ratio*`` are medians of the per-round ratios.
     ``*_host_ms`` is how long the call takes to return, the GPU not waited for:
@@ -123,10 +139,17 @@ def tiny_forward(
 
 
 def _own_code(name: str, model: nn.Module):
-    """``model``'s call in a function whose code object is new: Dynamo's cache for it holds this variant alone."""
-    scope: dict = {}
-    exec(f"def forward_{name}(model, tokens):\n    return model(tokens)\n", scope)
-    return functools.partial(scope[f"forward_{name}"], model)
+    """A function that calls ``model``, with a code object of its own.
+
+    Dynamo keeps its compiled entries per code object, so each variant's function
+    holds its own entry alone. A ``functools.partial`` of one shared function
+    would not do: ``torch.compile`` wraps it in one function for all, whose entries
+    then sit in one list, and a call checks the guards of the entries before its
+    own (some 200 µs a forward on the H100 for the entry compiled second).
+    """
+    scope: dict = {"model": model}
+    exec(f"def forward_{name}(tokens):\n    return model(tokens)\n", scope)
+    return scope[f"forward_{name}"]
 
 
 def _host_seconds(fn, device: torch.device, calls: int) -> list[float]:
@@ -143,8 +166,13 @@ def _host_seconds(fn, device: torch.device, calls: int) -> list[float]:
     return seconds
 
 
-def _profile(fn, device: torch.device, path: Path, calls: int = 10) -> str:
-    """Record ``calls`` calls of ``fn``: write a Chrome trace to ``path``.json and the table to ``path``.txt."""
+def _profile(fn, device: torch.device, path: Path, calls: int = 10) -> dict:
+    """Record ``calls`` calls of ``fn``: a Chrome trace in ``path``.json, the table by host time in ``path``.txt.
+
+    On a GPU, also how long each kernel and copy started after its launch call
+    returned (:func:`_launch_delays`): when every delay is a few microseconds the
+    device waited for nothing, and the whole forward's time is the host's.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -157,7 +185,33 @@ def _profile(fn, device: torch.device, path: Path, calls: int = 10) -> str:
     recorded.export_chrome_trace(f"{path}.json")
     table = recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
     Path(f"{path}.txt").write_text(table)
-    return f"{path}.txt"
+    summary: dict = {"table": f"{path}.txt"}
+    if device.type == "cuda":
+        summary["launch_to_start_us"] = _launch_delays(Path(f"{path}.json"))
+    return summary
+
+
+def _launch_delays(trace: Path) -> dict:
+    """Percentiles of the time from a launch call's return to its kernel's or copy's start, in µs.
+
+    A kernel that waits on the GPU (for a copy, through an event) starts long after
+    its launch; one launched onto an idle GPU starts a few microseconds after.
+    """
+    events = [event for event in json.loads(trace.read_text())["traceEvents"] if event.get("ph") == "X"]
+    launch_end = {
+        event["args"]["correlation"]: event["ts"] + event["dur"]
+        for event in events
+        if event.get("cat") == "cuda_runtime" and "correlation" in event.get("args", {})
+    }
+    delays = sorted(
+        event["ts"] - launch_end[event["args"]["correlation"]]
+        for event in events
+        if event.get("cat") in ("kernel", "gpu_memcpy") and event.get("args", {}).get("correlation") in launch_end
+    )
+    if not delays:
+        return {}
+    at = lambda q: delays[min(len(delays) - 1, int(q * len(delays)))]  # noqa: E731
+    return {"count": len(delays), "p50": at(0.5), "p99": at(0.99), "max": delays[-1]}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -194,6 +248,7 @@ def main(argv: list[str] | None = None) -> dict:
     params = [whole.offloaded_params[p.name] for p in whole.offloaded[0].params]
     piece = [chunked.offloaded_params[chunked.offloaded[0].params[0].name]]  # the weight: piece 0 of 2
     live = [torch.randn(4, device=device)]
+    _library, empty_wait, empty_start = _empty_ops()  # the library keeps the ops registered while it lives
     with torch.inference_mode():
         result = {
             "device": device_name(torch.device(device)),
@@ -202,6 +257,8 @@ def main(argv: list[str] | None = None) -> dict:
             "start_us": microseconds_per_call(START, (params, [], live)),
             "wait_chunk_us": microseconds_per_call(WAIT, (piece,)),
             "start_chunk_us": microseconds_per_call(START, (piece, [], live)),
+            "empty_wait_us": microseconds_per_call(empty_wait, (params,)),
+            "empty_start_us": microseconds_per_call(empty_start, (params, [], live)),
             "runtime_wait_body_us": microseconds_per_call(whole.wait, (0,)),
             "runtime_start_with_copy_us": microseconds_per_call(lambda: (turns.start(0), turns.start(1)), ()) / 2,
             "edit_check_per_layer_us": microseconds_per_call(nine_per_block.settle_edits, ()) / 32,
