@@ -95,6 +95,8 @@ def tiny_forward(
     where it is close to the wall time, the host sets the pace. With
     ``profile_dir``, each variant's last forwards are recorded by
     ``torch.profiler``: a Chrome trace and a table by host time.
+    ``*_in_forward`` times the runtime's ``start`` and ``wait`` inside forwards
+    (:func:`_runtime_calls_in_forward`).
     """
     import prefetch_compile
 
@@ -103,6 +105,7 @@ def tiny_forward(
     offloaded = layers // 2
     names = ("inductor", "ours", "ours_no_copies")
     forwards = {}
+    runtimes = {}
     torch._dynamo.reset()
     for name in names:
         model = llama_like.build(shape, device, torch.float32)
@@ -110,7 +113,9 @@ def tiny_forward(
             forwards[name] = torch.compile(_own_code(name, model))
         else:
             step = offloaded if name == "ours_no_copies" else 1
-            prefetch_compile.offload(model, device, group_size=2, prefetch_step=step, chunked_copies=False)
+            runtimes[name] = prefetch_compile.offload(
+                model, device, group_size=2, prefetch_step=step, chunked_copies=False
+            )
             forwards[name] = torch.compile(_own_code(name, model), backend="prefetch_offload")
     times: dict[str, list[float]] = {name: [] for name in names}
     host: dict[str, list[float]] = {name: [] for name in names}
@@ -129,12 +134,51 @@ def tiny_forward(
             result[f"{name}_host_ms"] = statistics.median(host[name]) * 1e3
             if profile_dir is not None:
                 result[f"{name}_profile"] = _profile(lambda: forwards[name](tokens), device, profile_dir / name)
+        for name, runtime in runtimes.items():
+            result[f"{name}_in_forward"] = _runtime_calls_in_forward(lambda: forwards[name](tokens), runtime, calls)
     for name in ("ours", "ours_no_copies"):
         per_round = [mine / base for mine, base in zip(times[name], times["inductor"])]
         suffix = "" if name == "ours" else "_no_copies"
         result[f"ratio{suffix}"] = statistics.median(per_round)
         result[f"ratio{suffix}_per_round"] = per_round
     result["extra_us_per_op"] = (result["ours_ms"] - result["inductor_ms"]) * 1e3 / result["ops_per_forward"]
+    return result
+
+
+def _runtime_calls_in_forward(forward, runtime, calls: int) -> dict:
+    """Host µs per call of the runtime's ``start`` and ``wait`` inside whole forwards, and their sum per forward.
+
+    The microbenchmarks above time the calls alone, in a tight loop; inside a
+    forward they run between kernel launches, with colder caches. The calls
+    are timed by wrapping the methods on this runtime instance (the ops find
+    them there), which adds some 0.2 µs to each; the wrappers are removed after.
+    """
+    spent = {"start": [0.0, 0], "wait": [0.0, 0]}
+
+    def timed(method_name: str):
+        method = getattr(runtime, method_name)
+        tally = spent[method_name]
+
+        def call(*args):
+            began = time.perf_counter()
+            try:
+                return method(*args)
+            finally:
+                tally[0] += time.perf_counter() - began
+                tally[1] += 1
+
+        return call
+
+    for method_name in spent:
+        setattr(runtime, method_name, timed(method_name))
+    try:
+        for _ in range(calls):
+            forward()
+    finally:
+        for method_name in spent:
+            delattr(runtime, method_name)
+    result = {f"{key}_us": total / count * 1e6 for key, (total, count) in spent.items() if count}
+    result["per_forward_us"] = sum(total for total, _ in spent.values()) / calls * 1e6
     return result
 
 
