@@ -65,7 +65,7 @@ class PlanOptions:
                 "it counts the offloaded layers inside each group"
             )
         require_int("prefetch_step", self.prefetch_step, minimum=1)
-        if isinstance(self.offload_params, str) or not all(
+        if not isinstance(self.offload_params, (tuple, list)) or not all(
             isinstance(name, str) and name.strip(".") for name in self.offload_params
         ):
             raise OptionError(
@@ -153,7 +153,8 @@ def parse_bytes(value: Any, name: str = "budget") -> int:
     scale = 1 if unit == "B" else (1024 if "i" in unit else 1000) ** ("KMGT".index(unit[0]) + 1)
     nbytes = int(number * scale)
     if nbytes <= 0:
-        raise OptionError(f"{name} must be a positive number of bytes, got {value!r}")
+        least = "at least one byte" if number > 0 else "a positive number of bytes"  # "0.5 B" is positive, yet no byte
+        raise OptionError(f"{name} must be {least}, got {value!r}")
     return nbytes
 
 
@@ -234,6 +235,11 @@ def plan_options(knobs: Mapping[str, Any]) -> PlanOptions:
     values = dict(knobs)
     if "offload_params" in values:
         values["offload_params"] = _as_name_tuple(values["offload_params"])
+        if values["offload_params"] == ():
+            raise OptionError(
+                "offload_params=[] names no parameter: leave it out to offload every parameter of the offloaded "
+                "layers, or name pieces such as ['mlp']"
+            )
     if values.get("offload_layers") is not None:
         values["offload_layers"] = _as_index_tuple(values["offload_layers"])
     return PlanOptions(**values)

@@ -27,6 +27,7 @@ import collections
 import logging
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import torch
 from torch import nn
@@ -234,10 +235,30 @@ def log_plan_choice(model: nn.Module, plan: OffloadPlan) -> None:
 def _offloads_layer(options: PlanOptions, index: int, block: nn.Module, fqn: str) -> bool:
     """Whether layer ``index`` is offloaded (its parameters are still filtered by ``offload_params``)."""
     if options.filter_fn is not None:
-        return bool(options.filter_fn(block, fqn))
+        return _ask_filter_fn(options.filter_fn, block, fqn)
     if options.offload_layers is not None:
         return index in options.offload_layers
     return is_offloaded_layer(index, options.group_size, options.num_in_group)
+
+
+def _ask_filter_fn(filter_fn: Callable[[nn.Module, str], bool], block: nn.Module, fqn: str) -> bool:
+    """``filter_fn``'s answer for one block, as a bool; a call that fails or answers otherwise is the option's fault.
+
+    Truthiness is not taken for an answer: a string or a tensor returned by
+    mistake would offload every block, or none, without a word.
+    """
+    try:
+        chosen = filter_fn(block, fqn)
+    except Exception as error:
+        raise OptionError(
+            f"filter_fn raised {type(error).__name__}: {error}, called as filter_fn(block, fqn) for block "
+            f"'{fqn}' ({type(block).__name__}); it takes the block module and its dotted name, and returns a bool"
+        ) from error
+    if not isinstance(chosen, bool):
+        raise OptionError(
+            f"filter_fn must return a bool, got {chosen!r} for block '{fqn}' ({type(block).__name__})"
+        )
+    return chosen
 
 
 def _nothing_offloaded(path: str, blocks: list[nn.Module], options: PlanOptions) -> str:

@@ -23,6 +23,9 @@ from toy_models import Stack
         ({"prefetch_step": True}, "prefetch_step must be an integer >= 1, got True"),
         ({"offload_params": "mlp"}, "offload_params must be a list"),
         ({"offload_params": ["mlp", ""]}, "offload_params must be a list"),
+        ({"offload_params": None}, "offload_params must be a list"),
+        ({"offload_params": 3}, "offload_params must be a list"),
+        ({"offload_params": []}, "offload_params=[] names no parameter: leave it out"),
         ({"compiler": "tvm"}, "compiler must be one of ('inductor', 'aot_eager', 'eager'), got 'tvm'"),
         ({"cuda_graphs": "yes"}, "cuda_graphs must be True or False"),
         ({"dump_dir": 3}, "dump_dir must be a directory path"),
@@ -148,6 +151,29 @@ def test_filter_fn_is_checked():
         PlanOptions(filter_fn="layers.1")
     with pytest.raises(OptionError, match="offload_layers or filter_fn, not both"):
         PlanOptions(offload_layers=(1,), filter_fn=lambda block, fqn: True)
+
+
+@pytest.mark.parametrize(
+    "filter_fn,message",
+    [
+        (lambda block: True, r"filter_fn raised TypeError: .* for block 'layers.0' \(LinearBlock\); it takes the block"),
+        (lambda block, fqn: 1 / 0, r"filter_fn raised ZeroDivisionError: division by zero, called as"),
+        (lambda block, fqn: "no", r"filter_fn must return a bool, got 'no' for block 'layers.0' \(LinearBlock\)"),
+        (lambda block, fqn: None, r"filter_fn must return a bool, got None for block 'layers.0'"),
+    ],
+    ids=["one-argument", "raises", "string", "none"],
+)
+def test_a_filter_fn_that_fails_or_answers_no_bool_is_refused_by_name(filter_fn, message):
+    """Its answer is never taken for its truthiness ("no" would offload every block), and its errors name it."""
+    model = Stack(["linear"] * 4)
+    reference = copy.deepcopy(model)
+    with pytest.raises(OptionError, match=message):
+        prefetch_compile.offload(model, "cpu", filter_fn=filter_fn)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+    assert not hasattr(model.layers[0], "_prefetch_compile_offloaded")  # refused before any block was touched
+    compiled = torch.compile(model, backend="prefetch_offload", options={"filter_fn": filter_fn})
+    with torch.no_grad(), pytest.raises(Exception, match=message):  # the one line: Dynamo wraps the backend's error
+        compiled(torch.randn(2, 16))
 
 
 @pytest.mark.parametrize(

@@ -91,6 +91,12 @@ def test_budgets_of_no_bytes_or_fewer_are_refused_as_such(value):
         parse_bytes(value)
 
 
+@pytest.mark.parametrize("value", ["0.5 B", "0.0001KB"])
+def test_a_budget_under_one_byte_is_refused_as_such(value):
+    with pytest.raises(OptionError, match=f"budget must be at least one byte, got '{value}'"):
+        parse_bytes(value)
+
+
 @pytest.mark.parametrize(
     "options,message",
     [
