@@ -46,7 +46,7 @@ OFFLOADED_FLAG = "_prefetch_compile_offloaded"
 def install_model_hooks(model: nn.Module, plan: OffloadPlan, runtime: PrefetchRuntime) -> None:
     _install_block_hooks(model, plan, runtime)
     _install_state_dict_hooks(model, plan, runtime)
-    _refuse_disk_loads(model, runtime)
+    _refuse_loads_up_front(model, runtime)
     _refuse_copies(model, plan)
 
 
@@ -155,11 +155,6 @@ def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: Pref
                 key = prefix + attribute
                 if key not in state_dict:
                     continue
-                if local_metadata.get("assign_to_params_buffers", False):
-                    raise RuntimeError(
-                        f"load_state_dict(assign=True) would replace offloaded parameter {name} with a tensor "
-                        "outside its slot; load without assign=True (values are copied into the host arena)"
-                    )
                 value, param = state_dict[key], runtime.offloaded_params[name]
                 if tuple(value.shape) != tuple(param.shape):
                     continue  # PyTorch reports the size mismatch itself and copies nothing
@@ -180,26 +175,41 @@ def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: Pref
         owner.register_load_state_dict_post_hook(after_load)
 
 
-def _refuse_disk_loads(model: nn.Module, runtime: PrefetchRuntime) -> None:
-    """A load_state_dict holding a disk-resident parameter raises before any module has loaded anything.
+def _refuse_loads_up_front(model: nn.Module, runtime: PrefetchRuntime) -> None:
+    """A load_state_dict that must be refused is refused before any module has loaded anything.
 
-    PyTorch runs a module's load pre-hooks before it loads the module's own
-    tensors and its children's, so a hook on every module above a
-    disk-resident parameter (the model itself included) sees the whole state
-    dict of whichever module ``load_state_dict`` was called on, first.
+    Two are: ``assign=True`` over an offloaded parameter (it would put the
+    parameter outside its slot), and a value for a disk-resident parameter (its
+    checkpoint file is never written). Refused from the owner's own load hook,
+    the modules loaded before it would keep their new values: half a model
+    loaded, and nothing to say so at the next forward. PyTorch runs a module's
+    load pre-hooks before it loads the module's own tensors and its children's,
+    so a hook on every module above an offloaded parameter (the model itself
+    included) sees the whole state dict of whichever module ``load_state_dict``
+    was called on, first.
     """
-    if runtime.disk is None:
-        return
+    disk_resident = runtime.disk.layout.sources if runtime.disk is not None else {}
     under: dict[str, list[tuple[str, str]]] = {}  # module path -> (name relative to it, full name)
-    for name in runtime.disk.layout.sources:
+    for name in dict.fromkeys([*runtime.offloaded_params, *disk_resident]):  # in the model's order
         parts = name.split(".")
         for depth in range(len(parts)):
             under.setdefault(".".join(parts[:depth]), []).append((".".join(parts[depth:]), name))
     for path, names in under.items():
 
-        def check(module: nn.Module, state_dict: dict, prefix: str, *args: Any, names=names) -> None:
+        def check(
+            module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict, *args: Any, names=names
+        ) -> None:
+            assign = local_metadata.get("assign_to_params_buffers", False)
             for relative, name in names:
-                if prefix + relative in state_dict:
+                if prefix + relative not in state_dict:
+                    continue
+                if assign:
+                    raise RuntimeError(
+                        f"load_state_dict(assign=True) would replace offloaded parameter {name} with a tensor "
+                        "outside its slot; nothing was loaded. Load without assign=True (values are copied into "
+                        "the host arena)"
+                    )
+                if name in disk_resident:
                     runtime.refuse_disk_write(name, "load_state_dict")
 
         model.get_submodule(path).register_load_state_dict_pre_hook(check)

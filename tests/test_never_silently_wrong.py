@@ -179,8 +179,16 @@ def test_load_state_dict_casts_like_pytorch_and_refuses_assign():
     model.load_state_dict(halved)  # PyTorch casts to the parameter's dtype; so does the host copy
     with torch.no_grad():
         torch.testing.assert_close(model(torch.ones(1, 16)), other(torch.ones(1, 16)), rtol=1e-6, atol=1e-6)
-    with pytest.raises(RuntimeError, match=r"assign=True\) would replace offloaded parameter layers\.1\."):
-        model.load_state_dict(other.state_dict(), assign=True)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    fresh = Stack(["linear"] * 4)
+    refusal = r"assign=True\) would replace offloaded parameter layers\.1\.\S+ with a tensor outside its slot; nothing was"
+    with pytest.raises(RuntimeError, match=refusal):
+        model.load_state_dict(fresh.state_dict(), assign=True)
+    # proj and layers.0 come before layers.1 in load order: they must not have taken fresh's values either.
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.ones(1, 16)), other(torch.ones(1, 16)), rtol=1e-6, atol=1e-6)
 
 
 def test_load_state_dict_size_mismatch_is_reported_and_changes_nothing_offloaded():
