@@ -352,10 +352,17 @@ def _runtime_for(
         raise OptionError("one compiled graph reads the offloaded parameters of two different models")
     if runtimes:
         runtime = next(iter(runtimes.values()))
-        if plan is not None and plan != runtime.plan.options:
+        placed = runtime.plan.options
+        # Knobs the options leave out keep their defaults in ``plan``; the placed plan may hold others
+        # (load_checkpoint's disk tier turns chunked_copies off), which the options do not contradict.
+        differ = [knob for knob in parsed.named_knobs if getattr(plan, knob) != getattr(placed, knob)]
+        if differ:
+            asked = ", ".join(f"{knob}={getattr(plan, knob)!r}" for knob in differ)
+            held = ", ".join(f"{knob}={getattr(placed, knob)!r}" for knob in differ)
             raise OptionError(
-                f"the model was offloaded with {runtime.plan.options}, but torch.compile options ask for {plan}; "
-                "pass the plan knobs to offload() only"
+                f"the model was offloaded with {held}, but torch.compile options ask for {asked}; a model "
+                "offloaded by offload() or load_checkpoint() keeps its plan: leave the plan knobs out of "
+                "torch.compile's options, or pass the same values"
             )
         if budget is not None and budget.budget != runtime.budget:
             planned = (

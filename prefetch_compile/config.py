@@ -185,6 +185,7 @@ class BackendOptions:
     plan: PlanOptions | None
     compile: CompileOptions = field(default_factory=CompileOptions)
     budget: BudgetOptions | None = None
+    named_knobs: tuple[str, ...] = ()  # the plan knobs the options name: only these must agree with a placed plan
 
 
 PLAN_KNOBS = tuple(f.name for f in fields(PlanOptions))
@@ -214,7 +215,7 @@ def parse_backend_options(options: Mapping[str, Any] | None) -> BackendOptions:
         dump_dir=Path(dump_dir) if dump_dir is not None else None,
         cuda_graphs=options.get("cuda_graphs", False),
     )
-    return BackendOptions(plan=plan, compile=compile_options, budget=budget)
+    return BackendOptions(plan=plan, compile=compile_options, budget=budget, named_knobs=tuple(plan_values))
 
 
 def plan_options(knobs: Mapping[str, Any]) -> PlanOptions:

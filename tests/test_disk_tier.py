@@ -153,6 +153,15 @@ def test_generate_with_a_dynamic_cache_gives_the_original_tokens(checkpoint, ori
     assert runtime.stats().disk_layers == LAYERS - 3 and runtime.counters.ensure_misses == 0
 
 
+def test_the_one_line_with_the_knobs_it_was_loaded_with_compiles(checkpoint, original):
+    """A disk tier turns chunked copies off; the same knobs in torch.compile's options do not contradict that."""
+    model, runtime = load(checkpoint)
+    assert runtime.plan.options.chunked_copies is False
+    model.forward = torch.compile(model.forward, backend="prefetch_offload", options={**PLAN, "compiler": "aot_eager"})
+    tokens = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(logits(model, tokens), logits(original, tokens), rtol=1e-5, atol=1e-5)
+
+
 def write_out_of_order(directory: Path, state: dict[str, torch.Tensor]) -> None:
     """Two shards with the layers in reverse order, and layer 5 split between them."""
     names = sorted(state, key=lambda name: (-int(name.split(".")[2]) if ".layers." in name else 99, name))

@@ -99,8 +99,28 @@ def test_plan_knobs_conflicting_with_offload_are_refused():
     model = Stack(["linear"] * 4)
     prefetch_compile.offload(model, "cpu", group_size=2)
     compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 4})
-    with torch.no_grad(), pytest.raises(Exception, match="was offloaded with"):
+    conflict = "was offloaded with group_size=2, but torch.compile options ask for group_size=4"
+    with torch.no_grad(), pytest.raises(Exception, match=conflict):
         compiled(torch.randn(2, 16))
+
+
+def test_the_same_plan_knobs_again_are_accepted_whatever_the_placed_plan_holds_besides():
+    """Only the knobs the options name must agree: the placed plan may differ in others (a disk tier turns
+    chunked_copies off, which the options' default 'auto' does not contradict), and naming it explicitly works too."""
+    model = Stack(["linear"] * 4)
+    reference = copy.deepcopy(model)
+    prefetch_compile.offload(model, "cpu", group_size=2, chunked_copies=False)
+    x = torch.randn(2, 16)
+    for options in ({"group_size": 2}, {"group_size": 2, "chunked_copies": False}):
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="prefetch_offload", options=options)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 2, "chunked_copies": True})
+    conflict = "offloaded with chunked_copies=False, but torch.compile options ask for chunked_copies=True"
+    with torch.no_grad(), pytest.raises(Exception, match=conflict):
+        compiled(x)
 
 
 def test_offloading_twice_is_refused():
