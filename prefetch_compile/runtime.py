@@ -944,8 +944,11 @@ class PrefetchRuntime:
         """Overwrite parameters in place, offloaded or kept; later eager calls and graph replays see them.
 
         Every name, shape and dtype is checked before anything is written, so a
-        bad update leaves the model as it was.
+        bad update leaves the model as it was. A tied tensor may come under any of
+        its names (``lm_head.weight`` for a tied embedding, as ``state_dict()``
+        lists it), once or under several with equal values.
         """
+        new_values = self._by_kept_name(new_values)
         for name, value in new_values.items():
             current = self.offloaded_params.get(name, self.kept_tensors.get(name))
             if current is None:
@@ -981,6 +984,33 @@ class PrefetchRuntime:
                         # The slot already holds this layer: refresh it in place so the next read sees the update.
                         param_view(self.slots.block(layer), placement).copy_(leaf)
             self._host_version = self.host.buffer._version  # its own writes
+
+    def _by_kept_name(self, new_values: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``new_values`` keyed by the names the runtime keeps its tensors under, tied aliases resolved.
+
+        The runtime knows each tensor by one name, the first of ``named_parameters()``;
+        the model's other names for it come from the model itself. Two different values
+        for one tied tensor cannot both be loaded: refused, naming both.
+        """
+        model = self._model() if self._model is not None else None
+        known = {id(tensor): name for name, tensor in [*self.offloaded_params.items(), *self.kept_tensors.items()]}
+        aliases = {}
+        if model is not None:
+            every = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+            aliases = {name: known[id(tensor)] for name, tensor in every if known.get(id(tensor), name) != name}
+        resolved: dict[str, tuple[str, torch.Tensor]] = {}
+        for name, value in new_values.items():
+            kept_name = aliases.get(name, name)
+            if kept_name in resolved:
+                other, first = resolved[kept_name]
+                if value is not first and not torch.equal(value, first):
+                    raise ValueError(
+                        f"load_weights: {other!r} and {name!r} are one tied tensor and were given different values; "
+                        "nothing was written"
+                    )
+                continue
+            resolved[kept_name] = (name, value)
+        return {kept_name: value for kept_name, (_, value) in resolved.items()}
 
     def refuse_disk_write(self, name: str, caller: str) -> None:
         """Raise if ``name`` is a disk-resident parameter: its value lives in the checkpoint files, read-only."""

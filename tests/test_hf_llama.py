@@ -86,3 +86,26 @@ def test_the_one_liner_with_dynamic_shapes_on_its_first_call():
             prompt = torch.randint(0, 128, (1, length))
             assert torch.equal(model.generate(prompt, **settings), reference.generate(prompt, **settings))
     assert prefetch_compile.runtime_of(model).stats().offloaded_layers == 2
+
+
+def test_load_weights_takes_a_tied_models_state_dict_under_either_name():
+    """``state_dict()`` lists a tied embedding twice (``lm_head.weight`` too): load_weights takes it back as it is."""
+    config = transformers.LlamaConfig(**tiny_decoder_config(num_hidden_layers=4, tie_word_embeddings=True))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    torch.manual_seed(1)
+    other = transformers.LlamaForCausalLM(config).eval()
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2)
+    state = other.state_dict()
+    assert torch.equal(state["lm_head.weight"], state["model.embed_tokens.weight"])
+    runtime.load_weights(state)
+    tokens = torch.randint(0, config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(3))
+    compiled = torch.compile(model, backend="prefetch_offload")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(tokens).logits, other(tokens).logits, rtol=1e-5, atol=1e-5)
+    runtime.load_weights({"lm_head.weight": state["lm_head.weight"] * 2})  # the alias alone
+    assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"] * 2)
+    untied = {**state, "lm_head.weight": state["lm_head.weight"] + 1}
+    with pytest.raises(ValueError, match="'model.embed_tokens.weight' and 'lm_head.weight' are one tied tensor"):
+        runtime.load_weights(untied)
+    assert torch.equal(model.model.embed_tokens.weight, state["model.embed_tokens.weight"] * 2)  # nothing written
