@@ -65,7 +65,7 @@ class _Target:
     destination: torch.Tensor | None = None  # a view of the host arena, or a fresh tensor on the device
     offloaded: bool = False
     on_disk: bool = False  # offloaded to the disk tier: left in the checkpoint file, nothing to place
-    written: bool = False
+    written_as: str | None = None  # the checkpoint name it was filled from; a tied weight's other names are checked
 
 
 @torch.inference_mode(False)  # the parameters and the arena it makes count their writes (see edits.py)
@@ -334,22 +334,22 @@ def _place_iterable(targets: dict[int, _Target], checkpoint: Iterable[tuple[str,
         seen.add(name)
         _write(target, name, tensor, None, [])
         progress.advance(_nbytes(tensor))
-    missing = [target.names[0] for target in targets.values() if not target.written]
+    missing = [target.names[0] for target in targets.values() if target.written_as is None]
     if missing:
         raise CheckpointError(f"checkpoint ended without {few(missing)}; nothing was loaded into the model")
 
 
 def _write(target: _Target, name: str, source: Source, reader: FileReader | None, staging: list[torch.Tensor]) -> None:
     """Fill ``target`` from ``source``; a tied weight's later copies are only checked equal to the first."""
-    if not target.written:
+    if target.written_as is None:
         _copy(target.destination, source, reader, staging)
-        target.written = True
+        target.written_as = name
         return
     again = torch.empty_like(target.destination)
     _copy(again, source, reader, staging)
     if not torch.equal(again, target.destination):
         raise CheckpointError(
-            f"{name} is tied to {target.names[0]} in the model but differs from it in the checkpoint; "
+            f"{name} is tied to {target.written_as} in the model but differs from it in the checkpoint; "
             "nothing was loaded into the model"
         )
 

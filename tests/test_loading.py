@@ -108,6 +108,10 @@ def test_tied_copies_that_differ_are_refused():
     ):
         prefetch_compile.load_checkpoint(model, state.items(), "cpu", group_size=2)
     assert all_meta(model)
+    # The alias first (file order sorts lm_head before model.): the message names the two names all the same.
+    reordered = {"lm_head.weight": state["lm_head.weight"], **{k: v for k, v in state.items() if k != "lm_head.weight"}}
+    with pytest.raises(CheckpointError, match="^model.embed_tokens.weight is tied to lm_head.weight in the model"):
+        prefetch_compile.load_checkpoint(meta_llama(tie_word_embeddings=True), reordered.items(), "cpu", group_size=2)
 
 
 def single_file(tmp_path, state):
