@@ -42,7 +42,7 @@ from .config import OptionError, parse_bytes, plan_options
 from .disk_layout import STAGING_BUFFERS, DiskLayout, plan_disk_tier
 from .disk_tier import DiskTier
 from .memory import HostArena, PinnedStaging, param_view
-from .offload import _check_device, assemble_runtime
+from .offload import _check_device, _check_not_offloaded, assemble_runtime
 from .plan import OffloadPlan, build_plan, log_plan_choice
 from .runtime import PrefetchRuntime, format_bytes
 
@@ -142,6 +142,7 @@ def load_checkpoint(
             )
         options = dataclasses.replace(options, chunked_copies=False)
     device = _check_device(torch.device(device))
+    _check_not_offloaded(model)
     targets = _targets(model)
     plan = build_plan(model, options)
     log_plan_choice(model, plan)

@@ -108,6 +108,7 @@ def offload_within_budget(
     """
     device = _check_device(device)
     _check_not_offloaded(model)  # before the planner's calibration, not after
+    _check_weights_real(model)
     chosen, cost = plan_within_budget(model, device, budget, layers, compiler)
     if chosen.options is None:
         if any(t.device != device for t in [*model.parameters(), *model.buffers()]):
@@ -140,6 +141,7 @@ def offload_with_options(model: nn.Module, device: torch.device, options: PlanOp
     their views are made as normal tensors, whose version counters the runtime watches (see ``edits.py``)."""
     device = _check_device(device)
     _check_not_offloaded(model)
+    _check_weights_real(model)
     plan = build_plan(model, options)
     check_counted(plan, dict(model.named_parameters()))
     log_plan_choice(model, plan)
@@ -190,7 +192,21 @@ def assemble_runtime(
 
 def _check_not_offloaded(model: nn.Module) -> None:
     if runtime_of(model) is not None:
-        raise OptionError(f"{type(model).__name__} is already offloaded; offload() a model once")
+        raise OptionError(
+            f"{type(model).__name__} is already offloaded (by offload() or load_checkpoint()): a model is offloaded "
+            "once. To give it new weights, use model.load_state_dict(...) or runtime.load_weights(...)"
+        )
+
+
+def _check_weights_real(model: nn.Module) -> None:
+    """A model built on the meta device has no weights to move: say where they come from instead."""
+    meta = next((name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta), None)
+    if meta is not None:
+        raise OptionError(
+            f"{type(model).__name__} has tensors on the meta device ({meta}, ...): offload() moves weights that "
+            "exist. To fill a model built on the meta device from a checkpoint, use "
+            "prefetch_compile.load_checkpoint(model, checkpoint, device, ...)"
+        )
 
 
 def _check_device(device: torch.device) -> torch.device:

@@ -13,6 +13,7 @@ from torch import nn
 
 import prefetch_compile
 from prefetch_compile import CheckpointError
+from prefetch_compile.config import OptionError
 from prefetch_compile.loading import _Progress
 from model_zoo import tiny_decoder_config
 
@@ -94,6 +95,26 @@ def test_tied_weights_stay_tied(tmp_path):
         prefetch_compile.load_checkpoint(model, source, "cpu", group_size=2)
         assert model.lm_head.weight is model.model.embed_tokens.weight
         assert torch.equal(logits(model, tokens), logits(original, tokens))
+
+
+def test_a_second_load_or_offload_of_a_loaded_model_points_to_the_weight_loaders(tmp_path):
+    checkpoint = save_sharded(original_llama(), tmp_path)
+    model = meta_llama()
+    prefetch_compile.load_checkpoint(model, checkpoint, "cpu", group_size=2)
+    advice = r"already offloaded \(by offload\(\) or load_checkpoint\(\)\): .* model.load_state_dict\(\.\.\.\) or runtime"
+    with pytest.raises(OptionError, match=advice):
+        prefetch_compile.load_checkpoint(model, checkpoint, "cpu", group_size=2)
+    with pytest.raises(OptionError, match=advice):
+        prefetch_compile.offload(model, "cpu", group_size=2)
+
+
+@pytest.mark.parametrize("knobs", [{"group_size": 2}, {"budget": "1GiB", "activation_bytes": 0}], ids=["plan", "budget"])
+def test_offload_of_a_meta_model_points_to_load_checkpoint(knobs):
+    model = meta_llama()
+    refusal = r"has tensors on the meta device \(model\.embed_tokens\.weight, \.\.\.\).*load_checkpoint"
+    with pytest.raises(OptionError, match=refusal):
+        prefetch_compile.offload(model, "cpu", **knobs)
+    assert all_meta(model)
 
 
 def test_tied_copies_that_differ_are_refused():

@@ -121,7 +121,7 @@ def test_a_second_offload_with_a_budget_is_refused_before_planning(monkeypatch):
     prefetch_compile.offload(model, "cpu", group_size=2)
     module = importlib.import_module("prefetch_compile.offload")  # the package's `offload` is the function
     monkeypatch.setattr(module, "plan_within_budget", lambda *args: pytest.fail("planned anyway"))
-    with pytest.raises(OptionError, match="Model is already offloaded; offload\\(\\) a model once"):
+    with pytest.raises(OptionError, match="Model is already offloaded \\(by offload\\(\\) or load_checkpoint\\(\\)\\)"):
         prefetch_compile.offload(model, "cpu", budget="1GiB", activation_bytes=0, cost_table=table(8))
 
 
