@@ -92,6 +92,20 @@ def test_bad_factory_is_one_line_and_exit_code_2(capsys, spec, message):
     assert message in line
 
 
+def meta_factory():
+    """A model built on the meta device, as README builds one for load_checkpoint."""
+    with torch.device("meta"):
+        return Stack(["linear"] * 4)
+
+
+def test_dumps_of_a_meta_built_model_are_one_line_pointing_to_load_checkpoint(capsys, tmp_path):
+    """The plan table needs no weights; a dump offloads the model, which has none to move."""
+    assert main([f"{__name__}:meta_factory", "--group-size", "2"]) == 0
+    assert main([f"{__name__}:meta_factory", "--group-size", "2", "--dump-dir", str(tmp_path)]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("prefetch_compile: error: Stack has tensors on the meta device") and "load_checkpoint" in line
+
+
 def test_bad_knob_is_one_line(capsys):
     assert main([MODEL_SPEC, "--group-size", "2", "--num-in-group", "3"]) == 2
     (line,) = capsys.readouterr().err.splitlines()
