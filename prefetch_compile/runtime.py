@@ -196,6 +196,7 @@ class PrefetchRuntime:
         self.budget: int | None = None  # the device-memory budget (bytes) the planner chose the plan within, if any
         self.cost_table: CostTable | None = None  # the costs the planner chose it from (offload_within_budget)
         self._model: weakref.ReferenceType[torch.nn.Module] | None = None  # the offloaded model: bind_model()
+        self._aliases: dict[str, str] | None = None  # tied names -> the kept name (_tied_aliases)
         self.offloaded: tuple[LayerPlan, ...] = plan.offloaded
         self.offloaded_params = dict(offloaded_params)
         self.kept_tensors = dict(kept_tensors)
@@ -992,12 +993,7 @@ class PrefetchRuntime:
         the model's other names for it come from the model itself. Two different values
         for one tied tensor cannot both be loaded: refused, naming both.
         """
-        model = self._model() if self._model is not None else None
-        known = {id(tensor): name for name, tensor in [*self.offloaded_params.items(), *self.kept_tensors.items()]}
-        aliases = {}
-        if model is not None:
-            every = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
-            aliases = {name: known[id(tensor)] for name, tensor in every if known.get(id(tensor), name) != name}
+        aliases = self._tied_aliases()
         resolved: dict[str, tuple[str, torch.Tensor]] = {}
         for name, value in new_values.items():
             kept_name = aliases.get(name, name)
@@ -1011,6 +1007,18 @@ class PrefetchRuntime:
                 continue
             resolved[kept_name] = (name, value)
         return {kept_name: value for kept_name, (_, value) in resolved.items()}
+
+    def _tied_aliases(self) -> dict[str, str]:
+        """The model's other names for the tensors the runtime keeps, once: a load_state_dict asks once per module."""
+        if self._aliases is None:
+            model = self._model() if self._model is not None else None
+            if model is None:
+                return {}
+            kept = [*self.offloaded_params.items(), *self.kept_tensors.items()]
+            known = {id(tensor): name for name, tensor in kept}
+            every = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+            self._aliases = {name: known[id(tensor)] for name, tensor in every if known.get(id(tensor), name) != name}
+        return self._aliases
 
     def refuse_disk_write(self, name: str, caller: str) -> None:
         """Raise if ``name`` is a disk-resident parameter: its value lives in the checkpoint files, read-only."""
