@@ -192,7 +192,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _names(text: str) -> tuple[str, ...]:
-    return tuple(name for name in text.split(",") if name)
+    names = tuple(name for name in text.split(",") if name)
+    if not names:  # as offload_params=[] is refused: an empty list read as "all" would offload what was not asked
+        raise argparse.ArgumentTypeError("names no parameter; leave --offload-params out to offload every parameter")
+    return names
 
 
 def _shape(text: str) -> tuple[int, ...]:

@@ -108,7 +108,7 @@ class CopyReport:
 
     def totals(self) -> str:
         """The totals in one line (the log line of the first timed forwards is this)."""
-        bandwidth = "-" if self.bandwidth is None else f"{self.bandwidth / 1e9:.1f} GB/s"
+        bandwidth = "-" if self.bandwidth is None else f"{self.bandwidth / 1e9:.3g} GB/s"  # 0.07 on a slow CPU, not 0.0
         return (
             f"{self.forwards} forwards, {self.copies} copies, {format_bytes(self.copied_bytes)} copied, "
             f"achieved bandwidth {bandwidth}, stall per forward {self.stall_per_forward * 1e3:.3f} ms, "

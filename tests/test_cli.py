@@ -106,6 +106,14 @@ def test_dumps_of_a_meta_built_model_are_one_line_pointing_to_load_checkpoint(ca
     assert line.startswith("prefetch_compile: error: Stack has tensors on the meta device") and "load_checkpoint" in line
 
 
+def test_an_empty_offload_params_is_refused_as_in_the_api(capsys):
+    """offload_params=[] is refused; the CLI's "" read as no names at all offloaded every parameter."""
+    with pytest.raises(SystemExit) as exit_:
+        main([MODEL_SPEC, "--offload-params", ""])
+    assert exit_.value.code == 2
+    assert "--offload-params: names no parameter; leave --offload-params out" in capsys.readouterr().err
+
+
 def test_bad_knob_is_one_line(capsys):
     assert main([MODEL_SPEC, "--group-size", "2", "--num-in-group", "3"]) == 2
     (line,) = capsys.readouterr().err.splitlines()

@@ -119,12 +119,15 @@ def test_budget_on_the_one_line_path_generates_the_same_tokens(name):
 def test_example_inputs_as_keyword_arguments_plan_as_positional_ones():
     """HF models are called by keyword: a mapping of example_inputs is the forward's keyword arguments (it was
     passed as one positional argument, and the trace failed in the model's embedding with no word of
-    example_inputs). The plan equals the one made from the same tensors passed positionally."""
+    example_inputs). The plan equals the one made from the same tensors passed positionally. Roofline costs
+    (calibrate=False), so that only the traces can set the plans apart: two timed calibrations can rank close plans
+    differently on a loaded machine, and did in CI."""
     ids, mask = prompt_and_mask()
     plans = []
     for example_inputs in ((ids, mask), {"input_ids": ids, "attention_mask": mask}):
         model = BY_NAME["llama"].build()
-        runtime = prefetch_compile.offload(model, "cpu", budget=nbytes(model) * 8 // 10, example_inputs=example_inputs)
+        budget = nbytes(model) * 8 // 10
+        runtime = prefetch_compile.offload(model, "cpu", budget=budget, example_inputs=example_inputs, calibrate=False)
         plans.append([(layer.index, [p.param_name for p in layer.params]) for layer in runtime.offloaded])
     assert plans[0] and plans[0] == plans[1]
     with pytest.raises(prefetch_compile.OptionError, match="keys must be names"):

@@ -228,3 +228,12 @@ def test_report_after_stop_recording_covers_the_recorded_forwards():
     report = runtime.report()
     assert report.forwards == 10
     assert [row.copies for row in report.layers] == [10, 10]
+
+
+@pytest.mark.parametrize("seconds,shown", [(1.0, "0.07 GB/s"), (1.0e-3, "70 GB/s"), (1.27e-3, "55.1 GB/s")])
+def test_the_totals_show_a_slow_bandwidth_as_it_is(seconds, shown):
+    """One decimal showed a slow CPU's 0.07 GB/s as 0.0."""
+    from prefetch_compile.report import CopyReport, LayerReport
+
+    row = LayerReport(0, "layers.1", 70_000_000, 1, 70_000_000, seconds, None, 0.0, 1, 0)
+    assert f"achieved bandwidth {shown}," in CopyReport((row,), forwards=1).totals()
