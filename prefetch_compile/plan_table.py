@@ -15,7 +15,7 @@ from tabulate import tabulate
 from torch import fx
 
 from .flops import estimate_flops
-from .leaves import leaf_bytes
+from .leaves import leaf_bytes, tensor_leaves
 from .passes import PrefetchPassResult
 from .plan import OffloadPlan
 from .runtime import format_bytes
@@ -67,6 +67,10 @@ def prefetch_spans(graph: fx.Graph, result: PrefetchPassResult) -> dict[int, Pre
     return spans
 
 
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
 def plan_rows(
     plan: OffloadPlan, params: Mapping[str, torch.Tensor], spans: Mapping[int, PrefetchSpan] | None = None
 ) -> list[dict[str, object]]:
@@ -84,7 +88,8 @@ def plan_rows(
             "params": len(own),
             "bytes": sum(leaf_bytes(tensor) for tensor in own),  # what is stored (a quantized weight's leaves)
             "offloaded bytes": sum(placement.nbytes for placement in layer.params),
-            "dtypes": ",".join(sorted({str(tensor.dtype).removeprefix("torch.") for tensor in own})),
+            # Those stored, as "bytes" counts them: a torchao int8 weight is int8 values and float32 scales.
+            "dtypes": ",".join(sorted({_dtype_name(leaf) for tensor in own for _, leaf in tensor_leaves(tensor)})),
             "offload #": layer.offload_index,
             "slot": layer.slot,
         }

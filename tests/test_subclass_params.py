@@ -81,6 +81,8 @@ def test_quantized_llama_matches_stock_inductor(kind):
     assert runtime.stats().offloaded_bytes == sum(leaf_bytes(param) for param in in_layers.values())
     rows = {row["layer"]: row for row in plan_rows(runtime.plan, dict(model.named_parameters()))}
     assert rows["layers.1"]["bytes"] == rows["layers.1"]["offloaded bytes"]  # int8 bytes, not the float32 view
+    stored = {str(leaf.dtype).removeprefix("torch.") for _, leaf in tensor_leaves(weight)}
+    assert "int8" in stored and set(rows["layers.1"]["dtypes"].split(",")) >= stored  # not the outer float32 alone
 
 
 @pytest.mark.parametrize("chunked", [False, True])
