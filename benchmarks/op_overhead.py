@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_util import add_repo_to_path, device_name, git_commit, wall_time  # noqa: E402
+from bench_util import add_repo_to_path, device_name, git_commit, synchronize, wall_time  # noqa: E402
 
 add_repo_to_path()
 import llama_like  # noqa: E402  (examples/llama_like.py)
@@ -200,13 +200,11 @@ def _host_seconds(fn, device: torch.device, calls: int) -> list[float]:
     """Seconds each call takes to return, starting from an idle device."""
     seconds = []
     for _ in range(calls):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         fn()
         seconds.append(time.perf_counter() - began)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return seconds
 
 
@@ -223,8 +221,7 @@ def _profile(fn, device: torch.device, path: Path, calls: int = 10) -> dict:
     with profile(activities=activities) as recorded:
         for _ in range(calls):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
     path.parent.mkdir(parents=True, exist_ok=True)
     recorded.export_chrome_trace(f"{path}.json")
     table = recorded.key_averages().table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60)
