@@ -21,7 +21,9 @@ and on a GPU says how long kernels waited on the device (``launch_to_start_us``)
 
 ``runtime_start_with_copy_us`` is the runtime's ``start`` when it does copy (two
 small layers taking turns in one slot): its bookkeeping and the copy's launch (on
-the CPU the copy itself, 16 KiB). ``edit_check_per_layer_us`` is the look for in-place edits that the runtime
+the CPU the copy itself, 16 KiB). ``copy_path_us`` (GPU only) times, one at a time in a loop, each CUDA call a
+copying ``start`` makes, on that runtime's streams and buffers: which of them
+its host time is made of. ``edit_check_per_layer_us`` is the look for in-place edits that the runtime
 makes once each time it is entered (a compiled graph, a replay, an eager block
 call; see ``prefetch_compile/edits.py``), on 32 offloaded blocks of nine
 parameters each (a Llama decoder block's count), divided by the 32 blocks.
@@ -76,6 +78,40 @@ def _empty_ops() -> tuple:
 
 def _nine_linears() -> nn.Module:
     return nn.Sequential(*(nn.Linear(8, 8, bias=False) for _ in range(9)))
+
+
+def copy_path_us(runtime) -> dict:
+    """µs per call of each CUDA call that the runtime's copying ``start`` makes (on a GPU; empty on the CPU).
+
+    They run on the runtime's own copy stream, events and buffers, the first
+    offloaded layer's host and slot blocks for the copy, so the sum can be set
+    against ``runtime_start_with_copy_us``.
+    """
+    if runtime.device.type != "cuda":
+        return {}
+    device, copy_stream = runtime.device, runtime.copy_stream
+    compute = torch.cuda.current_stream(device)
+    event = torch.cuda.Event()
+    layer = runtime.offloaded[0]
+    source, target = runtime.host.block(layer), runtime.slots.block(layer)
+
+    def set_streams() -> None:
+        torch.cuda.set_stream(copy_stream)
+        torch.cuda.set_stream(compute)
+
+    calls = {
+        "current_stream": (torch.cuda.current_stream, (device,)),
+        "is_current_stream_capturing": (torch.cuda.is_current_stream_capturing, ()),
+        "current_device": (torch.cuda.current_device, ()),
+        "event_record": (event.record, (compute,)),
+        "stream_wait_event": (copy_stream.wait_event, (event,)),
+        "set_stream_twice": (set_streams, ()),
+        "copy_non_blocking": (lambda: target.copy_(source, non_blocking=True), ()),
+    }
+    result = {name: microseconds_per_call(fn, args, calls=5000) for name, (fn, args) in calls.items()}
+    result["copy_bytes"] = layer.nbytes
+    synchronize(device)
+    return result
 
 
 def tiny_forward(
@@ -303,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
             "runtime_wait_body_us": microseconds_per_call(whole.wait, (0,)),
             "runtime_start_with_copy_us": microseconds_per_call(lambda: (turns.start(0), turns.start(1)), ()) / 2,
             "edit_check_per_layer_us": microseconds_per_call(nine_per_block.settle_edits, ()) / 32,
+            "copy_path_us": copy_path_us(turns),
             "commit": git_commit(None),
         }
     if args.tiny_layers:
