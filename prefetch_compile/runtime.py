@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
+from . import _torch_internals
 from .edits import CopyWatch, EditWatch, InPlaceEditError, refusal
 from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, param_view
@@ -249,7 +250,9 @@ class PrefetchRuntime:
         self._freed = [self._external_events() for _ in self.offloaded]
         self._owners: list[list[int | None]] = [[None] * len(self._all_pieces) for _ in range(plan.num_slots)]
         self._in_flight: dict[tuple[int, int], _InFlight] = {}
+        # The compute stream the last entry found current, and its raw handle: see _current_stream().
         self._compute_stream: torch.cuda.Stream | None = None
+        self._compute_handle: int | None = None
         self._capture: CaptureLog | None = None
         self._trace: list[tuple[str, int, range]] | None = None
         self.recorder: CopyRecorder | None = None  # told of every copy and wait (see start_recording)
@@ -457,7 +460,7 @@ class PrefetchRuntime:
         if self.recorder is None:
             self._wait_for_copy(offload_index, pieces)
             return
-        compute = torch.cuda.current_stream(self.device) if self._cuda else None
+        compute = self._current_stream() if self._cuda else None
         self.recorder.wait_began(offload_index, pieces, compute, bool(missing))
         self._wait_for_copy(offload_index, pieces)
         self.recorder.wait_ended(offload_index, compute)
@@ -504,7 +507,7 @@ class PrefetchRuntime:
     def _wait_for_copy(self, offload_index: int, pieces: range) -> None:
         if not self._in_flight:
             return  # always so on the CPU, where copies are synchronous
-        waited = None
+        waited = compute = None
         for piece in pieces:
             copy = self._in_flight.pop((offload_index, piece), None)
             if copy is None:
@@ -512,7 +515,9 @@ class PrefetchRuntime:
             if self._capture is not None and not copy.in_capture:
                 self._capture.consumed.add((offload_index, piece))
             if copy.done is not waited:  # the pieces of one copy made inside a capture share its event
-                torch.cuda.current_stream(self.device).wait_event(copy.done)
+                if compute is None:
+                    compute = self._current_stream()
+                copy.done.wait(compute)
                 waited = copy.done
 
     def _copy_in(self, layer: LayerPlan, pieces: list[int], after: torch.cuda.Event | None = None) -> None:
@@ -548,7 +553,7 @@ class PrefetchRuntime:
             if recorder is not None:
                 recorder.copy_ended(None)
             return
-        compute = torch.cuda.current_stream(self.device)
+        compute = self._current_stream()
         capturing = torch.cuda.is_current_stream_capturing()
         # The fork event orders the copy after the last reader of the same bytes of the slot's
         # previous layer, and inside a capture it is what pulls the copy stream into the graph.
@@ -559,7 +564,7 @@ class PrefetchRuntime:
         if recorder is not None:
             recorder.copy_issued(index, pieces, copies.memcpy_bytes, compute)
         copy_stream = self.copy_stream
-        copy_stream.wait_event(fork)
+        fork.wait(copy_stream)
         if capturing:
             self._queue_behind_deferred()
         # set_stream rather than the torch.cuda.stream context, whose bookkeeping was a sizeable part of a
@@ -706,6 +711,18 @@ class PrefetchRuntime:
         )
 
     # ------------------------------------------------------- stream discipline
+    def _current_stream(self) -> torch.cuda.Stream:
+        """The device's current stream (the compute stream of whatever calls in), found cheaply.
+
+        Usually it is the stream the last entry (:meth:`acquire`) found, which a
+        compare of raw handles confirms without making a ``Stream`` object. Code
+        that switched streams since (a stream context inside the model, a capture)
+        gets the stream it switched to, as from ``torch.cuda.current_stream``.
+        """
+        if _torch_internals.current_stream_handle(self.device.index) == self._compute_handle:
+            return self._compute_stream
+        return torch.cuda.current_stream(self.device)
+
     @contextmanager
     def serving(self, graph: str) -> Iterator[None]:
         """Hold the runtime while one compiled graph or CUDA graph replay runs (see :meth:`acquire`)."""
@@ -727,10 +744,12 @@ class PrefetchRuntime:
         self.lock.acquire()
         self._graphs.append(graph)
         if self._cuda and not torch.cuda.is_current_stream_capturing():
-            stream = torch.cuda.current_stream(self.device)
-            if self._compute_stream is not None and self._compute_stream != stream:
-                stream.wait_stream(self._compute_stream)
-            self._compute_stream = stream
+            handle = _torch_internals.current_stream_handle(self.device.index)
+            if handle != self._compute_handle:  # another stream than the last entry's (or the first entry)
+                stream = torch.cuda.current_stream(self.device)
+                if self._compute_stream is not None:
+                    stream.wait_stream(self._compute_stream)
+                self._compute_stream, self._compute_handle = stream, handle
         if len(self._graphs) == 1:
             self._look_at_first_forwards()
             self.settle_edits()

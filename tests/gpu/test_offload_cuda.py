@@ -247,20 +247,26 @@ def test_cuda_graph_replays_stay_correct(prefetch_step, chunked):
 
 
 def test_a_forward_on_a_side_stream_orders_its_copies_on_it_and_leaves_it_current():
-    """The runtime orders each copy after the stream the forward runs on, and switches back to it after issuing it."""
+    """The runtime orders each copy after the stream the forward runs on, and switches back to it after issuing it.
+
+    Forwards alternate between the default stream and a side stream, so that the
+    stream the runtime remembers from its last entry is never the current one.
+    """
     model = llama_like.build(small_llama_shape(), device=DEVICE, dtype=torch.float32, seed=0)
     resident = torch.compile(copy.deepcopy(model))
     compiled = torch.compile(model, backend="prefetch_offload", options={"group_size": 2, "prefetch_step": 1})
     side = torch.cuda.Stream()
+    default = torch.cuda.current_stream()
     with torch.inference_mode():
-        for batch, seq in [(1, 64), (2, 16), (1, 64)]:
+        for step, (batch, seq) in enumerate([(1, 64), (2, 16), (1, 64), (2, 16), (1, 64)]):
             x = tokens(batch, seq)
             want = resident(x)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+            stream = side if step % 2 == 0 else default
+            stream.wait_stream(default)
+            with torch.cuda.stream(stream):
                 got = compiled(x)
-                assert torch.cuda.current_stream() == side
-            torch.cuda.current_stream().wait_stream(side)
+                assert torch.cuda.current_stream() == stream
+            default.wait_stream(stream)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     runtime = prefetch_compile.runtime_of(model)
     assert runtime.counters.copies > 0 and runtime.counters.ensure_misses == 0
