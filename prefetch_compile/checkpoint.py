@@ -92,6 +92,20 @@ def read_checkpoint_headers(checkpoint: str | os.PathLike) -> dict[str, StoredTe
     raise CheckpointError(f"checkpoint {path} does not exist")
 
 
+def _not_safetensors(path: Path, prefix: bytes) -> str:
+    """What to say of a file that is not safetensors, naming the format where its first bytes tell it."""
+    if prefix.startswith(b"PK\x03\x04") or prefix.startswith(b"\x80"):
+        kind = "a torch.save file (a zip archive or a pickle)"
+        advice = (
+            "load it with torch.load(path, map_location='cpu', mmap=True) and pass the resulting mapping of names to "
+            "tensors to load_checkpoint"
+        )
+    else:
+        kind = "not a safetensors file: its header does not begin with a JSON object"
+        advice = "load_checkpoint reads safetensors files, Hugging Face checkpoint directories of them, or a mapping"
+    return f"{path} is {kind}; {advice}"
+
+
 def read_file_header(path: Path) -> dict[str, StoredTensor]:
     """The tensors of one safetensors file, checked against the file's size."""
     size = path.stat().st_size
@@ -100,6 +114,9 @@ def read_file_header(path: Path) -> dict[str, StoredTensor]:
         if len(prefix) < 8:
             raise CheckpointError(f"{path} is too short ({size} bytes) to be a safetensors file")
         (header_len,) = struct.unpack("<Q", prefix)
+        if file.read(1) != b"{":  # a safetensors header is a JSON object, right after its length
+            raise CheckpointError(_not_safetensors(path, prefix))
+        file.seek(8)
         if 8 + header_len > size:
             raise CheckpointError(f"{path} is truncated: its header needs {8 + header_len} bytes, the file has {size}")
         try:

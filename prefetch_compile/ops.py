@@ -41,23 +41,23 @@ from __future__ import annotations
 
 import torch
 
-from .runtime import runtime_of_tensor
+from .runtime import OWNER_ATTRIBUTE
 
 NAMESPACE = "prefetch_compile"
 
 
+# The bodies read the owner attribute directly rather than through runtime_of_tensor: the runtime's
+# op methods tell its own parameters from a copy's, and each Python frame counts between kernel launches.
 def wait_prefetch(chunk_params: list[torch.Tensor]) -> None:
-    runtime = runtime_of_tensor(chunk_params[0])
+    runtime = getattr(chunk_params[0], OWNER_ATTRIBUTE, None)
     if runtime is not None:
-        runtime.check_in_slot(chunk_params[0])
-        runtime.wait(*runtime.chunk_of(chunk_params[0], chunk_params[-1]))
+        runtime.wait_op(chunk_params[0], chunk_params[-1])
 
 
 def start_prefetch(released: list[torch.Tensor], incoming: list[torch.Tensor], live: list[torch.Tensor]) -> None:
-    runtime = runtime_of_tensor(released[0])
+    runtime = getattr(released[0], OWNER_ATTRIBUTE, None)
     if runtime is not None:
-        outgoing, pieces = runtime.chunk_of(released[0], released[-1])
-        runtime.start(runtime.plan.next_in_slot(outgoing), pieces)
+        runtime.start_op(released[0], released[-1])
 
 
 def offloaded_block(hidden: torch.Tensor) -> torch.Tensor:

@@ -123,12 +123,22 @@ class CompileRecord:
         )
 
 
-@dataclass
+@dataclass(frozen=True)
 class _InFlight:
     """A copy issued on the copy stream and not yet waited for by the compute stream."""
 
     done: torch.cuda.Event
     in_capture: bool  # recorded inside a CUDA graph capture: only usable inside that capture
+
+
+@dataclass(frozen=True)
+class _OpChunk:
+    """What a prefetch op's first and last parameters resolve to (see :meth:`PrefetchRuntime.wait_op`)."""
+
+    offload_index: int
+    pieces: range  # the run of the layer's pieces the op names
+    following: int  # the offload index that start_prefetch brings into those bytes of the slot
+    address: int  # where the first parameter must point, in its slot
 
 
 @dataclass(frozen=True)
@@ -235,7 +245,10 @@ class PrefetchRuntime:
         self._copies: dict[tuple[int, tuple[int, ...]], _Copies] = {}  # by (offload index, pieces): _host_copies
         self._all_pieces = range(len(plan.piece_starts))
         self._cuda = device.type == "cuda"
+        self._cu = _torch_internals.cuda_calls() if self._cuda else None  # the copy path's C entry points
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
+        self._copy_stream_key = _torch_internals.stream_key(self.copy_stream) if self._cuda else None
+        self._op_chunks: dict[tuple[int, int], _OpChunk] = {}  # by the ids of an op's first and last parameter
         # Orders an eager copy after the compute stream's queued work. One event serves every such copy: a
         # stream's wait_event waits for the record made before the wait call, so re-recording it for the next
         # copy does not move an earlier wait (a fresh event per copy cost the first forwards' host time).
@@ -244,6 +257,8 @@ class PrefetchRuntime:
         # are "external": a capture that waits on one records a wait node for the event itself, so a replay
         # waits for whatever copy last recorded it (the prefetch issued after the previous replay).
         self._ready = [self._external_events() for _ in self.offloaded]
+        # The in-flight record of each piece's copy outside a capture, made once: its event is the piece's _ready.
+        self._flights = [[_InFlight(event, False) for event in events] for events in self._ready]
         # Recorded inside a capture, on the copy stream, where a deferred prefetch of a chunk (keyed by
         # its first piece) would have started: after the last reader of those bytes of the slot and after
         # every copy the graph made before that point, for the copy issued after the replay to wait on.
@@ -376,18 +391,45 @@ class PrefetchRuntime:
                     "model.load_state_dict"
                 )
 
-    def check_in_slot(self, leaf: torch.Tensor) -> None:
-        """Refuse, at run time, an offloaded leaf that no longer views its slot (one address compare).
-
-        :meth:`check_placement` runs when a graph is compiled, but a conversion and
-        its inverse (``model.to(torch.bfloat16).to(torch.float32)``) leave every
-        guard as it was: Dynamo reuses the graph, whose parameters now hold the
-        values of whatever layer sat in their slot at the conversion.
-        """
-        if leaf.data_ptr() != self._addresses[id(leaf)]:
-            self.check_placement()
-
     # -------------------------------------------------------------- the ops
+    def wait_op(self, first: torch.Tensor, last: torch.Tensor) -> None:
+        """``wait_prefetch``'s body: the chunk that the op's first and last parameters bound is in its slot on return.
+
+        It also refuses a first parameter that no longer views its slot, by one
+        address compare: :meth:`check_placement` runs when a graph is compiled, but a
+        conversion and its inverse (``model.to(torch.bfloat16).to(torch.float32)``)
+        leave every guard as it was, and Dynamo would reuse the graph, whose
+        parameters would hold whatever layer sat in their slot at the conversion.
+        Tensors of no offloaded layer of this runtime (a copy of an offloaded
+        parameter carries its runtime attribute) make it do nothing.
+        """
+        chunk = self._op_chunks.get((id(first), id(last))) or self._op_chunk(first, last)
+        if chunk is None:
+            return
+        if first.data_ptr() != chunk.address:
+            self.check_placement()
+        self.wait(chunk.offload_index, chunk.pieces)
+
+    def start_op(self, first: torch.Tensor, last: torch.Tensor) -> None:
+        """``start_prefetch``'s body: start bringing the slot's next layer into the bytes the op's parameters free."""
+        chunk = self._op_chunks.get((id(first), id(last))) or self._op_chunk(first, last)
+        if chunk is not None:
+            self.start(chunk.following, chunk.pieces)
+
+    def _op_chunk(self, first: torch.Tensor, last: torch.Tensor) -> _OpChunk | None:
+        """Resolve and keep what an op's parameters name; None for tensors that are not this runtime's.
+
+        Dynamo passes a graph the same parameter objects at every call, so an
+        op's pair resolves once: later calls take one lookup instead of a chain
+        of them (each Python frame counts, between an Inductor graph's launches).
+        """
+        if id(first) not in self._pieces_of:
+            return None
+        offload_index, pieces = self.chunk_of(first, last)
+        chunk = _OpChunk(offload_index, pieces, self.plan.next_in_slot(offload_index), self._addresses[id(first)])
+        self._op_chunks[(id(first), id(last))] = chunk
+        return chunk
+
     def start(self, offload_index: int, pieces: range | None = None) -> None:
         """Begin copying a layer's pieces (all by default) into its slot, after all work queued on the compute stream."""
         pieces = self._all_pieces if pieces is None else pieces
@@ -517,7 +559,7 @@ class PrefetchRuntime:
             if copy.done is not waited:  # the pieces of one copy made inside a capture share its event
                 if compute is None:
                     compute = self._current_stream()
-                copy.done.wait(compute)
+                self._cu.wait(copy.done, compute)
                 waited = copy.done
 
     def _copy_in(self, layer: LayerPlan, pieces: list[int], after: torch.cuda.Event | None = None) -> None:
@@ -526,7 +568,8 @@ class PrefetchRuntime:
         A disk-resident layer comes from its staging buffer, whole: a plan with a disk tier
         is never chunked (``load_checkpoint`` sees to it), so its one piece is the layer.
         """
-        staged = self._staged(layer)  # before the owners change: a failed disk read leaves the slot as it was
+        # Before the owners change: a failed disk read leaves the slot as it was.
+        staged = self._staged(layer) if self.disk is not None else None
         index = layer.offload_index
         owners = self._owners[layer.slot]
         for piece in pieces:
@@ -553,24 +596,26 @@ class PrefetchRuntime:
             if recorder is not None:
                 recorder.copy_ended(None)
             return
+        # From here on the torch.cuda wrappers are bypassed (self._cu): see _torch_internals.CudaCalls.
+        cu = self._cu
         compute = self._current_stream()
-        capturing = torch.cuda.is_current_stream_capturing()
+        capturing = cu.is_capturing()
         # The fork event orders the copy after the last reader of the same bytes of the slot's
         # previous layer, and inside a capture it is what pulls the copy stream into the graph.
         fork = after
         if fork is None:
             fork = torch.cuda.Event() if capturing else self._fork
-            fork.record(compute)
+            cu.record(fork, compute)
         if recorder is not None:
             recorder.copy_issued(index, pieces, copies.memcpy_bytes, compute)
         copy_stream = self.copy_stream
-        fork.wait(copy_stream)
+        cu.wait(fork, copy_stream)
         if capturing:
             self._queue_behind_deferred()
-        # set_stream rather than the torch.cuda.stream context, whose bookkeeping was a sizeable part of a
+        # Setting the stream rather than the torch.cuda.stream context, whose bookkeeping was a sizeable part of a
         # copying start's host time. It also makes the copy stream's device current: restored below.
-        current_device = torch.cuda.current_device()
-        torch.cuda.set_stream(copy_stream)
+        current_device = cu.current_device()
+        cu.set_stream(*self._copy_stream_key)
         try:
             if recorder is not None:
                 recorder.copy_began(copy_stream)
@@ -585,20 +630,21 @@ class PrefetchRuntime:
             if recorder is not None:
                 recorder.copy_ended(copy_stream)
         finally:
-            torch.cuda.set_stream(compute)
+            cu.set_stream(compute.stream_id, compute.device_index, compute.device_type)
             if current_device != compute.device_index:
                 torch.cuda.set_device(current_device)
         if capturing:
             done = torch.cuda.Event()
-            done.record(copy_stream)
+            cu.record(done, copy_stream)
             copy = _InFlight(done, True)
             for piece in pieces:
                 self._in_flight[(index, piece)] = copy
         else:
+            flights = self._flights[index]
             for piece in pieces:
-                done = self._ready[index][piece]
-                done.record(copy_stream)
-                self._in_flight[(index, piece)] = _InFlight(done, False)
+                flight = flights[piece]
+                cu.record(flight.done, copy_stream)
+                self._in_flight[(index, piece)] = flight
 
     def _host_copies(self, layer: LayerPlan, pieces: list[int]) -> _Copies:
         """The copies that bring ``pieces`` of a host-resident layer in: one per run of adjacent pieces.
@@ -623,8 +669,11 @@ class PrefetchRuntime:
         return _Copies(pairs, 1, layer.nbytes)
 
     def _staged(self, layer: LayerPlan) -> StagedLayer | None:
-        """A disk-resident layer read into a staging buffer (blocks until it is); None for the host arena's."""
-        if self.disk is None or not self.disk.holds(layer.offload_index):
+        """A disk-resident layer read into a staging buffer (blocks until it is); None for the host arena's.
+
+        Called only with a disk tier (``_copy_in`` looks first).
+        """
+        if not self.disk.holds(layer.offload_index):
             return None
         if self._cuda and torch.cuda.is_current_stream_capturing():
             raise RuntimeError(
@@ -719,7 +768,7 @@ class PrefetchRuntime:
         that switched streams since (a stream context inside the model, a capture)
         gets the stream it switched to, as from ``torch.cuda.current_stream``.
         """
-        if _torch_internals.current_stream_handle(self.device.index) == self._compute_handle:
+        if self._cu.current_stream_handle(self.device.index) == self._compute_handle:
             return self._compute_stream
         return torch.cuda.current_stream(self.device)
 
@@ -744,7 +793,7 @@ class PrefetchRuntime:
         self.lock.acquire()
         self._graphs.append(graph)
         if self._cuda and not torch.cuda.is_current_stream_capturing():
-            handle = _torch_internals.current_stream_handle(self.device.index)
+            handle = self._cu.current_stream_handle(self.device.index)
             if handle != self._compute_handle:  # another stream than the last entry's (or the first entry)
                 stream = torch.cuda.current_stream(self.device)
                 if self._compute_stream is not None:
@@ -1061,6 +1110,9 @@ class PrefetchRuntime:
                 "it from the model); the offloaded ones are runtime.offloaded_params"
             )
         with self.lock:
+            # A converted model (model.half()) would give the host copy's old dtype beside the kept
+            # parameters' new one: refused here as at the next forward.
+            self.check_placement([name])
             self.settle_edits([name])
         ((layer, placement), *others) = self._placements[name]
         if placement.inner or others:

@@ -376,6 +376,25 @@ def test_malformed_header_is_refused(tmp_path):
         prefetch_compile.load_checkpoint(meta_llama(), path, "cpu")
 
 
+def test_a_torch_save_file_is_named_as_such_and_sent_to_torch_load(tmp_path):
+    """A .pt file's first bytes read as an absurd header length: the error names the format, not a truncation."""
+    original = original_llama()
+    path = tmp_path / "model.pt"
+    torch.save(original.state_dict(), path)
+    model = meta_llama()
+    with pytest.raises(CheckpointError, match=rf"^{path} is a torch.save file .*torch\.load\(path"):
+        prefetch_compile.load_checkpoint(model, path, "cpu")
+    assert all_meta(model)
+    # What the message advises loads it.
+    prefetch_compile.load_checkpoint(model, torch.load(path, map_location="cpu", mmap=True), "cpu")
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    torch.testing.assert_close(logits(model, tokens), logits(original, tokens), rtol=0, atol=0)
+    other = tmp_path / "notes.bin"
+    other.write_bytes(b"hello, this is not a checkpoint")
+    with pytest.raises(CheckpointError, match=rf"^{other} is not a safetensors file: its header does not begin"):
+        prefetch_compile.load_checkpoint(meta_llama(), other, "cpu")
+
+
 @pytest.mark.parametrize(
     "knobs",
     [{"offload_layers": [0, 3], "prefetch_step": 2}, {"filter_fn": lambda block, fqn: fqn.endswith((".0", ".3"))}],

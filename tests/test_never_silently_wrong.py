@@ -233,6 +233,19 @@ def test_changing_dtype_after_offload_is_refused_at_the_next_call(compiled):
 
 
 
+@pytest.mark.parametrize("convert", ["half", "to_bfloat16"])
+def test_state_dict_after_a_dtype_change_is_refused_as_the_next_call_is(convert):
+    """After ``model.half()`` the kept parameters are float16 while the host copies stay float32.
+
+    ``state_dict()`` used to return that mix without a word (a new-user trial), so
+    ``torch.save(model.state_dict())`` saved a model half converted. It is refused
+    with the forward's own message.
+    """
+    model, _, _ = _offloaded(["linear"] * 2, group_size=2)
+    model.half() if convert == "half" else model.to(torch.bfloat16)
+    with pytest.raises(RuntimeError, match=r"offloaded parameter layers\.1\.\w+\.?\w* no longer lives in its device slot"):
+        model.state_dict()
+
 @pytest.mark.parametrize("compiler", ["inductor", "aot_eager"])
 def test_a_dtype_round_trip_after_offload_is_refused_at_the_next_call(compiler):
     """``model.to(bfloat16).to(float32)`` leaves every guard as it was, so Dynamo reuses the graph.
