@@ -34,9 +34,11 @@ parameters each (a Llama decoder block's count), divided by the 32 blocks.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -140,19 +142,22 @@ def tiny_forward(
     tokens = llama_like.sample_tokens(shape, 1, 8, device)
     offloaded = layers // 2
     names = ("inductor", "ours", "ours_no_copies")
+    functions = {}
     forwards = {}
     runtimes = {}
     torch._dynamo.reset()
+    sources = Path(tempfile.mkdtemp(prefix="op_overhead_"))
     for name in names:
         model = llama_like.build(shape, device, torch.float32)
+        functions[name] = _own_code(name, model, sources)
         if name == "inductor":
-            forwards[name] = torch.compile(_own_code(name, model))
+            forwards[name] = torch.compile(functions[name])
         else:
             step = offloaded if name == "ours_no_copies" else 1
             runtimes[name] = prefetch_compile.offload(
                 model, device, group_size=2, prefetch_step=step, chunked_copies=False
             )
-            forwards[name] = torch.compile(_own_code(name, model), backend="prefetch_offload")
+            forwards[name] = torch.compile(functions[name], backend="prefetch_offload")
     times: dict[str, list[float]] = {name: [] for name in names}
     host: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
@@ -165,6 +170,7 @@ def tiny_forward(
                 times[name].append(statistics.median(wall_time(lambda: forward(tokens), device) for _ in range(calls)))
                 host[name].append(statistics.median(_host_seconds(lambda: forward(tokens), device, calls)))
         result: dict = {"layers": layers, "offloaded": offloaded, "ops_per_forward": 2 * offloaded, "rounds": rounds}
+        result["dynamo_entries"] = {name: _dynamo_entries(functions[name]) for name in names}
         for name in names:
             result[f"{name}_ms"] = statistics.median(times[name]) * 1e3
             result[f"{name}_host_ms"] = statistics.median(host[name]) * 1e3
@@ -218,18 +224,39 @@ def _runtime_calls_in_forward(forward, runtime, calls: int) -> dict:
     return result
 
 
-def _own_code(name: str, model: nn.Module):
-    """A function that calls ``model``, with a code object of its own.
+def _own_code(name: str, model: nn.Module, directory: Path):
+    """A function that calls ``model``, with a code object of its own, from a source file of its own.
 
     Dynamo keeps its compiled entries per code object, so each variant's function
     holds its own entry alone. A ``functools.partial`` of one shared function
     would not do: ``torch.compile`` wraps it in one function for all, whose entries
     then sit in one list, and a call checks the guards of the entries before its
-    own (some 200 µs a forward on the H100 for the entry compiled second).
+    own (some 200 µs a forward on the H100 for the entry compiled second). A
+    function made by ``exec`` of a string did not do either on torch 2.11: the
+    H100 profiles named the three variants' compiled regions 0/0, 0/1 and 0/2,
+    one frame recompiled, where torch 2.13 gives each its own frame. So the
+    function comes from a file, imported as a module; :func:`_dynamo_entries`
+    checks the outcome.
     """
-    scope: dict = {"model": model}
-    exec(f"def forward_{name}(tokens):\n    return model(tokens)\n", scope)
-    return scope[f"forward_{name}"]
+    path = directory / f"forward_{name}.py"
+    path.write_text(f"def forward_{name}(tokens):\n    return model(tokens)\n")
+    spec = importlib.util.spec_from_file_location(f"op_overhead_forward_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.model = model
+    return getattr(module, f"forward_{name}")
+
+
+def _dynamo_entries(function) -> int | None:
+    """How many compiled entries Dynamo holds for ``function``'s code (1 when it was compiled as a frame of its own).
+
+    Uses a private Dynamo helper: None where this torch release lacks it.
+    """
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:
+        return None
+    return len(_debug_get_cache_entry_list(function.__code__))
 
 
 def _host_seconds(fn, device: torch.device, calls: int) -> list[float]:
