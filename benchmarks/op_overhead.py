@@ -18,6 +18,8 @@ rounds (median of ``--tiny-calls`` back-to-back forwards per round, each waited
 for, after ``TINY_WARMUP`` calls, which are past the forwards the runtime
 records for its first log line). ``--profile`` records them with ``torch.profiler`` too,
 and on a GPU says how long kernels waited on the device (``launch_to_start_us``).
+``dynamo_entries`` gives, per variant, the compiled entries Dynamo holds for its
+function (one: a frame of its own) and how long their guards take to check alone.
 
 ``runtime_start_with_copy_us`` is the runtime's ``start`` when it does copy (two
 small layers taking turns in one slot): its bookkeeping and the copy's launch (on
@@ -170,7 +172,7 @@ def tiny_forward(
                 times[name].append(statistics.median(wall_time(lambda: forward(tokens), device) for _ in range(calls)))
                 host[name].append(statistics.median(_host_seconds(lambda: forward(tokens), device, calls)))
         result: dict = {"layers": layers, "offloaded": offloaded, "ops_per_forward": 2 * offloaded, "rounds": rounds}
-        result["dynamo_entries"] = {name: _dynamo_entries(functions[name]) for name in names}
+        result["dynamo_entries"] = {name: _dynamo_entries(functions[name], tokens) for name in names}
         for name in names:
             result[f"{name}_ms"] = statistics.median(times[name]) * 1e3
             result[f"{name}_host_ms"] = statistics.median(host[name]) * 1e3
@@ -247,16 +249,22 @@ def _own_code(name: str, model: nn.Module, directory: Path):
     return getattr(module, f"forward_{name}")
 
 
-def _dynamo_entries(function) -> int | None:
-    """How many compiled entries Dynamo holds for ``function``'s code (1 when it was compiled as a frame of its own).
+def _dynamo_entries(function, tokens: torch.Tensor) -> dict | None:
+    """Dynamo's compiled entries for ``function``'s code, and µs per check of each entry's guards.
 
-    Uses a private Dynamo helper: None where this torch release lacks it.
+    One entry means the function was compiled as a frame of its own. The guard
+    checks, timed alone with the function's arguments, are the part of a call's
+    "TorchDynamo Cache Lookup" that the guards take. Uses private Dynamo
+    helpers: None where this torch release lacks them.
     """
     try:
         from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    except ImportError:
+
+        entries = _debug_get_cache_entry_list(function.__code__)
+        checks = [microseconds_per_call(entry.guard_manager.check, ({"tokens": tokens},), calls=2000) for entry in entries]
+    except (ImportError, AttributeError, TypeError):
         return None
-    return len(_debug_get_cache_entry_list(function.__code__))
+    return {"entries": len(entries), "guard_check_us": checks}
 
 
 def _host_seconds(fn, device: torch.device, calls: int) -> list[float]:
