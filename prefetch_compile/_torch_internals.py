@@ -112,13 +112,15 @@ def static_fake(tensor: torch.Tensor) -> torch.Tensor:
 class CudaCalls(NamedTuple):
     """The C functions behind ``torch.cuda``'s stream and event wrappers, for the runtime's copy path.
 
-    A copying ``start_prefetch`` runs between an Inductor graph's kernel launches,
-    where each Python frame costs several times what it does in a loop (the
-    caches are cold): on the H100 one took 62-104 µs inside a forward against
-    24 µs alone (``op_overhead.py``, ``ef8eeea``), and its profile showed a
-    dozen frames of wrappers (``Event.record`` over ``_CudaEventBase.record``,
-    ``set_stream`` over ``_set_stream_by_id`` over ``_cuda_setStream``). The
-    copy path calls these directly; everything else uses the public wrappers.
+    The runtime's copies and waits run between an Inductor graph's kernel
+    launches, where each Python frame costs several times what it does in a
+    loop (the caches are cold), and the wrappers add one or two frames per call
+    (``Event.record`` over ``_CudaEventBase.record``, ``set_stream`` over
+    ``_set_stream_by_id`` over ``_cuda_setStream``). Calling these directly,
+    with the ops' one-lookup resolution of their parameters, halved a waiting
+    ``wait_prefetch`` inside a forward on the H100 (28.7 to 14.4 µs, ``f0061da``
+    beside ``e09a925``, BENCHMARKS.md). The copy path uses them; everything
+    else uses the public wrappers.
     """
 
     current_stream_handle: Callable[[int], int]  # the raw cudaStream_t of a device's current stream, no Stream made
