@@ -101,56 +101,63 @@ class EditWatch:
 
 
 class CopyWatch:
-    """Copies of offloaded values handed out (a disk-resident parameter's ``state_dict()`` value), to catch writes.
+    """Values of offloaded parameters handed out by ``state_dict()`` / ``host_value``, watched for writes.
 
-    Such a value is read from the checkpoint file into a fresh tensor, and the disk
-    tier never writes the file, so a write into it (``model.state_dict()[name].copy_(w)``,
-    which changes a model that is not offloaded) would change nothing. Each copy is
-    kept with its version counter as handed out; one that moved is a write that was
-    lost, refused at the next look (:meth:`written`).
+    Two kinds are handed out, and a write into either must not pass unseen:
 
-    A copy is held strongly until the model's next call (:meth:`let_go`): in that
-    idiom the dict is a temporary, freed as soon as the write is done, and a copy
-    held weakly would be gone, its write unseen. From then on it is held weakly, so
-    a dict the caller keeps is watched for as long as it lives and a dropped one is
-    freed. The latest copy of each parameter is the one held, so repeated
-    ``state_dict()`` calls between two forwards hold one set of copies, not one per
-    call.
+    * a disk-resident parameter's value is read from the checkpoint file into a
+      fresh tensor, and the disk tier never writes the file, so a write into it
+      (``model.state_dict()[name].copy_(w)``, which changes a model that is not
+      offloaded) would change nothing: the runtime refuses it;
+    * a host-resident parameter's value is its host copy's bytes, on a storage of
+      its own (so, with a version counter of its own), so a write into it changes
+      the host copy, and the runtime copies the layers sitting in their slots in again.
+
+    Each value is kept with its version counter as handed out; one that moved is
+    a write, reported once by the next look (:meth:`written`) and watched on from
+    its new version. A value is held strongly until the model's next call
+    (:meth:`let_go`): in that idiom the dict is a temporary, freed as soon as the
+    write is done, and a value held weakly would be gone, its write unseen. From
+    then on it is held weakly, so a dict the caller keeps is watched for as long
+    as it lives and a dropped one is freed. The latest value of each parameter is
+    the one held, so repeated ``state_dict()`` calls between two forwards hold
+    one set of values, not one per call.
     """
 
     def __init__(self) -> None:
         self._held: dict[str, tuple[torch.Tensor, int]] = {}
         self._watched: list[tuple[weakref.ref[torch.Tensor], int, str]] = []
 
-    def add(self, name: str, copy: torch.Tensor) -> None:
-        if name in self._held:  # an earlier copy, already looked at by this hand-out: watched weakly from now on
+    def add(self, name: str, value: torch.Tensor) -> None:
+        if name in self._held:  # an earlier value, already looked at by this hand-out: watched weakly from now on
             earlier, version = self._held[name]
             self._watched.append((weakref.ref(earlier), version, name))
-        self._held[name] = (copy, copy._version)
+        self._held[name] = (value, value._version)
 
     def written(self) -> list[str]:
-        """The names whose copies were written since they were handed out; those and the dead ones are dropped."""
+        """The names whose values were written since the last look (each once); dead values are dropped."""
         if not self._held and not self._watched:  # the usual case, at every runtime entry
             return []
-        written = [name for name, (copy, version) in self._held.items() if copy._version != version]
-        for name in written:
-            del self._held[name]
+        written = []
+        for name, (value, version) in self._held.items():
+            if value._version != version:
+                written.append(name)
+                self._held[name] = (value, value._version)
         watched = []
         for ref, version, name in self._watched:
-            copy = ref()
-            if copy is None:
+            value = ref()
+            if value is None:
                 continue
-            if copy._version != version:
+            if value._version != version:
                 written.append(name)
-            else:
-                watched.append((ref, version, name))
+            watched.append((ref, value._version, name))
         self._watched = watched
         return written
 
     def let_go(self) -> None:
-        """Hold the copies weakly (at a call of the model, after a look: a temporary's write came before it)."""
+        """Hold the values weakly (at a call of the model, after a look: a temporary's write came before it)."""
         if self._held:  # at every call: nothing to do, usually
-            self._watched += [(weakref.ref(copy), version, name) for name, (copy, version) in self._held.items()]
+            self._watched += [(weakref.ref(value), version, name) for name, (value, version) in self._held.items()]
             self._held = {}
 
 

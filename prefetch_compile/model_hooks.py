@@ -9,8 +9,9 @@ weights without a word. This module makes each path correct or refuses it:
   next one (so the uncompiled model, and blocks Dynamo compiles one at a time,
   compute right), under the runtime's lock; it refuses grad mode (a backward
   would read weights overwritten since) and parameters moved out of their slot;
-* **state_dict()** returns each offloaded parameter's true value, its view in
-  the pinned host arena (a CPU tensor), not the slot's current content;
+* **state_dict()** returns each offloaded parameter's true value, its bytes in
+  the pinned host arena on a storage of their own (a CPU tensor), not the slot's
+  current content;
 * **load_state_dict()** writes offloaded values into the host arena (and the
   slot when the layer sits there), cast to the parameter's dtype as PyTorch
   does, and tells the runtime's edit watch (``edits.py``) that PyTorch's own
@@ -135,7 +136,8 @@ def _install_state_dict_hooks(model: nn.Module, plan: OffloadPlan, runtime: Pref
                 key = prefix + attribute
                 if key in state_dict:
                     # As returned, not detached: host values need no grad, and the runtime watches these very
-                    # tensors (a disk-resident value's copy) for writes that would otherwise be lost.
+                    # tensors for writes (into a host copy: copied to the slot; into a disk-resident value's copy:
+                    # refused, since it would be lost).
                     state_dict[key] = runtime.host_value(name)
 
         def load(

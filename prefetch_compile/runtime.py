@@ -53,7 +53,7 @@ import torch
 from . import _torch_internals
 from .edits import CopyWatch, EditWatch, InPlaceEditError, refusal
 from .leaves import get_inner, leaf_bytes
-from .memory import HostArena, SlotPool, param_view
+from .memory import HostArena, SlotPool, aliased_param_view, param_view
 from .plan import LayerPlan, OffloadPlan, ParamPlacement
 
 if TYPE_CHECKING:
@@ -238,8 +238,11 @@ class PrefetchRuntime:
                 self._leaves += [param, leaf]
         self.edits = EditWatch(self._placements, self.offloaded_params)  # in-place edits, seen at settle_edits()
         self.disk_copies = CopyWatch()  # disk-resident values handed out by host_value(), whose writes are lost
-        # The host arena's version counter (shared by every view of it: state_dict()'s and host_value()'s values)
-        # as the runtime last saw it: a move is a write into host copies from outside, seen at settle_edits().
+        # The host-resident values handed out by host_value() (each on a storage of its own that aliases the
+        # arena, so a counter of its own): a write into one is a write into the host copies, seen at settle_edits().
+        self.host_values = CopyWatch()
+        # The host arena's version counter (shared by every view of it) as the runtime last saw it: a move is a
+        # write into host copies through the arena itself, seen at settle_edits().
         self._host_version = host.buffer._version
         self._pieces = tuple(plan.pieces(layer) for layer in self.offloaded)  # (begin, end) of each piece, per layer
         self._copies: dict[tuple[int, tuple[int, ...]], _Copies] = {}  # by (offload index, pieces): _host_copies
@@ -803,6 +806,7 @@ class PrefetchRuntime:
             self._look_at_first_forwards()
             self.settle_edits()
             self.disk_copies.let_go()
+            self.host_values.let_go()
 
     def release(self) -> None:
         if len(self._graphs) == 1:
@@ -948,7 +952,8 @@ class PrefetchRuntime:
                 "nothing and the model keeps its weights. Disk-resident weights change only by writing the "
                 "checkpoint and loading it again"
             )
-        host_written = self.host.buffer._version != self._host_version
+        # Both looks run: each counts what it saw as seen.
+        host_written = bool(self.host_values.written()) | (self.host.buffer._version != self._host_version)
         changed = self.edits.changed(names)
         if not changed:
             if host_written:
@@ -985,16 +990,16 @@ class PrefetchRuntime:
     def _refresh_from_host(self) -> None:
         """The host arena was written from outside the runtime: copy every host-resident layer in a slot again.
 
-        ``state_dict()`` and :meth:`host_value` return views of the host arena, as
+        ``state_dict()`` and :meth:`host_value` return the host copies' own bytes, as
         plain PyTorch's ``state_dict()`` returns views of the parameters, so
         ``model.state_dict()[name].copy_(value)`` writes the host copy. A layer whose
         slot already held it (a slot's first layer between forwards, or a layer alone
         in its slot for good) would otherwise keep the old bytes until its next copy,
-        or forever. Every view of the arena shares one version counter, so which
-        layer was written is unknown: every host-resident piece in a slot is copied
-        again, once per such write, on the compute stream, so that a CUDA graph
-        replay, which reads its slots without waiting for Python's copies, is
-        ordered after them.
+        or forever. Such writes are seen as a whole (the arena's version counter, the
+        handed-out values' watch), not by layer: every host-resident piece in a slot
+        is copied again, once per look that saw writes, on the compute stream, so that
+        a CUDA graph replay, which reads its slots without waiting for Python's copies,
+        is ordered after them.
         """
         self._host_version = self.host.buffer._version
         resident = [
@@ -1127,7 +1132,12 @@ class PrefetchRuntime:
                 value = self.disk.read_tensor(name)
                 self.disk_copies.add(name, value)
                 return value
-            return param_view(self.host.block(layer), placement)
+            # On a storage of its own that aliases the arena, as each parameter of a model that is not
+            # offloaded has its own: safetensors' save_model and load_model refuse tensors that do not fill
+            # their storage. It has its own version counter too, hence the watch.
+            value = aliased_param_view(self.host.block(layer), placement)
+            self.host_values.add(name, value)
+            return value
 
 
 def _byte_runs(pieces: tuple[tuple[int, int], ...], chosen: list[int]) -> list[tuple[int, int]]:

@@ -2,8 +2,8 @@
 
 Plain PyTorch's ``state_dict()`` returns views of the parameters, so
 ``model.state_dict()[name].copy_(value)`` (a common way to set weights) changes
-the model. An offloaded model's ``state_dict()`` returns views of the host arena
-instead (the true values). Before the fix, a write there reached the slot only at
+the model. An offloaded model's ``state_dict()`` returns the host copies' bytes
+instead (the true values), each on a storage of its own. Before the fix, a write there reached the slot only at
 the layer's next copy: a layer already in its slot (a slot's first layer between
 forwards) gave the old weights for one forward, and a layer alone in its slot
 (``prefetch_step=2`` here) gave them for good, with no error.
@@ -79,3 +79,46 @@ def test_host_value_write_then_kept_param_edit_both_survive():
         reference.get_parameter(names[1]).mul_(3.0)
         assert torch.equal(model(x), reference(x))
         assert torch.equal(model(x), reference(x))
+
+
+@pytest.mark.parametrize("prefetch_step", [1, 2])
+def test_every_write_into_a_kept_state_dict_is_seen(prefetch_step):
+    """A dict the caller keeps is watched for as long as it lives: a second write into one value is seen too."""
+    torch.manual_seed(0)
+    model = Stack(["linear"] * 4)
+    reference = copy.deepcopy(model)
+    runtime = prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=prefetch_step)
+    name = next(key for key in runtime.offloaded_params if key.endswith("weight"))
+    kept = model.state_dict()
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        for factor in (2.0, -0.5, 3.0):
+            kept[name].mul_(factor)
+            reference.get_parameter(name).mul_(factor)
+            assert torch.equal(model(x), reference(x))
+    assert runtime.counters.ensure_misses == 0
+
+
+def test_safetensors_save_model_and_load_model_take_an_offloaded_model(tmp_path):
+    """Each state_dict() value fills a storage of its own, as safetensors' save_model and load_model require.
+
+    They used to refuse an offloaded model ("None is covering the entire storage"):
+    its values were views of one host buffer (a new-user trial).
+    """
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    model = Stack(["linear"] * 4)
+    reference = copy.deepcopy(model)
+    prefetch_compile.offload(model, "cpu", group_size=2)
+    saved = tmp_path / "offloaded.safetensors"
+    safetensors_torch.save_model(model, str(saved))
+    fresh = Stack(["linear"] * 4)
+    safetensors_torch.load_model(fresh, str(saved))
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), reference(x))
+        # And the other way: new weights into the offloaded model.
+        other = Stack(["linear"] * 4)
+        safetensors_torch.save_model(other, str(tmp_path / "other.safetensors"))
+        safetensors_torch.load_model(model, str(tmp_path / "other.safetensors"))
+        assert torch.equal(model(x), other(x))
