@@ -1125,8 +1125,9 @@ class PrefetchRuntime:
                 f"the host value (state_dict, host_value) of offloaded tensor-subclass parameter {name} is not "
                 "supported: its leaves live in the host arena separately; save the model before offloading"
             )
-        # Made under inference_mode, the value would be an inference tensor (a view of the arena by dtype,
-        # or a fresh tensor read from disk), which has no version counter: a write into it would go unseen.
+        # Made under inference_mode, the value would be an inference tensor (the arena's bytes on a storage of
+        # their own, or a fresh tensor read from disk), which has no version counter: a write into it would go
+        # unseen.
         with torch.inference_mode(False):
             if self.disk is not None and self.disk.holds(layer.offload_index):
                 value = self.disk.read_tensor(name)
