@@ -115,8 +115,8 @@ class CudaCalls(NamedTuple):
     The runtime's copies and waits run between an Inductor graph's kernel
     launches, where each Python frame costs several times what it does in a
     loop (the caches are cold), and the wrappers add one or two frames per call
-    (``Event.record`` over ``_CudaEventBase.record``, ``set_stream`` over
-    ``_set_stream_by_id`` over ``_cuda_setStream``). Calling these directly,
+    (``Event.record`` over ``_CudaEventBase.record``, ``Stream.wait_event`` over
+    ``Event.wait``, ``set_device``'s parsing of its argument). Calling these directly,
     with the ops' one-lookup resolution of their parameters, halved a waiting
     ``wait_prefetch`` inside a forward on the H100 (28.7 to 14.4 µs, ``f0061da``
     beside ``e09a925``, BENCHMARKS.md). The copy path uses them; everything
@@ -127,8 +127,8 @@ class CudaCalls(NamedTuple):
     is_capturing: Callable[[], bool]  # torch.cuda.is_current_stream_capturing
     record: Callable[[torch.cuda.Event, torch.cuda.Stream], None]  # event.record(stream)
     wait: Callable[[torch.cuda.Event, torch.cuda.Stream], None]  # event.wait(stream)
-    set_stream: Callable[[int, int, int], None]  # torch.cuda.set_stream, by (stream_id, device_index, device_type)
     current_device: Callable[[], int]  # torch.cuda.current_device, CUDA already initialised
+    set_device: Callable[[int], None]  # torch.cuda.set_device, by index
 
 
 def cuda_calls() -> CudaCalls:
@@ -139,14 +139,9 @@ def cuda_calls() -> CudaCalls:
         C._cuda_isCurrentStreamCapturing,
         C._CudaEventBase.record,
         C._CudaEventBase.wait,
-        C._cuda_setStream,
         C._cuda_getDevice,
+        C._cuda_setDevice,
     )
-
-
-def stream_key(stream: torch.cuda.Stream) -> tuple[int, int, int]:
-    """What :attr:`CudaCalls.set_stream` takes to make ``stream`` current."""
-    return (stream.stream_id, stream.device_index, stream.device_type)
 
 
 def is_compiled_wrapper(module: nn.Module) -> bool:

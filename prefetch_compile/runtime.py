@@ -46,11 +46,13 @@ import threading
 import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from . import _torch_internals
+from .cuda_driver import HostToDevice
 from .edits import CopyWatch, EditWatch, InPlaceEditError, refusal
 from .leaves import get_inner, leaf_bytes
 from .memory import HostArena, SlotPool, aliased_param_view, param_view
@@ -143,11 +145,16 @@ class _OpChunk:
 
 @dataclass(frozen=True)
 class _Copies:
-    """What bringing some pieces of a layer into its slot takes: one ``copy_`` per (source, target) pair."""
+    """What bringing some pieces of a layer into its slot takes: one memcpy per (source, target) pair."""
 
     pairs: tuple[tuple[torch.Tensor, torch.Tensor], ...]  # host (arena or staging) bytes, slot bytes
     count: int  # copies, as the counters count them: runs of adjacent pieces, or one for a disk-resident layer
     nbytes: int
+
+    @cached_property  # a host-resident layer's copies are made once and kept (_host_copies), and so is this
+    def memcpys(self) -> tuple[tuple[int, int, int], ...]:
+        """Each pair as the driver's copy takes it: (target address, source address, bytes)."""
+        return tuple((target.data_ptr(), source.data_ptr(), source.numel()) for source, target in self.pairs)
 
     @property
     def memcpy_bytes(self) -> list[int]:
@@ -249,8 +256,10 @@ class PrefetchRuntime:
         self._all_pieces = range(len(plan.piece_starts))
         self._cuda = device.type == "cuda"
         self._cu = _torch_internals.cuda_calls() if self._cuda else None  # the copy path's C entry points
+        self._h2d = HostToDevice() if self._cuda else None  # the copies themselves
         self.copy_stream = torch.cuda.Stream(device) if self._cuda else None
-        self._copy_stream_key = _torch_internals.stream_key(self.copy_stream) if self._cuda else None
+        self._copy_handle = self.copy_stream.cuda_stream if self._cuda else None
+        self._device_index = self.copy_stream.device_index if self._cuda else None
         self._op_chunks: dict[tuple[int, int], _OpChunk] = {}  # by the ids of an op's first and last parameter
         # Orders an eager copy after the compute stream's queued work. One event serves every such copy: a
         # stream's wait_event waits for the record made before the wait call, so re-recording it for the next
@@ -615,27 +624,28 @@ class PrefetchRuntime:
         cu.wait(fork, copy_stream)
         if capturing:
             self._queue_behind_deferred()
-        # Setting the stream rather than the torch.cuda.stream context, whose bookkeeping was a sizeable part of a
-        # copying start's host time. It also makes the copy stream's device current: restored below.
+        if recorder is not None:
+            recorder.copy_began(copy_stream)
+        # One driver call per memcpy, by address, on the copy stream (see cuda_driver); the driver acts in the
+        # current device's context, so the runtime's device is made current for it if another one is.
         current_device = cu.current_device()
-        cu.set_stream(*self._copy_stream_key)
+        if current_device != self._device_index:
+            cu.set_device(self._device_index)
         try:
-            if recorder is not None:
-                recorder.copy_began(copy_stream)
-            try:
-                for source, target in copies.pairs:
-                    target.copy_(source, non_blocking=True)
-            finally:
-                if staged is not None:
-                    copied = torch.cuda.Event()  # the staging buffer's own: _ready is re-recorded by later copies
-                    copied.record(copy_stream)
-                    staged.release(copied)
-            if recorder is not None:
-                recorder.copy_ended(copy_stream)
+            h2d, stream = self._h2d.copy, self._copy_handle
+            for target, source, nbytes in copies.memcpys:
+                status = h2d(target, source, nbytes, stream)
+                if status:
+                    raise self._h2d.error(status, nbytes, layer.name)
         finally:
-            cu.set_stream(compute.stream_id, compute.device_index, compute.device_type)
-            if current_device != compute.device_index:
-                torch.cuda.set_device(current_device)
+            if current_device != self._device_index:
+                cu.set_device(current_device)
+            if staged is not None:
+                copied = torch.cuda.Event()  # the staging buffer's own: _ready is re-recorded by later copies
+                copied.record(copy_stream)
+                staged.release(copied)
+        if recorder is not None:
+            recorder.copy_ended(copy_stream)
         if capturing:
             done = torch.cuda.Event()
             cu.record(done, copy_stream)

@@ -247,7 +247,7 @@ def test_cuda_graph_replays_stay_correct(prefetch_step, chunked):
 
 
 def test_a_forward_on_a_side_stream_orders_its_copies_on_it_and_leaves_it_current():
-    """The runtime orders each copy after the stream the forward runs on, and switches back to it after issuing it.
+    """The runtime orders each copy after the stream the forward runs on, and leaves that stream current.
 
     Forwards alternate between the default stream and a side stream, so that the
     stream the runtime remembers from its last entry is never the current one.
