@@ -13,8 +13,8 @@ kernels do nothing: the dispatcher's share, a floor for the real ops.
 the copies' can show: a tiny Llama-like decoder (hidden 64, ``--tiny-layers``
 blocks, every other one offloaded, one slot), compiled with
 ``backend="prefetch_offload"`` without CUDA graphs, against the same model
-compiled by plain Inductor and against ours with no copies, side by side in
-rounds (median of ``--tiny-calls`` back-to-back forwards per round, each waited
+compiled by plain Inductor, against ours with no copies and, on a GPU, against
+ours under CUDA graphs (``ours_graphs``), side by side in rounds (median of ``--tiny-calls`` back-to-back forwards per round, each waited
 for, after ``TINY_WARMUP`` calls, which are past the forwards the runtime
 records for its first log line). ``--profile`` records them with ``torch.profiler`` too,
 and on a GPU says how long kernels waited on the device (``launch_to_start_us``).
@@ -125,13 +125,15 @@ def copy_path_us(runtime) -> dict:
 def tiny_forward(
     device: torch.device, layers: int, calls: int, rounds: int, profile_dir: Path | None = None
 ) -> dict:
-    """Median ms of a tiny decoder's forward: plain Inductor, ours, and ours without copies, side by side.
+    """Median ms of a tiny decoder's forward: plain Inductor and our variants, side by side.
 
     ``ours`` offloads every other block through one slot, so each forward copies
     every offloaded block; ``ours_no_copies`` gives each offloaded block a slot of
     its own (``prefetch_step`` = offloaded blocks), so the same ops run and find
     their block in: the two apart are the copies' cost, ``ours_no_copies``
-    against Inductor the ops' host time. The three are compiled once, each
+    against Inductor the ops' host time. On a GPU, ``ours_graphs`` is ``ours``
+    with ``cuda_graphs``: its replays run no op's host code at all. Each variant
+    is compiled once,
     through a function of its own (:func:`_own_code`), and timed in ``rounds`` rounds of ``calls``
     forwards each, in turn and then in reverse order, so that the host's drift
     falls on all alike; ``ratio*`` are medians of the per-round ratios.
@@ -147,7 +149,8 @@ def tiny_forward(
     shape = llama_like.tiny_shape(layers)
     tokens = llama_like.sample_tokens(shape, 1, 8, device)
     offloaded = layers // 2
-    names = ("inductor", "ours", "ours_no_copies")
+    # On a GPU also ours under CUDA graphs (the same one-slot plan): replays run none of the ops' host code.
+    names = ("inductor", "ours", "ours_no_copies") + (("ours_graphs",) if device.type == "cuda" else ())
     functions = {}
     forwards = {}
     runtimes = {}
@@ -160,10 +163,11 @@ def tiny_forward(
             forwards[name] = torch.compile(functions[name])
         else:
             step = offloaded if name == "ours_no_copies" else 1
-            runtimes[name] = prefetch_compile.offload(
-                model, device, group_size=2, prefetch_step=step, chunked_copies=False
-            )
-            forwards[name] = torch.compile(functions[name], backend="prefetch_offload")
+            runtime = prefetch_compile.offload(model, device, group_size=2, prefetch_step=step, chunked_copies=False)
+            if name != "ours_graphs":  # whose replays call neither start nor wait (_runtime_calls_in_forward)
+                runtimes[name] = runtime
+            options = {"cuda_graphs": name == "ours_graphs"}
+            forwards[name] = torch.compile(functions[name], backend="prefetch_offload", options=options)
     times: dict[str, list[float]] = {name: [] for name in names}
     host: dict[str, list[float]] = {name: [] for name in names}
     with torch.inference_mode():
@@ -184,9 +188,9 @@ def tiny_forward(
                 result[f"{name}_profile"] = _profile(lambda: forwards[name](tokens), device, profile_dir / name)
         for name, runtime in runtimes.items():
             result[f"{name}_in_forward"] = _runtime_calls_in_forward(lambda: forwards[name](tokens), runtime, calls)
-    for name in ("ours", "ours_no_copies"):
+    for name in names[1:]:
         per_round = [mine / base for mine, base in zip(times[name], times["inductor"])]
-        suffix = "" if name == "ours" else "_no_copies"
+        suffix = name.removeprefix("ours")
         result[f"ratio{suffix}"] = statistics.median(per_round)
         result[f"ratio{suffix}_per_round"] = per_round
     result["extra_us_per_op"] = (result["ours_ms"] - result["inductor_ms"]) * 1e3 / result["ops_per_forward"]

@@ -805,7 +805,7 @@ class PrefetchRuntime:
         """
         self.lock.acquire()
         self._graphs.append(graph)
-        if self._cuda and not torch.cuda.is_current_stream_capturing():
+        if self._cuda and not self._cu.is_capturing():  # the C call: acquire runs at every graph call
             handle = self._cu.current_stream_handle(self.device.index)
             if handle != self._compute_handle:  # another stream than the last entry's (or the first entry)
                 stream = torch.cuda.current_stream(self.device)
@@ -835,7 +835,7 @@ class PrefetchRuntime:
 
     def join_capture(self) -> None:
         """Before a capture ends, fold every copy it started back into the capturing stream."""
-        if not self._cuda or not torch.cuda.is_current_stream_capturing():
+        if not self._cuda or not self._cu.is_capturing():  # the C call, as in acquire
             return
         compute = torch.cuda.current_stream(self.device)
         if self._capture is not None:
