@@ -949,7 +949,10 @@ class PrefetchRuntime:
         so the owner of an edited leaf's bytes now is the one the edit wrote over
         (see edits.py). The edit is kept, copied to the host arena, when that is
         the leaf's own layer with no copy into those bytes in flight (a copy
-        stream write racing the edit). Otherwise the bytes are marked as holding
+        stream write racing the edit), and no other layer's leaf that shares
+        those bytes of the slot was edited too (the bytes then hold whichever
+        edit came last, and keeping them could give the layer the other's
+        values). Otherwise the bytes are marked as holding
         no layer, so that the next read copies its layer in again, and
         :class:`~prefetch_compile.edits.InPlaceEditError` names each edit,
         unless ``superseded``: new values for these parameters are being loaded.
@@ -970,25 +973,21 @@ class PrefetchRuntime:
                 self._refresh_from_host()
             return
         self.check_placement(sorted({placement.param_name for _, placement in changed}))  # p.set_(...) moves it
+        # Every edit is judged against the owners as they were, before any refusal marks a piece empty.
+        judged = [(layer, placement, self._refusal_reason(layer, placement)) for layer, placement in changed]
         refused: list[tuple[str, str]] = []
         on_disk: list[str] = []
-        for layer, placement in changed:
-            piece = self.plan.piece_of(placement)
-            index = layer.offload_index
-            holder = self._owners[layer.slot][piece]
-            if self.disk is not None and self.disk.holds(index):
-                why = "its layer is read from the checkpoint files at every forward, which are never written"
-                on_disk.append(placement.name)
-            elif holder is None:
-                why = "its slot held no layer's bytes there"
-            elif holder != index:
-                why = f"its slot held {self.offloaded[holder].name}, whose bytes it changed instead"
-            elif (index, piece) in self._in_flight:
-                why = "its layer was being copied into the slot (a prefetch in flight), which the edit raced"
-            else:
+        for layer, placement, why in judged:
+            if why is None:
+                # The slot holds this leaf's own layer; but if an edit of another layer's leaf wrote these
+                # bytes too, they hold whichever edit came last, which nothing tells: neither is kept.
+                why = self._shared_bytes_edited(layer, placement, judged)
+            if why is None:
                 param_view(self.host.block(layer), placement).copy_(param_view(self.slots.block(layer), placement))
                 continue
-            self._owners[layer.slot][piece] = None
+            if self.disk is not None and self.disk.holds(layer.offload_index):
+                on_disk.append(placement.name)
+            self._owners[layer.slot][self.plan.piece_of(placement)] = None
             refused.append((placement.name, why))
         if host_written:
             self._refresh_from_host()  # after the kept edits reached the host copies, so they survive the refresh
@@ -996,6 +995,40 @@ class PrefetchRuntime:
             self._host_version = self.host.buffer._version  # the kept edits' own writes
         if refused and not superseded:
             raise refusal(refused, on_disk)
+
+    def _refusal_reason(self, layer: LayerPlan, placement: ParamPlacement) -> str | None:
+        """Why an edit of ``placement``'s leaf cannot be kept, from the slot's owners alone; None if it can."""
+        piece = self.plan.piece_of(placement)
+        index = layer.offload_index
+        holder = self._owners[layer.slot][piece]
+        if self.disk is not None and self.disk.holds(index):
+            return "its layer is read from the checkpoint files at every forward, which are never written"
+        if holder is None:
+            return "its slot held no layer's bytes there"
+        if holder != index:
+            return f"its slot held {self.offloaded[holder].name}, whose bytes it changed instead"
+        if (index, piece) in self._in_flight:
+            return "its layer was being copied into the slot (a prefetch in flight), which the edit raced"
+        return None
+
+    @staticmethod
+    def _shared_bytes_edited(
+        layer: LayerPlan, placement: ParamPlacement, judged: Sequence[tuple[LayerPlan, ParamPlacement, str | None]]
+    ) -> str | None:
+        """Why an edit the owners allow is refused all the same: another layer's edit wrote the same slot bytes."""
+        end = placement.offset + placement.nbytes
+        for other_layer, other, _ in judged:
+            if (
+                other_layer.slot == layer.slot
+                and other_layer.offload_index != layer.offload_index
+                and other.offset < end
+                and placement.offset < other.offset + other.nbytes
+            ):
+                return (
+                    f"{other.name}, which shares these bytes of the slot, was edited too, so they held whichever "
+                    "edit came last"
+                )
+        return None
 
     def _refresh_from_host(self) -> None:
         """The host arena was written from outside the runtime: copy every host-resident layer in a slot again.

@@ -99,6 +99,38 @@ def test_an_edit_over_another_layers_bytes_is_refused_by_name_and_undone(edit, k
         assert torch.equal(model.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("layer_1_first", [True, False])
+@pytest.mark.parametrize("kind", ["inductor", "uncompiled"])
+def test_edits_of_two_layers_over_the_same_slot_bytes_are_both_refused(layer_1_first, kind):
+    """Layer 1 (in the slot) and layer 3 (sharing it) both edited: the bytes hold the last edit, whichever it was.
+
+    Keeping layer 1's edit copied layer 3's values into layer 1's host copy
+    when layer 3's came last (``model.apply`` with an in-place init edits every
+    layer in turn), silently and for good. Both are refused, each by name, and
+    both layers keep their weights. The reasons are those of the owners before
+    either refusal: layer 3's bias is said to have written over layer 1's bytes
+    too, not into a slot holding no layer.
+    """
+    model, reference, _ = _stack(prefetch_step=1)
+    forward, x = _forward(kind, model), torch.randn(3, 16)
+    with torch.no_grad():
+        want = reference(x)
+        _close(forward(x), want)
+        edits = [(model.layers[1].fc.weight, 1.0), (model.layers[3].fc.weight, 3.0), (model.layers[3].fc.bias, 3.0)]
+        for param, value in edits if layer_1_first else reversed(edits):
+            param.fill_(value)
+        with pytest.raises(InPlaceEditError) as refused:
+            forward(x)
+        message = str(refused.value)
+        assert "layers.1.fc.weight: layers.3.fc.weight, which shares these bytes of the slot, was edited too" in message
+        assert "layers.3.fc.weight: its slot held layers.1, whose bytes it changed instead" in message
+        assert "layers.3.fc.bias: its slot held layers.1, whose bytes it changed instead" in message
+        for _ in range(2):
+            _close(forward(x), want)
+    for name, value in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value), name
+
+
 @pytest.mark.parametrize("edit", list(EDITS))
 def test_every_edit_is_kept_when_each_layer_has_its_own_slot(edit):
     model, reference, _ = _stack(prefetch_step=2)
