@@ -264,5 +264,8 @@ def _check_slot_conflicts(analysis: GraphReads, slot_of: Callable[[int], int]) -
                 raise SlotConflictError(
                     f"offload indices {earlier.offload_index} and {later.offload_index} share slot {slot}, but offload "
                     f"{later.offload_index} is read at {later.first.name} before offload {earlier.offload_index}'s last "
-                    f"read at {earlier.last.name}; raise prefetch_step so they get separate slots, or keep one on the device"
+                    f"read at {earlier.last.name}. A graph reads a slot's layers so when it runs the blocks more than "
+                    "once (a compiled function that calls the model twice, as classifier-free guidance does: compile "
+                    "the model itself and call it once per pass) or reads a layer's weights outside its turn. Raise "
+                    "prefetch_step so they get separate slots, or keep one on the device"
                 )

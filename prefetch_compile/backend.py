@@ -365,9 +365,9 @@ def _runtime_for(
             asked = ", ".join(f"{knob}={getattr(plan, knob)!r}" for knob in differ)
             held = ", ".join(f"{knob}={getattr(placed, knob)!r}" for knob in differ)
             raise OptionError(
-                f"the model was offloaded with {held}, but torch.compile options ask for {asked}; a model "
-                "offloaded by offload() or load_checkpoint() keeps its plan: leave the plan knobs out of "
-                "torch.compile's options, or pass the same values"
+                f"the model was offloaded with {held}, but torch.compile options ask for {asked}; an offloaded "
+                "model keeps its plan, whether offload(), load_checkpoint() or an earlier torch.compile with this "
+                "backend placed it: leave the plan knobs out of torch.compile's options, or pass the same values"
             )
         if budget is not None and budget.budget != runtime.budget:
             planned = (

@@ -202,6 +202,31 @@ def test_interleaved_reads_of_one_slot_are_refused(chunked):
     assert isinstance(caught.value.inner_exception, SlotConflictError)
 
 
+def test_a_function_that_runs_the_model_twice_is_refused_with_the_way_out():
+    """Two passes in one graph (classifier-free guidance) read each shared slot's layers twice, interleaved.
+
+    The refusal names the cause and the way out, which the test then takes:
+    the model compiled alone and called once per pass.
+    """
+    model = Stack(["linear"] * 4)
+    reference = copy.deepcopy(model)
+    prefetch_compile.offload(model, "cpu", group_size=2, prefetch_step=1)
+
+    def guided(x: torch.Tensor) -> torch.Tensor:
+        return model(x) - 0.5 * model(-x)
+
+    x = torch.randn(3, 16)
+    compiled = torch.compile(guided, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad(), pytest.raises(torch._dynamo.exc.BackendCompilerFailed) as caught:
+        compiled(x)
+    assert isinstance(caught.value.inner_exception, SlotConflictError)
+    assert "calls the model twice, as classifier-free guidance does: compile the model itself" in str(caught.value)
+    torch._dynamo.reset()
+    compiled_model = torch.compile(model, backend="prefetch_offload", options={"compiler": "aot_eager"})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled_model(x) - 0.5 * compiled_model(-x), reference(x) - 0.5 * reference(-x))
+
+
 class EarlyWeightViews(nn.Module):
     """Takes views and transposes of every layer's weights up front, as diffusers' transformers do."""
 
