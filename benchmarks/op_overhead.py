@@ -14,10 +14,10 @@ the copies' can show: a tiny Llama-like decoder (hidden 64, ``--tiny-layers``
 blocks, every other one offloaded, one slot), compiled with
 ``backend="prefetch_offload"`` without CUDA graphs, against the same model
 compiled by plain Inductor, against ours with no copies and, on a GPU, against
-ours under CUDA graphs (``ours_graphs``), side by side in rounds (median of ``--tiny-calls`` back-to-back forwards per round, each waited
-for, after ``TINY_WARMUP`` calls, which are past the forwards the runtime
-records for its first log line). ``--profile`` records them with ``torch.profiler`` too,
-and on a GPU says how long kernels waited on the device (``launch_to_start_us``).
+ours under CUDA graphs (``ours_graphs``), side by side in rounds (median of
+``--tiny-calls`` back-to-back forwards per round, each waited for, after
+``TINY_WARMUP`` calls, which are past the forwards the runtime records for its
+first log line). ``--profile`` records them with ``torch.profiler`` too, and on a GPU says how long kernels waited on the device (``launch_to_start_us``).
 ``dynamo_entries`` gives, per variant, the compiled entries Dynamo holds for its
 function (one: a frame of its own) and how long their guards take to check alone.
 
@@ -96,6 +96,8 @@ def copy_path_us(runtime) -> dict:
     """
     if runtime.device.type != "cuda":
         return {}
+    from prefetch_compile.cuda_driver import HostToDevice
+
     device, copy_stream = runtime.device, runtime.copy_stream
     compute = torch.cuda.current_stream(device)
     event = torch.cuda.Event()
@@ -113,7 +115,7 @@ def copy_path_us(runtime) -> dict:
         "current_device": (torch.cuda.current_device, ()),
         "event_record": (event.record, (compute,)),
         "stream_wait_event": (copy_stream.wait_event, (event,)),
-        "driver_copy": (runtime._h2d.copy, (target.data_ptr(), source.data_ptr(), layer.nbytes, copy_stream.cuda_stream)),
+        "driver_copy": (HostToDevice().copy, (target.data_ptr(), source.data_ptr(), layer.nbytes, copy_stream.cuda_stream)),
         "torch_copy_on_copy_stream": (torch_copy, ()),
     }
     result = {name: microseconds_per_call(fn, args, calls=5000) for name, (fn, args) in calls.items()}
@@ -133,9 +135,9 @@ def tiny_forward(
     their block in: the two apart are the copies' cost, ``ours_no_copies``
     against Inductor the ops' host time. On a GPU, ``ours_graphs`` is ``ours``
     with ``cuda_graphs``: its replays run no op's host code at all. Each variant
-    is compiled once,
-    through a function of its own (:func:`_own_code`), and timed in ``rounds`` rounds of ``calls``
-    forwards each, in turn and then in reverse order, so that the host's drift
+    is compiled once, through a function of its own (:func:`_own_code`), and
+    timed in ``rounds`` rounds of ``calls`` forwards each, in turn and then in
+    reverse order, so that the host's drift
     falls on all alike; ``ratio*`` are medians of the per-round ratios.
     ``*_host_ms`` is how long the call takes to return, the GPU not waited for:
     where it is close to the wall time, the host sets the pace. With
