@@ -186,7 +186,9 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
                     type(param).__name__,
                 )
                 wanted = False
-            if wanted and id(param) not in shared:
+            # A tied parameter's other users would read a slot holding another layer; an empty one
+            # has no bytes to move, and a view of no bytes has no address to check it by.
+            if wanted and id(param) not in shared and leaf_bytes(param):
                 chosen.append((f"{prefix}.{local_name}", param))
             else:
                 kept_bytes += leaf_bytes(param)

@@ -99,6 +99,26 @@ def test_tied_parameters_stay_on_the_device():
     assert "layers.1.fc.bias" in runtime.offloaded_params
 
 
+@pytest.mark.parametrize("path", ["offload", "compile"])
+def test_empty_parameters_stay_on_the_device_and_the_model_runs(path):
+    """A parameter of no elements has no bytes to move, and a view of none has no address to check."""
+    model = Stack(["linear"] * 4)
+    for layer in model.layers:
+        layer.empty = torch.nn.Parameter(torch.empty(0, 16), requires_grad=False)
+    x = torch.randn(2, 16)
+    with torch.no_grad():
+        want = model(x)
+        if path == "offload":
+            runtime = prefetch_compile.offload(model, "cpu", group_size=2)
+            got = model(x)
+        else:
+            got = torch.compile(model, backend="prefetch_offload", options={"group_size": 2})(x)
+            runtime = prefetch_compile.runtime_of(model)
+    assert "layers.1.fc.weight" in runtime.offloaded_params
+    assert not any(name.endswith(".empty") for name in runtime.offloaded_params)
+    torch.testing.assert_close(got, want)
+
+
 def test_load_weights_reaches_offloaded_and_kept_parameters():
     model = Stack(["linear", "int8"] * 2)
     reference = copy.deepcopy(model)
