@@ -99,7 +99,7 @@ def test_tied_parameters_stay_on_the_device():
     assert "layers.1.fc.bias" in runtime.offloaded_params
 
 
-@pytest.mark.parametrize("path", ["offload", "compile"])
+@pytest.mark.parametrize("path", ["offload", "checkpoint", "compile"])
 def test_empty_parameters_stay_on_the_device_and_the_model_runs(path):
     """A parameter of no elements has no bytes to move, and a view of none has no address to check."""
     model = Stack(["linear"] * 4)
@@ -111,6 +111,11 @@ def test_empty_parameters_stay_on_the_device_and_the_model_runs(path):
         if path == "offload":
             runtime = prefetch_compile.offload(model, "cpu", group_size=2)
             got = model(x)
+        elif path == "checkpoint":
+            checkpoint = copy.deepcopy(model.state_dict())
+            model = model.to("meta")
+            runtime = prefetch_compile.load_checkpoint(model, checkpoint, device="cpu", group_size=2)
+            got = torch.compile(model, backend="prefetch_offload")(x)
         else:
             got = torch.compile(model, backend="prefetch_offload", options={"group_size": 2})(x)
             runtime = prefetch_compile.runtime_of(model)
