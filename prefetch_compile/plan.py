@@ -186,12 +186,13 @@ def build_plan(model: nn.Module, options: PlanOptions) -> OffloadPlan:
                     type(param).__name__,
                 )
                 wanted = False
+            nbytes = leaf_bytes(param)
             # A tied parameter's other users would read a slot holding another layer; an empty one
             # has no bytes to move, and a view of no bytes has no address to check it by.
-            if wanted and id(param) not in shared and leaf_bytes(param):
+            if wanted and id(param) not in shared and nbytes:
                 chosen.append((f"{prefix}.{local_name}", param))
             else:
-                kept_bytes += leaf_bytes(param)
+                kept_bytes += nbytes
         if not chosen:
             layers.append(LayerPlan(index, prefix, False, (), kept_bytes))
             continue
